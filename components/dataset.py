@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 from rich.progress import track
 
@@ -77,7 +78,8 @@ def to_square_rgb(image: Image.Image, resolution: int, upscale: bool = False) ->
 
 def split_of(name: str, val_fraction: float) -> str:
     """A fixed split per file name: stable when other files come or go."""
-    bucket = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    # Salted so it is independent of other name hashes (e.g. the per-class subset's order).
+    bucket = int(hashlib.sha256(f"split:{name}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "val" if bucket < val_fraction else "train"
 
 
@@ -190,3 +192,12 @@ def _swap_in(staging: Path, out_dir: Path) -> None:
         out_dir.rename(old)
     staging.rename(out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def load_split(data_dir: Path, split: str | None = None) -> tuple[torch.Tensor, list[Record]]:
+    """Images of one split (or all) as uint8 [N, 3, H, W], with their records, in file order."""
+    records = [r for r in read_records(data_dir) if split is None or r.split == split]
+    if not records:
+        raise UserError(f"{data_dir} has no {split or ''} images: run `latentlab data` first.")
+    images = np.stack([np.asarray(Image.open(Path(data_dir) / r.file).convert("RGB")) for r in records])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), records

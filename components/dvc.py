@@ -21,9 +21,7 @@ REMOTE_NAME = "latentlab"
 def dvc(root: Path, *args: str) -> str:
     """Run ``dvc ARGS`` in ``root``; a failure becomes a ``UserError`` with DVC's own words."""
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True
-    )
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         detail = (done.stderr or done.stdout).strip()
         raise UserError(f"dvc {' '.join(args)} failed in {root}:\n{detail}")

@@ -9,9 +9,7 @@ from PIL import Image, ImageDraw, ImageFont
 LABEL_WIDTH = 150
 
 
-def labeled_grid(
-    rows: Sequence[tuple[str, Sequence[Image.Image]]], cell: int = 64, pad: int = 2
-) -> Image.Image:
+def labeled_grid(rows: Sequence[tuple[str, Sequence[Image.Image]]], cell: int = 64, pad: int = 2) -> Image.Image:
     """Rows of images, each row headed by its label, on white; images are resized to ``cell``."""
     columns = max((len(images) for _, images in rows), default=0)
     width = LABEL_WIDTH + columns * (cell + pad) + pad

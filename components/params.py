@@ -52,10 +52,36 @@ class DataParams(Section):
         return self
 
 
-class AEParams(Section):
+class TrainingBudget(Section):
+    """How long a stage trains: steps, and optionally a wall-time cap; how often it reports."""
+
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    max_steps: int = Field(400, ge=1, description="optimisation steps (batches)")
+    max_minutes: float | None = Field(None, gt=0, description="wall-time cap, resumable")
+    log_every: int = Field(10, ge=1)
+    image_every: int = Field(500, ge=1, description="steps between image grids")
+    checkpoint_every: int = Field(100, ge=1, description="steps between resumable checkpoints")
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    accelerator: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class AEParams(TrainingBudget):
     factor: int = Field(8, description="downsampling factor f = 2^m; 1 means pixel space")
     regularizer: Literal["kl", "vq"] = "kl"
-    lr: float = Field(4.5e-6 * 64, gt=0)
+    latent_channels: int | None = Field(None, ge=1, description="default by f, as the paper")
+    base_channels: int = Field(16, ge=8, description="paper: 128; 16 fits a 2-core CPU")
+    channel_mult: list[int] = Field([1, 2, 4, 4, 4, 4], description="width per level, m + 1 used")
+    layers_per_block: int = Field(1, ge=1)
+    attention: bool = Field(True, description="self-attention in the middle block")
+    codebook_size: int = Field(256, ge=2, description="VQ codebook entries")
+    kl_weight: float = Field(1e-6, ge=0)
+    codebook_weight: float = Field(1.0, ge=0)
+    perceptual: Literal["auto", "lpips", "ssim"] = Field("auto", description="auto: LPIPS if VGG is on disk")
+    perceptual_weight: float = Field(1.0, ge=0)
+    lpips_vgg_weights: str | None = Field(None, description="local torchvision vgg16 weights file")
+    disc_start: int = Field(200, ge=0, description="step at which the discriminator starts")
+    disc_weight: float = Field(0.5, ge=0)
 
     @field_validator("factor")
     @classmethod
@@ -63,6 +89,13 @@ class AEParams(Section):
         if v not in FACTORS:
             raise ValueError(f"must be a power of two among {', '.join(map(str, FACTORS))}")
         return v
+
+    @model_validator(mode="after")
+    def _enough_levels(self) -> AEParams:
+        levels = self.factor.bit_length() - 1
+        if len(self.channel_mult) < levels + 1:
+            raise ValueError(f"ae.channel_mult needs at least {levels + 1} entries for f={self.factor}")
+        return self
 
 
 class LDMParams(Section):
@@ -84,9 +117,10 @@ class Params(Section):
             )
         return self
 
-    def flat(self) -> dict[str, Any]:
-        """Dotted-name view (``ae.factor``) as logged to MLflow."""
-        return flatten(self.model_dump(mode="json"))
+    def flat(self, *sections: str) -> dict[str, Any]:
+        """Dotted-name view (``ae.factor``) as logged to MLflow, of some sections or all."""
+        tree = self.model_dump(mode="json")
+        return flatten({k: v for k, v in tree.items() if not sections or k in sections})
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

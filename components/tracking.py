@@ -31,7 +31,11 @@ _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the working directory (made absolute so a
     later change of directory cannot point the same process at another database)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or _default_uri()
+
+
+def _default_uri() -> str:
+    return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
 
 
 def use_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
@@ -40,8 +44,9 @@ def use_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
     With the default SQLite store, artifacts go to ``mlartifacts/`` beside ``mlflow.db``;
     a tracking server chooses its own artifact store.
     """
-    default_store = not os.environ.get("MLFLOW_TRACKING_URI")  # (set_tracking_uri exports it)
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    default_store = uri == _default_uri()
+    mlflow.set_tracking_uri(uri)  # (this also exports MLFLOW_TRACKING_URI to subprocesses)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
         location = Path(DEFAULT_ARTIFACT_DIR).resolve().as_uri() if default_store else None
@@ -71,6 +76,17 @@ def _git(cwd: str | Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
+def register_once(name: str, run_id: str, source: str, tags: dict[str, str]) -> str:
+    """Register ``source`` as a version of model ``name`` unless ``run_id`` already has one."""
+    client = mlflow.MlflowClient()
+    with suppress(mlflow.exceptions.MlflowException):  # exists already
+        client.create_registered_model(name)
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        return existing[0].version
+    return client.create_model_version(name, source, run_id=run_id, tags=tags).version
+
+
 @contextmanager
 def stage_run(
     stage: str,
@@ -81,8 +97,12 @@ def stage_run(
     factor: int | None = None,
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
+    resume_run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run with the contract's tags and the flattened, redacted ``params``."""
+    """An MLflow run with the contract's tags and the flattened, redacted ``params``.
+
+    ``resume_run_id`` reopens a run that crashed, so a retried stage keeps one run.
+    """
     commit, dirty = git_state()
     contract_tags = {
         TAG_STAGE: stage,
@@ -93,18 +113,21 @@ def stage_run(
     if factor is not None:
         contract_tags[TAG_FACTOR] = str(factor)
     with mlflow.start_run(
-        run_name=run_name,
+        run_id=resume_run_id,
+        run_name=None if resume_run_id else run_name,
         parent_run_id=parent_run_id,
         nested=parent_run_id is not None,
         tags={**contract_tags, **(tags or {})},
     ) as run:
-        mlflow.log_params({key: redact(value) for key, value in params.items()})
+        if resume_run_id is None:  # a resumed run keeps the params it was started with
+            mlflow.log_params({key: redact(value) for key, value in params.items()})
         yield run
 
 
-def find_finished_run(experiment_id: str, stage: str, **tags: str) -> mlflow.entities.Run | None:
-    """The newest finished run of ``stage`` whose tags all match, or None."""
-    clauses = [f"tags.`{TAG_STAGE}` = '{stage}'", "attributes.status = 'FINISHED'"]
+def latest_run(experiment_id: str, stage: str, *, finished: bool = True, **tags: str) -> mlflow.entities.Run | None:
+    """The newest run of ``stage`` whose tags all match: a finished one, or (``finished=False``)
+    one that started but never finished because it crashed or was killed."""
+    clauses = [f"tags.`{TAG_STAGE}` = '{stage}'", f"attributes.status {'=' if finished else '!='} 'FINISHED'"]
     clauses += [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
     runs = mlflow.search_runs(
         experiment_ids=[experiment_id],

@@ -42,8 +42,25 @@ def cmd_data(params: Params, args: argparse.Namespace) -> None:
     print(result.version)
 
 
+def cmd_train_ae(params: Params, args: argparse.Namespace) -> None:
+    import mlflow
+
+    from flows.autoencoder import autoencoder_flow
+
+    result = autoencoder_flow(params, experiment=args.experiment)
+    if not result.run_id:
+        console.print("f=1 is pixel space: there is no autoencoder to train.")
+        return
+    metrics = mlflow.get_run(result.run_id).data.metrics
+    shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("psnr", "ssim", "rfid") if k in metrics)
+    verb = "Reused" if result.reused else "Trained"
+    console.print(f"[bold green]{verb} autoencoder f={result.factor} ({result.regularizer})[/]: {shown}")
+    print(result.run_id)
+
+
 COMMANDS: dict[str, tuple[str, Callable[[Params, argparse.Namespace], None]]] = {
     "data": ("Prepare, version (DVC) and record the dataset.", cmd_data),
+    "train-ae": ("Train (or reuse) the first-stage autoencoder for ae.factor.", cmd_train_ae),
 }
 
 
@@ -52,12 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, handler) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument(
-            "--params", type=Path, default=None, help="YAML preset (default params/default.yaml)"
-        )
-        sub.add_argument(
-            "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. ae.factor=8"
-        )
+        sub.add_argument("--params", type=Path, default=None, help="YAML preset (default params/default.yaml)")
+        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. ae.factor=8")
         sub.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
         sub.set_defaults(handler=handler)
     return parser

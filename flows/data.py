@@ -25,7 +25,7 @@ from components.dataset import (
 from components.grids import labeled_grid
 from components.params import DataParams, Params, flatten
 from components.sources import load_source
-from components.tracking import find_finished_run, stage_run, use_experiment
+from components.tracking import latest_run, stage_run, use_experiment
 
 DATA_DIR = "data"
 
@@ -76,7 +76,7 @@ def version_data(params: DataParams, root: Path, fingerprint: str) -> str:
 def record_data_run(params: DataParams, root: Path, version: str, manifest: dict, experiment: str) -> str:
     """One MLflow ``data`` run per version: counts, parameters, bad-file report, sample grid."""
     experiment_id = use_experiment(experiment)
-    existing = find_finished_run(experiment_id, "data", **{"latentlab.data_version": version})
+    existing = latest_run(experiment_id, "data", **{"latentlab.data_version": version})
     if existing is not None:
         return existing.info.run_id
     counts = manifest["counts"]

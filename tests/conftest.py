@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import pytest
 
 import flows  # noqa: F401  (Prefect defaults for this machine)
@@ -27,7 +29,7 @@ def prefect_api():
 
 
 @pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """An empty git+DVC repository as the working directory, MLflow on its default store."""
     root = tmp_path / "project"
     root.mkdir()
@@ -43,7 +45,10 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     git(root, "commit", "-q", "-m", "init")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(root)
-    return root
+    # The default store of this project, for the test's own queries (and its subprocesses).
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    yield root
+    mlflow.set_tracking_uri(None)
 
 
 def git(root: Path, *args: str) -> str:

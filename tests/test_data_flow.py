@@ -24,8 +24,7 @@ def folder_params(path, *extra):
     return load_params(None, ["data.source=folder", f"data.path={path}", "data.resolution=32", *extra])
 
 
-def data_runs(root):
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+def data_runs(_root=None):
     return mlflow.search_runs(experiment_names=["latentlab"], output_format="list")
 
 
@@ -102,9 +101,7 @@ def test_openmoji_is_deterministic_across_projects(project, tmp_path):
     shutil.copytree(
         project,
         other,
-        ignore=shutil.ignore_patterns(
-            "data", "mlflow.db", "mlartifacts", "dvc-remote", ".latentlab", "data.dvc"
-        ),
+        ignore=shutil.ignore_patterns("data", "mlflow.db", "mlartifacts", "dvc-remote", ".latentlab", "data.dvc"),
     )
     os.chdir(other)
     second = data_flow(params, root=other)

@@ -48,6 +48,12 @@ def test_split_is_stable_and_near_the_fraction():
     assert 0.07 < splits.count("val") / len(names) < 0.13
 
 
+def test_subset_and_split_are_independent():
+    subset = limit_per_class(openmoji_items(8), 40)
+    val = [split_of(item.name, 0.2) for item in subset].count("val") / len(subset)
+    assert 0.12 < val < 0.28
+
+
 def test_unicode_names_give_group_and_name():
     assert unicode_names()["\U0001f600"] == ("Smileys & Emotion", "grinning face")
 

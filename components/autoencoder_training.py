@@ -1,0 +1,148 @@
+"""The first stage's Lightning module: reconstruct, regularise, and fool a patch discriminator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from components.autoencoders import FirstStage, build_first_stage
+from components.grids import labeled_grid
+from components.losses import AutoencoderLoss, PerceptualLoss
+from components.metrics import codebook_usage, fid_kid, psnr_ssim, to_uint8
+from components.params import AEParams
+from components.training import MLflowReporter, fit, make_trainer
+
+
+def first_stage_from_params(ae: AEParams, resolution: int) -> FirstStage:
+    return build_first_stage(
+        ae.factor,
+        ae.regularizer,
+        latent_channels=ae.latent_channels,
+        base_channels=ae.base_channels,
+        channel_mult=tuple(ae.channel_mult),
+        layers_per_block=ae.layers_per_block,
+        attention=ae.attention,
+        codebook_size=ae.codebook_size,
+        resolution=resolution,
+    )
+
+
+class AutoencoderModule(L.LightningModule):
+    """Two optimisers, stepped by hand: the autoencoder, then (after ``disc_start``) the critic."""
+
+    def __init__(self, ae: dict[str, Any], resolution: int):
+        super().__init__()
+        self.save_hyperparameters()  # plain values only: checkpoints load with weights_only
+        self.params_ = AEParams.model_validate(ae)
+        self.automatic_optimization = False
+        self.stage = first_stage_from_params(self.params_, resolution)
+        self.perceptual = PerceptualLoss(self.params_.perceptual, self.params_.lpips_vgg_weights)
+        weight = self.params_.kl_weight if self.params_.regularizer == "kl" else self.params_.codebook_weight
+        self.loss = AutoencoderLoss(
+            regularization_weight=weight,
+            perceptual=self.perceptual,
+            perceptual_weight=self.params_.perceptual_weight,
+            disc_start=self.params_.disc_start,
+            disc_weight=self.params_.disc_weight,
+            disc_layers=2 if resolution <= 32 else 3,
+        )
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.logged: dict[str, torch.Tensor] = {}
+
+    def configure_optimizers(self):
+        betas = (0.5, 0.9)  # the paper's Adam settings for the first stage
+        return (
+            torch.optim.Adam(self.stage.parameters(), lr=self.params_.lr, betas=betas),
+            torch.optim.Adam(self.loss.discriminator.parameters(), lr=self.params_.lr, betas=betas),
+        )
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        x = batch[0].float() / 127.5 - 1
+        opt_ae, opt_disc = self.optimizers()
+        step = int(self.steps)
+        out = self.stage.reconstruct(x)
+        loss, logs = self.loss.generator_loss(x, out.image, out.regularization, step, self.stage.last_layer)
+        opt_ae.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        opt_ae.step()
+        if step >= self.params_.disc_start and self.params_.disc_weight > 0:
+            d_loss = self.loss.discriminator_loss(x, out.image)
+            opt_disc.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            opt_disc.step()
+            logs["d_loss"] = d_loss.detach()
+        self.logged = {"train_loss": loss.detach(), **logs}
+        self.log("loss", loss.detach(), prog_bar=True, logger=False)
+
+    @torch.no_grad()
+    def reconstruct_uint8(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Deterministic reconstructions (posterior mode / nearest codes) of uint8 images."""
+        was_training = self.training
+        self.eval()
+        parts = []
+        for chunk in images.split(batch_size):
+            x = chunk.to(self.device).float() / 127.5 - 1
+            parts.append(to_uint8(self.stage.decode(self.stage.encode(x))).cpu())
+        self.train(was_training)
+        return torch.cat(parts)
+
+
+def reconstruction_grid(module: AutoencoderModule, images: torch.Tensor) -> Image.Image:
+    """Originals over their reconstructions."""
+    recon = module.reconstruct_uint8(images)
+    return labeled_grid([("original", _pil(images)), ("reconstruction", _pil(recon))])
+
+
+def train_autoencoder(
+    ae: AEParams,
+    train_images: torch.Tensor,
+    preview: torch.Tensor,
+    *,
+    resolution: int,
+    run_id: str,
+    checkpoint_dir: Path,
+    seed: int,
+) -> AutoencoderModule:
+    """Train (or resume) a first stage on uint8 images, reporting to MLflow run ``run_id``."""
+    L.seed_everything(seed, verbose=False)
+    module = AutoencoderModule(ae.model_dump(mode="json"), resolution)
+    loader = DataLoader(TensorDataset(train_images), batch_size=ae.batch_size, shuffle=True, drop_last=True)
+    reporter = MLflowReporter(run_id, ae, lambda: reconstruction_grid(module, preview), "reconstructions")
+    trainer = make_trainer(ae, checkpoint_dir, [reporter])
+    fit(trainer, module, loader, checkpoint_dir)
+    return module
+
+
+def evaluate_autoencoder(module: AutoencoderModule, val_images: torch.Tensor, extractor: Path) -> dict[str, float]:
+    """PSNR, SSIM, rFID/rKID (reconstructions vs originals), LPIPS and codebook use when they apply."""
+    recon = module.reconstruct_uint8(val_images)
+    metrics = psnr_ssim(val_images, recon)
+    fidelity = fid_kid(val_images, recon, extractor)
+    metrics |= {"rfid": fidelity["fid"], "rkid_mean": fidelity["kid_mean"]}
+    if module.perceptual.lpips is not None:
+        with torch.no_grad():
+            x, y = (t.float().to(module.device) / 127.5 - 1 for t in (recon, val_images))
+            metrics["lpips"] = float(module.perceptual.lpips(x, y))
+    if module.stage.regularizer == "vq" and module.stage.trainable:
+        with torch.no_grad():
+            codes = torch.cat(
+                [module.stage.reconstruct(c.to(module.device).float() / 127.5 - 1).codes for c in val_images.split(64)]
+            )
+        metrics |= codebook_usage(codes.cpu(), module.params_.codebook_size)
+    return metrics
+
+
+def export_autoencoder(module: AutoencoderModule, directory: Path) -> Path:
+    """A diffusers ``save_pretrained`` directory (config + safetensors weights)."""
+    directory = Path(directory)
+    module.stage.save_pretrained(directory)
+    return directory
+
+
+def _pil(images: torch.Tensor) -> list[Image.Image]:
+    return [Image.fromarray(i.permute(1, 2, 0).numpy()) for i in images]

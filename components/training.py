@@ -1,0 +1,110 @@
+"""Lightning plumbing shared by the training stages: budgets, checkpoints, MLflow reporting.
+
+Checkpoints are written atomically to ``<dir>/last.ckpt`` every N steps and at the end, so a
+killed run resumes from its last checkpoint (``fit(..., ckpt_path=last, weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import mlflow
+import pytorch_lightning as L
+from PIL import Image
+
+from components.params import TrainingBudget
+
+LAST = "last.ckpt"
+
+
+class StepCounter(L.Callback):
+    """Stops after ``max_steps`` batches, counted by the module's own ``steps`` buffer.
+
+    (Lightning's ``global_step`` counts optimizer steps, two per batch for a GAN.)
+    """
+
+    def __init__(self, max_steps: int):
+        self.max_steps = max_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_) -> None:
+        module.steps += 1
+        if int(module.steps) >= self.max_steps:
+            trainer.should_stop = True
+
+
+class PeriodicCheckpoint(L.Callback):
+    def __init__(self, directory: Path, every: int):
+        self.path, self.every = Path(directory) / LAST, every
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_) -> None:
+        if int(module.steps) % self.every == 0:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.save(trainer)
+
+    def save(self, trainer: L.Trainer) -> None:
+        partial = self.path.with_suffix(".partial")
+        trainer.save_checkpoint(partial, weights_only=False)  # full state, to resume
+        os.replace(partial, self.path)  # never a half-written last.ckpt
+
+
+class MLflowReporter(L.Callback):
+    """Logs ``module.logged`` every ``log_every`` steps (with images/s) and a grid every
+    ``image_every`` steps, to one MLflow run by id."""
+
+    def __init__(self, run_id: str, budget: TrainingBudget, grid: Callable[[], Image.Image], grid_name: str):
+        self.run_id, self.budget, self.grid, self.grid_name = run_id, budget, grid, grid_name
+        self.client = mlflow.MlflowClient()
+        self._since = time.perf_counter()
+        self._images = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, *_) -> None:
+        step = int(module.steps)
+        self._images += len(batch[0])
+        if step % self.budget.log_every == 0:
+            elapsed = time.perf_counter() - self._since
+            metrics = {name: float(value) for name, value in module.logged.items()}
+            metrics["train_img_per_s"] = self._images / max(elapsed, 1e-9)
+            metrics["images_seen"] = step * self.budget.batch_size
+            self.client.log_batch(
+                self.run_id,
+                metrics=[mlflow.entities.Metric(k, v, int(time.time() * 1000), step) for k, v in metrics.items()],
+            )
+            self._since, self._images = time.perf_counter(), 0
+        if step % self.budget.image_every == 0:
+            self.client.log_image(self.run_id, self.grid(), key=self.grid_name, step=step)
+
+
+def make_trainer(budget: TrainingBudget, checkpoint_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
+    Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    return L.Trainer(
+        max_epochs=-1,
+        max_steps=-1,
+        max_time=timedelta(minutes=budget.max_minutes) if budget.max_minutes else None,
+        accelerator=budget.accelerator,
+        devices=1,
+        precision=budget.precision,
+        callbacks=[
+            StepCounter(budget.max_steps),
+            PeriodicCheckpoint(checkpoint_dir, budget.checkpoint_every),
+            *callbacks,
+        ],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=str(checkpoint_dir),
+        num_sanity_val_steps=0,
+    )
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, loader, checkpoint_dir: Path) -> None:
+    """Train, resuming from ``checkpoint_dir/last.ckpt`` when a previous attempt left one."""
+    last = Path(checkpoint_dir) / LAST
+    trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None, weights_only=True)
+    if trainer.interrupted:
+        raise KeyboardInterrupt

@@ -1,0 +1,205 @@
+"""The first stage: shapes per factor, the loss, learning, and the train-ae flow end to end."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from components.autoencoder_training import AutoencoderModule
+from components.autoencoders import build_first_stage, load_first_stage
+from components.losses import AutoencoderLoss, PerceptualLoss
+from components.metrics import codebook_usage
+from components.params import AEParams, load_params
+from flows.autoencoder import autoencoder_flow
+from tests.conftest import REPO
+
+TINY = dict(base_channels=8, channel_mult=[1, 1, 2, 2, 2, 2], attention=False)
+
+
+@pytest.mark.parametrize("factor", [2, 4, 8, 16])
+@pytest.mark.parametrize("regularizer", ["kl", "vq"])
+def test_latent_shape_follows_factor(factor, regularizer):
+    stage = build_first_stage(factor, regularizer, resolution=32, **TINY)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = stage.encode(x)
+    assert z.shape == (2, stage.latent_channels, 32 // factor, 32 // factor)
+    assert stage.decode(z).shape == x.shape
+    out = stage.reconstruct(x)
+    assert out.image.shape == x.shape and out.regularization.ndim == 0
+    assert (out.codes is not None) == (regularizer == "vq")
+
+
+def test_paper_latent_channels_grow_with_factor():
+    channels = [build_first_stage(f, resolution=64, **TINY).latent_channels for f in (4, 8, 16, 32)]
+    assert channels == [3, 4, 8, 16]
+
+
+def test_pixel_space_is_identity():
+    stage = build_first_stage(1)
+    x = torch.rand(2, 3, 8, 8)
+    assert not stage.trainable and torch.equal(stage.decode(stage.encode(x)), x)
+
+
+def test_codebook_usage_and_perplexity():
+    usage = codebook_usage(torch.tensor([0, 1, 2, 3] * 10), codebook_size=8)
+    assert usage["codebook_usage"] == pytest.approx(0.5)
+    assert usage["codebook_perplexity"] == pytest.approx(4.0)
+
+
+def test_discriminator_joins_at_disc_start_with_adaptive_weight():
+    stage = build_first_stage(4, resolution=16, **TINY)
+    loss = AutoencoderLoss(regularization_weight=1e-6, perceptual=PerceptualLoss("ssim"), disc_start=5, disc_layers=2)
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    out = stage.reconstruct(x)
+    _, before = loss.generator_loss(x, out.image, out.regularization, 4, stage.last_layer)
+    _, after = loss.generator_loss(x, out.image, out.regularization, 5, stage.last_layer)
+    assert "g_loss" not in before and "g_loss" in after
+    assert after["d_weight"] > 0
+
+
+def test_offline_perceptual_term_is_ssim_based():
+    perceptual = PerceptualLoss("auto", vgg_path="/nonexistent/vgg.pth")
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert perceptual.name == "ssim"
+    assert perceptual(x, x) == pytest.approx(0.0, abs=1e-5)
+    assert perceptual(-x, x) > 0.5
+
+
+def test_training_reduces_reconstruction_error():
+    torch.manual_seed(0)
+    ae = AEParams(factor=4, disc_start=10_000, lr=2e-3, **TINY)
+    module = AutoencoderModule(ae.model_dump(mode="json"), 16)
+    images = torch.full((8, 3, 16, 16), 230, dtype=torch.uint8)  # flat colour + a dark square
+    for i in range(8):
+        images[i, i % 3, 2 + i : 8 + i, 3:11] = 20
+    optimizers = module.configure_optimizers()
+    module.optimizers = lambda: optimizers
+    module.manual_backward = lambda loss: loss.backward()
+    module.log = lambda *a, **k: None
+
+    def error():
+        return (module.reconstruct_uint8(images).float() - images.float()).abs().mean()
+
+    before = error()
+    for _ in range(60):
+        module.training_step((images,), 0)
+    assert error() < 0.5 * before
+
+
+# --- the flow, end to end ---------------------------------------------------------------------
+
+SMOKE = [
+    "data.resolution=16",
+    "data.max_per_class=6",
+    "data.val_fraction=0.3",
+    "ae.factor=4",
+    "ae.base_channels=8",
+    "ae.channel_mult=[1, 1, 2, 2, 2, 2]",
+    "ae.batch_size=8",
+    "ae.max_steps=6",
+    "ae.disc_start=3",
+    "ae.log_every=2",
+    "ae.image_every=3",
+    "ae.checkpoint_every=2",
+]
+
+
+def ae_runs():
+    return mlflow.search_runs(
+        experiment_names=["latentlab"],
+        filter_string="tags.`latentlab.stage` = 'autoencoder'",
+        output_format="list",
+    )
+
+
+@pytest.mark.slow
+def test_train_ae_records_registers_and_reuses(project):
+    params = load_params(REPO / "params/smoke.yaml", SMOKE)
+    result = autoencoder_flow(params)
+    run = mlflow.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert {"psnr", "ssim", "rfid", "train_loss", "train_img_per_s"} <= set(run.data.metrics)
+    assert run.data.tags["latentlab.factor"] == "4"
+    assert run.data.tags["latentlab.perceptual"] == "ssim"
+    assert run.data.tags["latentlab.fid_extractor"].startswith("latentlab-cnn")
+    assert run.data.params["ae.factor"] == "4" and "ldm.lr" not in run.data.params
+    assert run.info.run_name == "ae-f4-kl"
+
+    client = mlflow.MlflowClient()
+    (version,) = client.search_model_versions("name = 'autoencoder-f4-kl'")
+    assert version.run_id == result.run_id
+    assert version.tags["latentlab.data_version"] == result.data_version
+
+    # The exported weights are the trained model: same reconstructions without latentlab's module.
+    weights = load_file(
+        mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="weights/autoencoder.safetensors")
+    )
+    stage = load_first_stage(
+        mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="diffusers"), 4, "kl"
+    )
+    assert set(weights) == set(stage.state_dict())
+    assert all(torch.equal(weights[k], v) for k, v in stage.state_dict().items())
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"reconstructions_final.png", "weights", "diffusers"} <= artifacts
+    assert client.get_metric_history(result.run_id, "train_loss")[-1].step == 6
+
+    started = time.perf_counter()
+    again = autoencoder_flow(params)
+    assert again.run_id == result.run_id and again.reused
+    assert time.perf_counter() - started < 30
+
+    changed = autoencoder_flow(load_params(REPO / "params/smoke.yaml", [*SMOKE, "ae.lr=1e-3"]))
+    assert changed.run_id != result.run_id and not changed.reused
+    assert len(ae_runs()) == 2
+    assert len(client.search_model_versions("name = 'autoencoder-f4-kl'")) == 2
+
+
+@pytest.mark.slow
+def test_vq_reports_codebook_usage(project):
+    params = load_params(REPO / "params/smoke.yaml", [*SMOKE, "ae.regularizer=vq", "ae.codebook_size=32"])
+    result = autoencoder_flow(params)
+    metrics = mlflow.get_run(result.run_id).data.metrics
+    assert 0 < metrics["codebook_usage"] <= 1 and metrics["codebook_perplexity"] >= 1
+    assert mlflow.MlflowClient().search_model_versions("name = 'autoencoder-f4-vq'")
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_into_the_same_run(project):
+    settings = [a for a in SMOKE if not a.startswith(("ae.max_steps", "ae.checkpoint_every", "data.resolution"))]
+    settings += ["data.resolution=32", "ae.max_steps=30", "ae.checkpoint_every=3"]
+    command = [
+        str(Path(sys.executable).with_name("latentlab")),
+        "train-ae",
+        "--params",
+        str(REPO / "params/smoke.yaml"),
+    ]
+    for setting in settings:
+        command += ["--set", setting]
+    process = subprocess.Popen(
+        command, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 300
+    while not list(project.glob(".latentlab/checkpoints/*/last.ckpt")) and time.time() < deadline:
+        time.sleep(0.1)
+    assert process.poll() is None, "training ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    (killed,) = ae_runs()
+    assert killed.info.status == "RUNNING"
+
+    done = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (finished,) = ae_runs()
+    assert finished.info.run_id == killed.info.run_id and finished.info.status == "FINISHED"
+    assert len(mlflow.MlflowClient().search_model_versions("name = 'autoencoder-f4-kl'")) == 1
+    history = mlflow.MlflowClient().get_metric_history(finished.info.run_id, "train_loss")
+    steps = [m.step for m in history]
+    assert max(steps) == 30
+    assert steps.count(2) == 1  # resumed from the checkpoint, not retrained from step 0
