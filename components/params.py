@@ -98,8 +98,24 @@ class AEParams(TrainingBudget):
         return self
 
 
-class LDMParams(Section):
-    lr: float = Field(1e-4, gt=0)
+class LDMParams(TrainingBudget):
+    conditioning: Literal["class", "text", "none"] = Field("class", description="cross-attention context")
+    widths: list[int] = Field([64, 128, 128], description="UNet block widths, one per level")
+    layers_per_block: int = Field(1, ge=1)
+    attention_max_size: int = Field(16, ge=1, description="cross-attention only at latent sizes <= this")
+    context_dim: int = Field(128, ge=8, description="class/null embedding width (text: the encoder's)")
+    max_text_tokens: int = Field(16, ge=4)
+    timesteps: int = Field(1000, ge=10)
+    beta_start: float = Field(0.0015, gt=0)
+    beta_end: float = Field(0.0195, gt=0)
+    uncond_prob: float = Field(0.1, ge=0, lt=1, description="label dropout, for classifier-free guidance")
+    ema_decay: float = Field(0.999, gt=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    sample_steps: int = Field(50, ge=1)
+    eta: float = Field(0.0, ge=0)
+    guidance_scale: float = Field(2.0, ge=1.0)
+    samples_per_class: int = Field(4, ge=1, description="per row of the sample grid")
 
 
 class Params(Section):

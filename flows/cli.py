@@ -58,9 +58,21 @@ def cmd_train_ae(params: Params, args: argparse.Namespace) -> None:
     print(result.run_id)
 
 
+def cmd_train_ldm(params: Params, args: argparse.Namespace) -> None:
+    from flows.ldm import ldm_flow
+
+    result = ldm_flow(params, experiment=args.experiment)
+    verb = "Reused" if result.reused else "Trained"
+    console.print(
+        f"[bold green]{verb} latent diffusion model f={result.factor}[/] (autoencoder run {result.ae_run_id or 'none'})"
+    )
+    print(result.run_id)
+
+
 COMMANDS: dict[str, tuple[str, Callable[[Params, argparse.Namespace], None]]] = {
     "data": ("Prepare, version (DVC) and record the dataset.", cmd_data),
     "train-ae": ("Train (or reuse) the first-stage autoencoder for ae.factor.", cmd_train_ae),
+    "train-ldm": ("Train (or reuse) the latent diffusion model for ae.factor.", cmd_train_ldm),
 }
 
 

@@ -1,0 +1,152 @@
+"""The latent diffusion model: a cross-attention UNet (diffusers) trained to predict noise.
+
+Paper settings: 1000 steps, the "linear" schedule linspace(sqrt(0.0015), sqrt(0.0195))^2 (which
+diffusers calls ``scaled_linear``), epsilon prediction, L2 loss, EMA weights, AdamW. Sampling
+uses diffusers' DDPM or DDIM schedulers, with classifier-free guidance for conditional models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+from rich.progress import track
+
+from components.conditioning import Conditioner
+from components.params import LDMParams
+
+
+def build_unet(ldm: LDMParams, channels: int, size: int, context_dim: int) -> UNet2DConditionModel:
+    """A UNet over ``size``-pixel latents: as many levels as ``ldm.widths`` and the size allow,
+    cross-attention only where the feature map is at most ``attention_max_size``."""
+    levels = max(1, min(len(ldm.widths), size.bit_length()))  # each level but the last halves
+    widths = tuple(ldm.widths[:levels])
+    sizes = [max(size >> i, 1) for i in range(levels)]
+    down = tuple("CrossAttnDownBlock2D" if s <= ldm.attention_max_size else "DownBlock2D" for s in sizes)
+    up = tuple("CrossAttnUpBlock2D" if s <= ldm.attention_max_size else "UpBlock2D" for s in reversed(sizes))
+    return UNet2DConditionModel(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=widths,
+        layers_per_block=ldm.layers_per_block,
+        cross_attention_dim=context_dim,
+        attention_head_dim=8,
+        norm_num_groups=min(32, widths[0]),
+    )
+
+
+def noise_scheduler(ldm: LDMParams) -> DDPMScheduler:
+    return DDPMScheduler(
+        num_train_timesteps=ldm.timesteps,
+        beta_start=ldm.beta_start,
+        beta_end=ldm.beta_end,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
+
+
+class LatentDiffusionModule(L.LightningModule):
+    def __init__(self, ldm: dict[str, Any], channels: int, size: int, num_classes: int, conditioner: Conditioner):
+        super().__init__()
+        self.save_hyperparameters(ignore=["conditioner"])
+        self.params_ = LDMParams.model_validate(ldm)
+        self.conditioner = conditioner
+        self.unet = build_unet(self.params_, channels, size, conditioner.dim)
+        self.scheduler = noise_scheduler(self.params_)
+        self.ema = EMAModel(self.unet.parameters(), decay=self.params_.ema_decay, use_ema_warmup=True)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.logged: dict[str, torch.Tensor] = {}
+
+    def configure_optimizers(self):
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(trainable, lr=self.params_.lr, weight_decay=self.params_.weight_decay)
+
+    def loss(self, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Epsilon-prediction L2 loss at uniformly drawn timesteps; conditions dropped at
+        ``uncond_prob`` so the same network also learns the unconditional score."""
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.params_.timesteps, (len(latents),), device=latents.device)
+        drop = torch.rand(len(cond), device=cond.device) < self.params_.uncond_prob
+        cond = torch.where(drop, torch.full_like(cond, self.conditioner.null), cond)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        prediction = self.unet(noisy, t, encoder_hidden_states=self.conditioner(cond)).sample
+        return F.mse_loss(prediction, noise)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(*batch)
+        self.logged = {"train_loss": loss.detach()}
+        self.log("loss", loss.detach(), prog_bar=True, logger=False)
+        return loss
+
+    def on_train_batch_end(self, *_) -> None:
+        self.ema.step(self.unet.parameters())
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.ema.load_state_dict(checkpoint["ema"])
+
+    def sampling_scheduler(self, sampler: str) -> DDIMScheduler | DDPMScheduler:
+        """A fresh sampler on the training schedule (the reference code's DDIM settings:
+        timesteps offset by one, no forced final alpha of one)."""
+        if sampler == "ddim":
+            return DDIMScheduler.from_config(self.scheduler.config, steps_offset=1, set_alpha_to_one=False)
+        return DDPMScheduler.from_config(self.scheduler.config)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: torch.Tensor,
+        *,
+        steps: int | None = None,
+        sampler: str | None = None,
+        eta: float | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Latents for the condition indices ``cond`` (scaled like the training latents)."""
+        p = self.params_
+        steps, eta = steps or p.sample_steps, p.eta if eta is None else eta
+        guidance = p.guidance_scale if guidance_scale is None else guidance_scale
+        guided = guidance > 1 and self.conditioner.mode != "none"
+        scheduler = self.sampling_scheduler(sampler or p.sampler)
+        scheduler.set_timesteps(steps)
+        if use_ema:
+            self.ema.store(self.unet.parameters())
+            self.ema.copy_to(self.unet.parameters())
+        was_training = self.training
+        self.eval()
+        try:
+            context = self.conditioner(cond.to(self.device))
+            if guided:
+                null = self.conditioner(torch.full_like(cond, self.conditioner.null).to(self.device))
+                context = torch.cat([null, context])
+            unet = self.unet
+            x = torch.randn(
+                (len(cond), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size),
+                generator=generator,
+            ).to(self.device)
+            kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+            for t in track(scheduler.timesteps, "Sampling", disable=not progress, transient=True):
+                model_in = torch.cat([x, x]) if guided else x
+                eps = unet(model_in, t, encoder_hidden_states=context).sample
+                if guided:
+                    eps_uncond, eps_cond = eps.chunk(2)
+                    eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+                x = scheduler.step(eps, t, x, generator=generator, **kwargs).prev_sample
+            return x
+        finally:
+            self.train(was_training)
+            if use_ema:
+                self.ema.restore(self.unet.parameters())
