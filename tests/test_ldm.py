@@ -1,0 +1,171 @@
+"""The latent diffusion stage: schedule, UNet shape, conditioning, cache, sampling, the flow."""
+
+import math
+
+import mlflow
+import pytest
+import torch
+from PIL import Image
+
+from components.autoencoders import build_first_stage
+from components.conditioning import Conditioner, TextEncoder
+from components.diffusion import LatentDiffusionModule, build_unet, noise_scheduler
+from components.latents import cached_latents, scale_factor
+from components.params import LDMParams, load_params
+from flows.ldm import ldm_flow
+from tests.conftest import REPO
+from tests.test_autoencoder import SMOKE as AE_SMOKE
+
+TINY = LDMParams(widths=[16, 32], batch_size=4, sample_steps=3)
+
+
+def test_schedule_is_the_papers_linear_schedule():
+    betas = noise_scheduler(LDMParams()).betas
+    expected = torch.linspace(math.sqrt(0.0015), math.sqrt(0.0195), 1000) ** 2
+    assert torch.allclose(betas, expected.to(betas.dtype), atol=1e-7)
+
+
+@pytest.mark.parametrize(("size", "levels", "attention_blocks"), [(2, 2, 2), (8, 3, 3), (32, 3, 2)])
+def test_unet_levels_and_attention_follow_latent_size(size, levels, attention_blocks):
+    ldm = LDMParams(widths=[16, 32, 32], attention_max_size=16)
+    unet = build_unet(ldm, 4, size, 32)
+    assert len(unet.config.block_out_channels) == levels
+    assert sum("CrossAttn" in b for b in unet.config.down_block_types) == attention_blocks
+    x = torch.randn(2, 4, size, size)
+    assert unet(x, torch.tensor([1, 500]), encoder_hidden_states=torch.randn(2, 1, 32)).sample.shape == x.shape
+
+
+def test_conditioner_modes_and_null_row():
+    cls = Conditioner("class", num_classes=3, dim=8)
+    assert cls(torch.tensor([0, 2, 3])).shape == (3, 1, 8) and cls.null == 3
+    none = Conditioner("none", num_classes=3, dim=8)
+    assert torch.equal(none(torch.tensor([0, 1])), none(torch.tensor([0, 0])))
+
+
+def test_text_encoder_works_offline_and_distinguishes_captions():
+    encoder = TextEncoder(max_tokens=8)
+    states = encoder(["grinning face", "red apple", "grinning face"])
+    assert states.shape == (3, 8, 384)
+    assert torch.allclose(states[0], states[2]) and not torch.allclose(states[0], states[1])
+
+
+def test_latent_scale_gives_unit_variance_and_cache_is_reused(tmp_path):
+    stage = build_first_stage(4, resolution=16, base_channels=8, channel_mult=(1, 1, 2), attention=False)
+    images = {
+        "train": (torch.rand(70, 3, 16, 16) * 255).to(torch.uint8),
+        "val": torch.zeros(4, 3, 16, 16, dtype=torch.uint8),
+    }
+    latents, scale = cached_latents(tmp_path / "z.safetensors", stage, images)
+    assert latents["train"].shape == (70, 3, 4, 4)
+    assert latents["train"][:64].std() == pytest.approx(1.0, rel=1e-3)
+    assert scale == pytest.approx(scale_factor(latents["train"] / scale), rel=1e-4)
+
+    def refuse(_):
+        raise AssertionError("encoded again instead of reading the cache")
+
+    stage.encode = refuse
+    again, scale_again = cached_latents(tmp_path / "z.safetensors", stage, images)
+    assert scale_again == pytest.approx(scale) and torch.equal(again["train"], latents["train"])
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_sampling_is_seeded_and_shaped(sampler):
+    module = LatentDiffusionModule(TINY.model_dump(mode="json"), 3, 4, 2, Conditioner("class", 2, 8))
+    cond = torch.tensor([0, 1, 1])
+    first = module.sample(cond, sampler=sampler, generator=torch.Generator().manual_seed(1))
+    second = module.sample(cond, sampler=sampler, generator=torch.Generator().manual_seed(1))
+    assert first.shape == (3, 3, 4, 4) and torch.equal(first, second)
+    unguided = module.sample(cond, sampler=sampler, guidance_scale=1.0, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(first, unguided)
+
+
+def test_denoiser_learns():
+    torch.manual_seed(0)
+    ldm = LDMParams(widths=[16, 32], lr=3e-3, uncond_prob=0.0)
+    module = LatentDiffusionModule(ldm.model_dump(mode="json"), 3, 4, 2, Conditioner("class", 2, 8))
+    latents = torch.randn(1, 3, 4, 4).repeat(16, 1, 1, 1)  # one point: noise is predictable
+    cond = torch.zeros(16, dtype=torch.long)
+    optimizer = module.configure_optimizers()
+    torch.manual_seed(1)
+    before = sum(float(module.loss(latents, cond)) for _ in range(10))
+    for _ in range(150):
+        optimizer.zero_grad()
+        module.loss(latents, cond).backward()
+        optimizer.step()
+    torch.manual_seed(1)
+    after = sum(float(module.loss(latents, cond)) for _ in range(10))
+    assert after < 0.5 * before
+
+
+# --- the flow, end to end ---------------------------------------------------------------------
+
+LDM_SMOKE = [
+    *AE_SMOKE,
+    "ldm.widths=[16, 32]",
+    "ldm.batch_size=8",
+    "ldm.max_steps=6",
+    "ldm.log_every=2",
+    "ldm.image_every=3",
+    "ldm.checkpoint_every=3",
+    "ldm.sample_steps=3",
+    "ldm.samples_per_class=1",
+]
+
+
+@pytest.mark.slow
+def test_train_ldm_records_exports_and_reuses(project):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    params = load_params(REPO / "params/smoke.yaml", LDM_SMOKE)
+    result = ldm_flow(params)
+    run = mlflow.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "ldm-f4"
+    assert run.data.tags["latentlab.stage"] == "ldm" and run.data.tags["latentlab.factor"] == "4"
+    ae_runs = mlflow.search_runs(
+        experiment_names=["latentlab"], filter_string="tags.`latentlab.stage` = 'autoencoder'", output_format="list"
+    )
+    assert [r.info.run_id for r in ae_runs] == [run.data.tags["latentlab.ae_run_id"]]
+    assert {"train_loss", "train_img_per_s", "flops_per_step", "latent_scale_factor"} <= set(run.data.metrics)
+    assert run.data.params["ldm.conditioning"] == "class"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
+    assert {"samples_final.png", "weights", "pipeline"} <= artifacts
+    grid = Image.open(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="samples_final.png"))
+    assert grid.height > 16 * 10  # one row per class
+
+    pipeline_dir = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="pipeline")
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, text_encoder=None, tokenizer=None)
+    contexts = load_file(f"{pipeline_dir}/contexts.safetensors")["contexts"]
+    assert pipe.vae.config.scaling_factor == pytest.approx(run.data.metrics["latent_scale_factor"])
+    out = pipe(
+        prompt_embeds=contexts[:2],
+        negative_prompt_embeds=contexts[-1:].expand(2, -1, -1),
+        num_inference_steps=3,
+        height=16,
+        width=16,
+        output_type="np",
+    )
+    assert out.images.shape == (2, 16, 16, 3)
+
+    again = ldm_flow(params)
+    assert again.run_id == result.run_id and again.reused
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["text", "none"])
+def test_text_and_unconditional_modes(project, mode):
+    params = load_params(REPO / "params/smoke.yaml", [*LDM_SMOKE, f"ldm.conditioning={mode}", "ldm.max_steps=3"])
+    result = ldm_flow(params)
+    run = mlflow.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["ldm.conditioning"] == mode
+    files = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "pipeline")}
+    assert ("pipeline/text_encoder" in files) == (mode == "text")
+
+
+@pytest.mark.slow
+def test_pixel_space_ldm(project):
+    params = load_params(REPO / "params/smoke.yaml", [*LDM_SMOKE, "ae.factor=1", "ldm.max_steps=3"])
+    result = ldm_flow(params)
+    run = mlflow.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["latentlab.factor"] == "1"
+    assert run.data.metrics["latent_scale_factor"] == 1.0
