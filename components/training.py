@@ -63,6 +63,9 @@ class MLflowReporter(L.Callback):
         self._since = time.perf_counter()
         self._images = 0
 
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._since = time.perf_counter()  # throughput counts training, not set-up
+
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, *_) -> None:
         step = int(module.steps)
         self._images += len(batch[0])
