@@ -169,3 +169,24 @@ def test_pixel_space_ldm(project):
     run = mlflow.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["latentlab.factor"] == "1"
     assert run.data.metrics["latent_scale_factor"] == 1.0
+
+
+def test_ldm_checkpoint_resumes_with_ema(project):
+    from components.ldm_training import train_ldm
+
+    ldm = TINY.model_copy(update={"max_steps": 4, "checkpoint_every": 2, "log_every": 2, "image_every": 100})
+    latents, cond = torch.randn(16, 3, 4, 4), torch.randint(0, 2, (16,))
+
+    def fresh():
+        return LatentDiffusionModule(ldm.model_dump(mode="json"), 3, 4, 2, Conditioner("class", 2, 8))
+
+    with mlflow.start_run() as run:
+        first = train_ldm(
+            fresh(), ldm, latents, cond, run_id=run.info.run_id, checkpoint_dir=project / "ckpt", seed=0, grid=None
+        )
+        longer = ldm.model_copy(update={"max_steps": 6})
+        resumed = train_ldm(
+            fresh(), longer, latents, cond, run_id=run.info.run_id, checkpoint_dir=project / "ckpt", seed=0, grid=None
+        )
+    assert int(first.steps) == 4 and int(resumed.steps) == 6
+    assert resumed.ema.optimization_step == 6  # EMA state came back from the checkpoint
