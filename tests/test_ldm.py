@@ -12,6 +12,7 @@ from components.conditioning import Conditioner, TextEncoder
 from components.diffusion import LatentDiffusionModule, build_unet, noise_scheduler
 from components.latents import cached_latents, scale_factor
 from components.params import LDMParams, load_params
+from components.tracking import use_experiment
 from flows.ldm import ldm_flow
 from tests.conftest import REPO
 from tests.test_autoencoder import SMOKE as AE_SMOKE
@@ -87,13 +88,15 @@ def test_denoiser_learns():
     cond = torch.zeros(16, dtype=torch.long)
     optimizer = module.configure_optimizers()
     torch.manual_seed(1)
-    before = sum(float(module.loss(latents, cond)) for _ in range(10))
+    with torch.no_grad():
+        before = sum(float(module.loss(latents, cond)) for _ in range(10))
     for _ in range(150):
         optimizer.zero_grad()
         module.loss(latents, cond).backward()
         optimizer.step()
     torch.manual_seed(1)
-    after = sum(float(module.loss(latents, cond)) for _ in range(10))
+    with torch.no_grad():
+        after = sum(float(module.loss(latents, cond)) for _ in range(10))
     assert after < 0.5 * before
 
 
@@ -180,6 +183,7 @@ def test_ldm_checkpoint_resumes_with_ema(project):
     def fresh():
         return LatentDiffusionModule(ldm.model_dump(mode="json"), 3, 4, 2, Conditioner("class", 2, 8))
 
+    use_experiment("latentlab")
     with mlflow.start_run() as run:
         first = train_ldm(
             fresh(), ldm, latents, cond, run_id=run.info.run_id, checkpoint_dir=project / "ckpt", seed=0, grid=None
