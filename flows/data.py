@@ -38,13 +38,14 @@ class DataVersion:
 
 
 @task(cache_policy=NO_CACHE)
-def prepare_data(params: DataParams, root: Path) -> tuple[dict, str]:
-    """Build ``data/`` unless it is current; return its manifest and the source fingerprint."""
+def prepare_data(params: DataParams, root: Path) -> tuple[dict, str, bool]:
+    """Build ``data/`` unless it is current; return its manifest, the source fingerprint and
+    whether it was (re)built."""
     logger = get_run_logger()
     source = load_source(params)
     if is_current(root, source.fingerprint, dvc.version(root)) and dvc.is_up_to_date(root):
         logger.info("data/ is current for these parameters: nothing to rebuild")
-        return read_manifest(root / DATA_DIR), source.fingerprint
+        return read_manifest(root / DATA_DIR), source.fingerprint, False
     logger.info("Preparing %d images from %s at %d px", len(source.items), params.source, params.resolution)
     manifest = build_dataset(
         source.items,
@@ -58,13 +59,13 @@ def prepare_data(params: DataParams, root: Path) -> tuple[dict, str]:
     )
     for skipped in manifest["skipped"]:
         logger.warning("Skipped %s: %s", skipped["file"], skipped["reason"])
-    return manifest, source.fingerprint
+    return manifest, source.fingerprint, True
 
 
 @task(cache_policy=NO_CACHE)
-def version_data(params: DataParams, root: Path, fingerprint: str) -> str:
-    """``dvc add`` + ``dvc push``; the version is the md5 in data.dvc."""
-    version = dvc.add(root, DATA_DIR)
+def version_data(params: DataParams, root: Path, fingerprint: str, rebuilt: bool) -> str:
+    """``dvc add`` (when rebuilt) + ``dvc push``; the version is the md5 in data.dvc."""
+    version = dvc.add(root, DATA_DIR) if rebuilt else dvc.version(root)
     remember_build(root, fingerprint, version)
     dvc.use_remote(root, params.remote, params.remote_endpoint)
     dvc.push(root, DATA_DIR)
@@ -113,7 +114,7 @@ def data_flow(params: Params, experiment: str = "latentlab", root: Path = Path("
     """Prepare, version and record the dataset that ``params.data`` describes."""
     root = Path(root).resolve()
     dvc.ensure_repo(root)
-    manifest, fingerprint = prepare_data(params.data, root)
-    version = version_data(params.data, root, fingerprint)
+    manifest, fingerprint, rebuilt = prepare_data(params.data, root)
+    version = version_data(params.data, root, fingerprint, rebuilt)
     run_id = record_data_run(params.data, root, version, manifest, experiment)
     return DataVersion(version, run_id, manifest)
