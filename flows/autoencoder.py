@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from safetensors.torch import save_file
@@ -59,9 +60,8 @@ def model_name(params: Params) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def train(params: Params, run_id: str, checkpoint_dir: Path) -> AutoencoderModule:
+def train(params: Params, val_images: torch.Tensor, run_id: str, checkpoint_dir: Path) -> AutoencoderModule:
     train_images, _ = load_split(Path(DATA_DIR), "train")
-    val_images, _ = load_split(Path(DATA_DIR), "val")
     return ae_training.train_autoencoder(
         params.ae,
         train_images,
@@ -74,8 +74,7 @@ def train(params: Params, run_id: str, checkpoint_dir: Path) -> AutoencoderModul
 
 
 @task(cache_policy=NO_CACHE)
-def evaluate(module: AutoencoderModule) -> dict[str, float]:
-    val_images, _ = load_split(Path(DATA_DIR), "val")
+def evaluate(module: AutoencoderModule, val_images: torch.Tensor) -> dict[str, float]:
     weights, extractor = random_extractor(STATE_DIR / "extractors")
     metrics = ae_training.evaluate_autoencoder(module, val_images, weights)
     mlflow.log_metrics(metrics, step=int(module.steps))
@@ -125,9 +124,10 @@ def autoencoder_flow(params: Params, experiment: str = "latentlab", parent_run_i
         parent_run_id=parent_run_id,
         resume_run_id=crashed.info.run_id if crashed else None,
     ) as run:
-        module = train(params, run.info.run_id, STATE_DIR / "checkpoints" / f"ae-{key}")
+        val_images, _ = load_split(Path(DATA_DIR), "val")  # read once: preview grids and evaluation
+        module = train(params, val_images, run.info.run_id, STATE_DIR / "checkpoints" / f"ae-{key}")
         mlflow.set_tag(TAG_PERCEPTUAL, module.perceptual.name)
-        evaluate(module)
+        evaluate(module, val_images)
         publish(module, params, run.info.run_id, data.version)
     return AutoencoderRun(run.info.run_id, ae.factor, ae.regularizer, data.version, reused=False)
 
