@@ -1,29 +1,73 @@
-"""Feature extractors for FID-type metrics, registered with torch-fidelity.
+"""Feature extractors for FID-type metrics, and the record of which one produced a number.
 
-``latentlab-cnn`` is a small convolutional network that works offline on any resolution. Until
-it is trained on a dataset's labels (the evaluation stage's domain extractor), its weights are a
-fixed random initialisation: random-feature FID tracks low-level statistics (colour, blur,
-texture) and is comparable only with itself. The name recorded with every metric says which
-weights produced it.
+Two extractors, both run through torch-fidelity:
+
+- ``inception-v3-compat``: torch-fidelity's port of the TF Inception-v3 that FID was defined
+  with. Numbers comparable with the literature, but its weights cannot be downloaded offline;
+  give a local file (argument or ``LATENTLAB_INCEPTION_WEIGHTS``).
+- ``latentlab-cnn``: a small convolutional network that works offline at any resolution. Trained
+  on a dataset's labels (``train_domain_extractor``) it gives a domain FID that responds to
+  disturbances the way Inception FID does. It is comparable only with itself, so every metric
+  records ``Extractor.tag``: the network and a hash of its weights.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import pickle
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
 import torch_fidelity
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+from torch.nn import functional as F
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+from components.errors import UserError
 
 EXTRACTOR = "latentlab-cnn"
+INCEPTION = "inception-v3-compat"
+INCEPTION_ENV = "LATENTLAB_INCEPTION_WEIGHTS"
+DOWNLOAD_TAG = f"{INCEPTION}:torch-fidelity-download"
 FEATURE_DIM = 128
 
 
+@dataclass(frozen=True)
+class Extractor:
+    """A torch-fidelity feature extractor and the weights it runs with.
+
+    ``tag`` goes into the MLflow tag ``latentlab.fid_extractor``; ``weights_path`` None means
+    torch-fidelity downloads its own weights (online only).
+    """
+
+    name: str
+    weights_path: str | None
+    tag: str
+    has_logits: bool
+
+    @property
+    def cache_key(self) -> str:
+        """Filesystem-safe name + weights hash, for reference-statistics cache names."""
+        return "".join(c if c.isalnum() or c in "-_." else "-" for c in self.tag)
+
+
+# --- latentlab-cnn -----------------------------------------------------------------------------
+
+
 class SmallCNN(nn.Module):
-    """Four strided conv blocks and global pooling: features for any input size >= 16 px."""
+    """Four strided conv blocks and global pooling: features for any input size >= 16 px.
+
+    ``head`` (a linear classifier on the pooled features) exists only in trained extractors.
+    """
 
     def __init__(self, classes: int = 0):
         super().__init__()
@@ -40,6 +84,11 @@ class SmallCNN(nn.Module):
         return self.body(x)
 
 
+def _to_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 -> the [-1, 1] floats the network sees (the same in training and extraction)."""
+    return images.float() / 127.5 - 1
+
+
 class CNNFeatureExtractor(FeatureExtractorBase):
     """torch-fidelity adapter: uint8 images in, ``pool`` features (and ``logits``) out."""
 
@@ -49,16 +98,18 @@ class CNNFeatureExtractor(FeatureExtractorBase):
             raise ValueError(f"{EXTRACTOR} needs feature_extractor_weights_path")
         state = load_file(feature_extractor_weights_path)
         classes = state["head.weight"].shape[0] if "head.weight" in state else 0
+        if "logits" in features_list and not classes:
+            raise ValueError(f"{EXTRACTOR} weights without a classifier head provide no logits")
         self.net = SmallCNN(classes)
         self.net.load_state_dict(state)
 
     @staticmethod
     def get_provided_features_list() -> tuple[str, ...]:
-        return ("pool",)
+        return ("pool", "logits")
 
     @staticmethod
     def get_default_feature_layer_for_metric(metric: str) -> str:
-        return "pool"
+        return "logits" if metric == "isc" else "pool"
 
     @staticmethod
     def can_be_compiled() -> bool:
@@ -69,24 +120,171 @@ class CNNFeatureExtractor(FeatureExtractorBase):
         return torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = x.float() / 127.5 - 1
-        return (self.net(x),)
+        pool = self.net(_to_input(x))
+        features = {"pool": pool}
+        if "logits" in self.features_list:
+            features["logits"] = self.net.head(pool)
+        return tuple(features[name] for name in self.features_list)
 
 
 torch_fidelity.register_feature_extractor(EXTRACTOR, CNNFeatureExtractor)
 
 
-def random_extractor(cache_dir: Path, seed: int = 0) -> tuple[Path, str]:
-    """The fixed random-init extractor's weights file and its recorded name (with a hash)."""
-    path = Path(cache_dir) / f"{EXTRACTOR}-random-seed{seed}.safetensors"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        save_file(SmallCNN().state_dict(), path)
-        torch.random.set_rng_state(generator_state)
-    return path, f"{EXTRACTOR}-random-seed{seed}:{weights_hash(path)}"
-
-
 def weights_hash(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+    """First 12 hex digits of the file's sha256: which weights, in a tag short enough to read."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def extractor_from_file(path: str | Path) -> Extractor:
+    """A ``latentlab-cnn`` weights file (safetensors) as an Extractor."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Feature extractor weights not found: {path}. Train the domain extractor again.")
+    has_logits = "head.weight" in load_file(path)
+    return Extractor(EXTRACTOR, str(path), f"{EXTRACTOR}:{weights_hash(path)}", has_logits)
+
+
+def train_domain_extractor(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    classes: int,
+    *,
+    seed: int = 0,
+    steps: int = 600,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    crop: int = 32,
+    log: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Train SmallCNN(classes) to classify ``images`` (uint8 [N, 3, H, W]); its state dict.
+
+    Why a classifier: features that separate the dataset's classes are what make FID see
+    content, not just colour statistics (Heusel et al. used an ImageNet classifier).
+
+    - Batches are class-balanced, so a majority class cannot pass for learning (chance = 1/classes).
+    - Training runs on ``crop``-px crops at the images' native pixel scale (random resized crop,
+      scale jittered +-20 %): a fully convolutional net with global pooling is then applied to
+      whole images at evaluation, and 600 steps stay under a minute on two CPU cores even
+      for 64-px data. Flips and mild colour jitter complete the augmentation.
+    - Augmentation parameters are drawn per group of 8 images (torchvision v2 transforms share
+      them across a batch tensor); per-image draws cost as much as the training step.
+    - Deterministic for a seed on CPU: all randomness comes from the seeded global generator, forked
+      so the caller's random state is left as it was.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected uint8 [N, 3, H, W] images, got {images.dtype} {tuple(images.shape)}")
+    size = min(crop, images.shape[-1], images.shape[-2])
+    area = (size / images.shape[-1]) * (size / images.shape[-2])
+    augment = v2.Compose(
+        [
+            v2.RandomHorizontalFlip(),
+            v2.RandomResizedCrop(size, scale=(area * 0.8, min(1.0, area * 1.2)), ratio=(0.9, 1.1), antialias=True),
+            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+        ]
+    )
+    counts = torch.bincount(labels, minlength=classes).clamp(min=1).float()
+    weights = (1.0 / counts)[labels]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = SmallCNN(classes)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
+        net.train()
+        window_loss, window_right, window_seen = 0.0, 0, 0
+        for step in tqdm(range(1, steps + 1), desc="domain extractor", unit="step", leave=False, disable=None):
+            index = torch.multinomial(weights, batch_size, replacement=True)
+            batch = torch.cat([augment(group) for group in images[index].split(8)])
+            target = labels[index]
+            logits = net.head(net(_to_input(batch)))
+            loss = F.cross_entropy(logits, target, label_smoothing=0.1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            window_loss += loss.item() * len(target)
+            window_right += int((logits.argmax(1) == target).sum())
+            window_seen += len(target)
+            if log is not None and (step % 25 == 0 or step == steps):
+                log(step, {"extractor_loss": window_loss / window_seen, "extractor_acc": window_right / window_seen})
+                window_loss, window_right, window_seen = 0.0, 0, 0
+    net.eval()
+    return {name: tensor.detach().clone().contiguous() for name, tensor in net.state_dict().items()}
+
+
+# --- inception-v3-compat -----------------------------------------------------------------------
+
+
+class _InceptionSkeleton(FeatureExtractorInceptionV3):
+    """torch-fidelity's Inception modules without its weight loading (for shapes and tests)."""
+
+    def load_state_dict(self, *_, **__):  # type: ignore[override]
+        return None
+
+
+def inception_skeleton(device: str = "cpu") -> nn.Module:
+    """torch-fidelity's own Inception-v3 network, randomly initialised, no download.
+
+    torch-fidelity's constructor insists on loading weights; it is handed an empty dict that
+    the skeleton ignores. ``device="meta"`` builds it instantly, for shapes only.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = Path(tmp) / "empty.pt"
+        torch.save({}, empty)
+        with torch.device(device):
+            return _InceptionSkeleton(INCEPTION, ["2048"], feature_extractor_weights_path=str(empty))
+
+
+@cache
+def _inception_shapes() -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in inception_skeleton("meta").state_dict().items()}
+
+
+def check_inception_weights(path: Path) -> None:
+    """Refuse anything but a plain state dict of Inception-shaped tensors.
+
+    torch-fidelity 0.4.0 loads a local weights file with ``torch.load(weights_only=False)``,
+    i.e. it would unpickle arbitrary objects. The file is loaded here first with
+    ``weights_only=True`` and its keys and shapes compared with torch-fidelity's network, so
+    what torch-fidelity later unpickles is known to be tensors only.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        raise UserError(
+            f"{path} is not a plain PyTorch state dict of tensors (it was not unpickled: {error}). "
+            f"Use torch-fidelity's weights-inception-2015-12-05-6726825d.pth."
+        ) from None
+    expected = _inception_shapes()
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a state dict of tensors; use torch-fidelity's Inception weights file.")
+    actual = {name: tuple(t.shape) for name, t in state.items()}
+    if actual != expected:
+        missing = sorted(set(expected) - set(actual))[:3]
+        wrong = sorted(k for k in set(expected) & set(actual) if expected[k] != actual[k])[:3]
+        unexpected = sorted(set(actual) - set(expected))[:3]
+        raise UserError(
+            f"{path} does not fit torch-fidelity's inception-v3-compat network (missing {missing}, "
+            f"wrong shape {wrong}, unexpected {unexpected}); use weights-inception-2015-12-05-6726825d.pth."
+        )
+
+
+def inception_extractor(weights: str | Path | None = None) -> Extractor:
+    """The standard FID network: from a local file (argument, else $LATENTLAB_INCEPTION_WEIGHTS).
+
+    Without either, torch-fidelity downloads its weights at first use; that works online only.
+    """
+    location = weights if weights is not None else os.environ.get(INCEPTION_ENV) or None
+    if location is None:
+        return Extractor(INCEPTION, None, DOWNLOAD_TAG, has_logits=True)
+    path = Path(location).expanduser()
+    if not path.is_file():
+        raise UserError(
+            f"Inception weights not found: {path}. Point the path (or ${INCEPTION_ENV}) at a local copy of "
+            "torch-fidelity's weights-inception-2015-12-05-6726825d.pth, or use the offline domain extractor."
+        )
+    check_inception_weights(path)
+    return Extractor(INCEPTION, str(path), f"{INCEPTION}:{weights_hash(path)}", has_logits=True)

@@ -1,15 +1,26 @@
-"""Image-quality metrics: PSNR/SSIM (torchmetrics), FID/KID (torch-fidelity), codebook use."""
+"""Image-quality metrics: PSNR/SSIM (torchmetrics), FID/KID/precision/recall/IS (torch-fidelity).
+
+torch-fidelity computes the sample metrics so the numbers are the library's, not a rewrite;
+``components.features`` says which network the features come from.
+"""
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch_fidelity
 from torch.utils.data import Dataset
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from components.features import EXTRACTOR
+from components.errors import UserError
+from components.features import INCEPTION, Extractor, check_inception_weights
+
+MIN_SAMPLES = 2  # FID needs a covariance, KID a pair per subset, precision/recall one neighbour
+PRC_NEIGHBORHOOD = 3  # k of Kynkäänniemi et al. 2019; smaller only when a set has <= 3 images
 
 
 class _Images(Dataset):
@@ -30,28 +41,101 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def fid_kid(real: torch.Tensor, fake: torch.Tensor, weights: Path, extractor: str = EXTRACTOR) -> dict[str, float]:
-    """FID and KID between two uint8 image sets, on the given extractor's features."""
-    subset = min(1000, len(real), len(fake))
-    result = torch_fidelity.calculate_metrics(
-        input1=_Images(fake),
-        input2=_Images(real),
-        fid=True,
-        kid=True,
-        kid_subset_size=subset,
-        feature_extractor=extractor,
-        feature_extractor_weights_path=str(weights),
-        cuda=torch.cuda.is_available(),
-        cache=False,
-        save_cpu_ram=True,  # no loader worker processes for in-memory tensors
-        verbose=False,
-        batch_size=64,
-    )
-    return {
+def reference_name(data_version: str, split: str, extractor: Extractor) -> str:
+    """Cache name of a reference set's features: torch-fidelity keys its cache by this name only."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", f"{data_version}-{split}-{extractor.cache_key}")
+
+
+def sample_metrics(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    extractor: Extractor,
+    *,
+    reference: str | None = None,
+    cache_dir: Path | None = None,
+    prc: bool = True,
+    isc: bool = False,
+) -> dict[str, float]:
+    """FID, KID (and precision/recall, Inception Score) of ``fake`` against ``real``.
+
+    Both are uint8 [N, 3, H, W] with N >= 2. KID uses subsets of min(1000, N_real, N_fake);
+    precision/recall use k = 3 neighbours, fewer only when a set has fewer than 4 images.
+    With ``reference`` and ``cache_dir`` the real set's features are cached under that name
+    (make it say which data, split and extractor: ``reference_name``) and a later call with the
+    same name reuses them without looking at ``real``; the fake set is never cached.
+    ``isc`` is computed on the fake set, and only with an extractor that has logits.
+    """
+    for what, images in (("real", real), ("fake", fake)):
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"{what} images must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        if len(images) < MIN_SAMPLES:
+            raise UserError(f"FID-type metrics need at least {MIN_SAMPLES} {what} images, got {len(images)}.")
+    if (reference is None) != (cache_dir is None):
+        raise ValueError("caching the reference features needs both reference and cache_dir")
+    isc = isc and extractor.has_logits
+    cached = reference is not None
+    if cached:
+        _check_cache(Path(cache_dir), f"{reference}-{extractor.name}-")
+    if extractor.name == INCEPTION and extractor.weights_path is not None:
+        check_inception_weights(Path(extractor.weights_path))  # again: the file may have changed since
+    try:
+        result = torch_fidelity.calculate_metrics(
+            input1=_Images(fake),
+            input2=_Images(real),
+            fid=True,
+            kid=True,
+            prc=prc,
+            isc=isc,
+            kid_subset_size=min(1000, len(real), len(fake)),
+            prc_neighborhood=min(PRC_NEIGHBORHOOD, len(real) - 1, len(fake) - 1),
+            isc_splits=min(10, len(fake)),
+            feature_extractor=extractor.name,
+            feature_extractor_weights_path=extractor.weights_path,
+            cuda=torch.cuda.is_available(),
+            cache=cached,
+            cache_root=str(cache_dir) if cached else None,
+            input2_cache_name=reference if cached else None,
+            save_cpu_ram=True,  # no loader worker processes for in-memory tensors
+            verbose=False,
+            batch_size=64,
+        )
+    except OSError as error:  # urllib's errors included
+        if extractor.name != INCEPTION or extractor.weights_path is not None:
+            raise
+        raise UserError(
+            f"Could not get torch-fidelity's {extractor.name} weights ({error}); downloading needs internet. "
+            "Pass a local weights file (evaluation parameter or $LATENTLAB_INCEPTION_WEIGHTS), "
+            "or use the offline domain extractor."
+        ) from None
+    out = {
         "fid": float(result["frechet_inception_distance"]),
         "kid_mean": float(result["kernel_inception_distance_mean"]),
         "kid_std": float(result["kernel_inception_distance_std"]),
     }
+    if prc:
+        out |= {"precision": float(result["precision"]), "recall": float(result["recall"])}
+    if isc:
+        out |= {"isc_mean": float(result["inception_score_mean"]), "isc_std": float(result["inception_score_std"])}
+    return out
+
+
+def _check_cache(cache_dir: Path, prefix: str) -> None:
+    """Refuse cache files that are more than tensors and arrays before torch-fidelity reads them.
+
+    torch-fidelity 0.4.0 loads its cache with ``torch.load(weights_only=False)``; a file planted
+    in the cache directory would otherwise run code.
+    """
+    reconstruct = np.zeros(0).__reduce__()[0]  # numpy's array unpickler, wherever this numpy keeps it
+    arrays = [np.ndarray, np.dtype, reconstruct, *(type(np.dtype(t)) for t in ("float32", "float64"))]
+    for path in sorted(cache_dir.glob(f"{prefix}*.pt")):
+        try:
+            with torch.serialization.safe_globals(arrays):
+                torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+            raise UserError(
+                f"Refusing to load the metrics cache file {path}: it holds more than tensors ({error}). "
+                "Delete it; it is recomputed."
+            ) from None
 
 
 def psnr_ssim(original: torch.Tensor, reconstruction: torch.Tensor) -> dict[str, float]:
