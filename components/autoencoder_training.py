@@ -11,11 +11,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from components.autoencoders import FirstStage, build_first_stage
+from components.evaluation import Reference
 from components.grids import labeled_grid
 from components.losses import AutoencoderLoss, PerceptualLoss
-from components.metrics import codebook_usage, fid_kid, psnr_ssim, to_uint8
+from components.metrics import codebook_usage, psnr_ssim, to_uint8
 from components.params import AEParams
-from components.training import MLflowReporter, fit, make_trainer
+from components.training import MLflowReporter, add_budget_buffers, fit, make_trainer
 
 
 def first_stage_from_params(ae: AEParams, resolution: int) -> FirstStage:
@@ -51,7 +52,7 @@ class AutoencoderModule(L.LightningModule):
             disc_weight=self.params_.disc_weight,
             disc_layers=2 if resolution <= 32 else 3,
         )
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        add_budget_buffers(self)
         self.logged: dict[str, torch.Tensor] = {}
 
     def configure_optimizers(self):
@@ -118,11 +119,13 @@ def train_autoencoder(
     return module
 
 
-def evaluate_autoencoder(module: AutoencoderModule, val_images: torch.Tensor, extractor: Path) -> dict[str, float]:
-    """PSNR, SSIM, rFID/rKID (reconstructions vs originals), LPIPS and codebook use when they apply."""
+def evaluate_autoencoder(module: AutoencoderModule, reference: Reference) -> dict[str, float]:
+    """PSNR, SSIM, rFID/rKID (reconstructions of the reference images against them), LPIPS and
+    codebook use when they apply."""
+    val_images = reference.images
     recon = module.reconstruct_uint8(val_images)
     metrics = psnr_ssim(val_images, recon)
-    fidelity = fid_kid(val_images, recon, extractor)
+    fidelity = reference.score(recon, prc=False)
     metrics |= {"rfid": fidelity["fid"], "rkid_mean": fidelity["kid_mean"]}
     if module.perceptual.lpips is not None:
         with torch.no_grad():

@@ -18,6 +18,7 @@ from rich.progress import track
 
 from components.conditioning import Conditioner
 from components.params import LDMParams
+from components.training import add_budget_buffers
 
 
 def build_unet(ldm: LDMParams, channels: int, size: int, context_dim: int) -> UNet2DConditionModel:
@@ -62,7 +63,7 @@ class LatentDiffusionModule(L.LightningModule):
         self.unet = build_unet(self.params_, channels, size, conditioner.dim)
         self.scheduler = noise_scheduler(self.params_)
         self.ema = EMAModel(self.unet.parameters(), decay=self.params_.ema_decay, use_ema_warmup=True)
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        add_budget_buffers(self)
         self.logged: dict[str, torch.Tensor] = {}
 
     def configure_optimizers(self):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytorch_lightning as L
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -17,7 +18,7 @@ from components.diffusion import LatentDiffusionModule
 from components.grids import labeled_grid
 from components.metrics import to_uint8
 from components.params import LDMParams
-from components.training import MLflowReporter, fit, make_trainer
+from components.training import MLflowReporter, PeriodicEvaluation, fit, make_trainer
 
 
 @torch.no_grad()
@@ -61,23 +62,42 @@ def train_ldm(
     run_id: str,
     checkpoint_dir: Path,
     seed: int,
-    grid,
+    grid: Callable[[], Image.Image],
+    evaluate: Callable[[], dict[str, float]] | None = None,
 ) -> LatentDiffusionModule:
+    """Train (or resume) on cached latents; ``evaluate`` (FID) every ``ldm.fid_every`` steps."""
     L.seed_everything(seed, verbose=False)
     loader = DataLoader(TensorDataset(latents, cond), batch_size=ldm.batch_size, shuffle=True, drop_last=True)
-    reporter = MLflowReporter(run_id, ldm, grid, "samples")
-    trainer = make_trainer(ldm, checkpoint_dir, [reporter])
+    callbacks: list[L.Callback] = [MLflowReporter(run_id, ldm, grid, "samples")]
+    if evaluate is not None:
+        callbacks.append(PeriodicEvaluation(run_id, ldm.fid_every, evaluate))
+    trainer = make_trainer(ldm, checkpoint_dir, callbacks)
     fit(trainer, module, loader, checkpoint_dir)
     return module
 
 
 def save_ema_weights(module: LatentDiffusionModule, path: Path) -> None:
+    """The model as sampled: EMA UNet and the conditioning table (``unet.*``, ``conditioner.*``)."""
     module.ema.store(module.unet.parameters())
     module.ema.copy_to(module.unet.parameters())
     try:
-        save_file({k: v.contiguous() for k, v in module.unet.state_dict().items()}, path)
+        state = {
+            k: v.contiguous() for k, v in module.state_dict().items() if k.split(".")[0] in ("unet", "conditioner")
+        }
+        save_file(state, path)
     finally:
         module.ema.restore(module.unet.parameters())
+
+
+def load_ema_weights(module: LatentDiffusionModule, path: Path) -> LatentDiffusionModule:
+    """Inverse of ``save_ema_weights`` (safetensors: no code runs on load)."""
+    result = module.load_state_dict(load_file(path), strict=False)
+    missing = [k for k in result.missing_keys if k.split(".")[0] in ("unet", "conditioner")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{path} does not match this model: missing {missing}, unexpected {result.unexpected_keys}")
+    # The loaded weights are the EMA weights: restart the average from them.
+    module.ema = type(module.ema)(module.unet.parameters(), decay=module.params_.ema_decay)
+    return module.eval()
 
 
 def export_pipeline(

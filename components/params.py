@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from components.errors import UserError
 
 FACTORS = (1, 2, 4, 8, 16, 32)
+UNLIMITED_STEPS = 10**9  # a time budget's step cap
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -116,6 +117,52 @@ class LDMParams(TrainingBudget):
     eta: float = Field(0.0, ge=0)
     guidance_scale: float = Field(2.0, ge=1.0)
     samples_per_class: int = Field(4, ge=1, description="per row of the sample grid")
+    fid_every: int = Field(500, ge=1, description="steps between FID evaluations during training (and at the end)")
+    fid_samples: int = Field(64, ge=8, description="samples per FID evaluation during training")
+    fid_sample_steps: int = Field(10, ge=1, description="DDIM steps of those samples")
+
+
+class EvalParams(Section):
+    """Sample quality of a finished LDM run: FID, KID, precision/recall against real images."""
+
+    extractor: Literal["auto", "domain", "inception"] = Field(
+        "auto", description="auto: Inception when weights are given, else the trained domain CNN"
+    )
+    inception_weights: str | None = Field(None, description="local inception-v3-compat weights (or env var)")
+    reference_split: Literal["train", "val"] = Field("train", description="the paper compares with training images")
+    samples: int = Field(1000, ge=8, description="samples for the headline metrics")
+    sample_steps: int = Field(50, ge=1, description="DDIM steps for the headline metrics")
+    eta: float = Field(0.0, ge=0)
+    guidance_scale: float = Field(1.0, ge=1.0, description="1: no guidance, as the paper's factor ablation")
+    batch_size: int = Field(64, ge=1)
+    ddim_steps: list[int] = Field([10, 20, 50, 100, 200], description="FID vs throughput curve (Figure 7)")
+    curve_samples: int = Field(250, ge=8, description="samples per point of that curve")
+    extractor_steps: int = Field(600, ge=1, description="training steps of the domain extractor")
+
+
+class SweepParams(Section):
+    """Which factors, and how the comparison is made fair."""
+
+    factors: list[int] = Field(list(FACTORS), description="downsampling factors to compare")
+    budget: Literal["steps", "time"] = Field(
+        "time", description="steps: every f trains ae/ldm.max_steps; time: every f trains ae/ldm.max_minutes"
+    )
+    workers: int = Field(1, ge=1, description="factors trained at once (threads; 1 on a small CPU)")
+
+    @field_validator("factors")
+    @classmethod
+    def _factors(cls, v: list[int]) -> list[int]:
+        bad = [f for f in v if f not in FACTORS]
+        if bad or not v:
+            raise ValueError(f"each factor must be one of {', '.join(map(str, FACTORS))} (got {v})")
+        return sorted(set(v))
+
+
+class ReproduceParams(Section):
+    tolerance: float = Field(0.1, ge=0, description="relative difference accepted per metric")
+    metrics: list[str] = Field(
+        ["psnr", "ssim", "rfid", "fid", "kid_mean", "train_loss"], description="metrics compared, where present"
+    )
 
 
 class Params(Section):
@@ -123,15 +170,46 @@ class Params(Section):
     data: DataParams = DataParams()
     ae: AEParams = AEParams()
     ldm: LDMParams = LDMParams()
+    eval: EvalParams = EvalParams()
+    sweep: SweepParams = SweepParams()
+    reproduce: ReproduceParams = ReproduceParams()
 
     @model_validator(mode="after")
     def _factor_fits_image(self) -> Params:
+        # (sweep.factors are checked by for_factor, when a sweep starts)
         if self.ae.factor > self.data.resolution:
             raise ValueError(
                 f"ae.factor={self.ae.factor} is larger than data.resolution="
                 f"{self.data.resolution}: pick a factor of at most the image size"
             )
         return self
+
+    def for_factor(self, factor: int) -> Params:
+        """These parameters with ``ae.factor`` set, and the sweep's budget applied: equal steps
+        (no wall-time cap) or equal wall time (no step cap)."""
+        tree = self.model_dump()
+        tree["ae"]["factor"] = factor
+        for stage in ("ae", "ldm"):
+            if self.sweep.budget == "steps":
+                tree[stage]["max_minutes"] = None
+            else:
+                tree[stage]["max_steps"] = UNLIMITED_STEPS
+        try:
+            return Params.model_validate(tree)
+        except ValidationError as exc:
+            raise UserError(f"For f={factor} in sweep.factors: {_describe(exc, None)}") from None
+
+    def check_sweep_budget(self) -> None:
+        if self.sweep.budget == "time" and not (self.ae.max_minutes and self.ldm.max_minutes):
+            raise UserError(
+                "sweep.budget=time needs ae.max_minutes and ldm.max_minutes: set them, "
+                "or use --set sweep.budget=steps for equal training steps."
+            )
+
+    def budget_description(self) -> str:
+        if self.sweep.budget == "steps":
+            return f"equal steps: ae {self.ae.max_steps}, ldm {self.ldm.max_steps} per factor"
+        return f"equal wall time: ae {self.ae.max_minutes} min, ldm {self.ldm.max_minutes} min per factor"
 
     def flat(self, *sections: str) -> dict[str, Any]:
         """Dotted-name view (``ae.factor``) as logged to MLflow, of some sections or all."""
@@ -148,6 +226,27 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def params_from_run(logged: dict[str, str], keep: Params, sections: tuple[str, ...]) -> Params:
+    """The parameters a run was trained with (MLflow's flattened strings), with ``sections``
+    taken from ``keep`` instead (e.g. how to evaluate it)."""
+    tree: dict[str, Any] = {}
+    for key, raw in logged.items():
+        value = None if raw == "None" else yaml.safe_load(raw)
+        *parents, leaf = key.split(".")
+        if parents and parents[0] in sections:
+            continue
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = raw if isinstance(value, (dict, type(None))) and raw != "None" else value
+    for section in sections:
+        tree[section] = getattr(keep, section).model_dump()
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as exc:
+        raise UserError(f"The run's recorded parameters no longer validate: {_describe(exc, None)}") from None
 
 
 def apply_override(tree: dict[str, Any], assignment: str) -> None:

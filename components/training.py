@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 
 import mlflow
 import pytorch_lightning as L
+import torch
 from PIL import Image
 
 from components.params import TrainingBudget
@@ -21,19 +21,34 @@ from components.params import TrainingBudget
 LAST = "last.ckpt"
 
 
-class StepCounter(L.Callback):
-    """Stops after ``max_steps`` batches, counted by the module's own ``steps`` buffer.
+class Budget(L.Callback):
+    """Stops at ``max_steps`` batches or ``max_minutes`` of training, whichever comes first.
 
-    (Lightning's ``global_step`` counts optimizer steps, two per batch for a GAN.)
+    Both are counted in the module's own buffers (``steps``, ``train_seconds``), so they are
+    checkpointed and a resumed run continues the same budget. Only the batches are timed:
+    sample grids, FID evaluations and checkpoints (other callbacks, after this one) are not, so
+    an equal-time comparison is not skewed by how expensive a factor's evaluation is.
+    (Lightning's ``global_step`` would count two optimizer steps per GAN batch.)
     """
 
-    def __init__(self, max_steps: int):
-        self.max_steps = max_steps
+    def __init__(self, max_steps: int, max_minutes: float | None):
+        self.max_steps, self.max_seconds = max_steps, (max_minutes or float("inf")) * 60
+        self._started = 0.0
+
+    def on_train_batch_start(self, *_) -> None:
+        self._started = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_) -> None:
         module.steps += 1
-        if int(module.steps) >= self.max_steps:
+        module.train_seconds += time.perf_counter() - self._started
+        if int(module.steps) >= self.max_steps or float(module.train_seconds) >= self.max_seconds:
             trainer.should_stop = True
+
+
+def add_budget_buffers(module: L.LightningModule) -> None:
+    """The counters ``Budget`` keeps in a module (and so in its checkpoints)."""
+    module.register_buffer("steps", torch.zeros((), dtype=torch.long))
+    module.register_buffer("train_seconds", torch.zeros((), dtype=torch.float64))
 
 
 class PeriodicCheckpoint(L.Callback):
@@ -82,18 +97,55 @@ class MLflowReporter(L.Callback):
         if step % self.budget.image_every == 0:
             self.client.log_image(self.run_id, self.grid(), key=self.grid_name, step=step)
 
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """What the sweep compares budgets by: steps, images and training seconds."""
+        step = int(module.steps)
+        now = int(time.time() * 1000)
+        totals = {
+            "steps": step,
+            "images_seen": step * self.budget.batch_size,
+            "wall_time_s": float(module.train_seconds),
+        }
+        self.client.log_batch(self.run_id, metrics=[mlflow.entities.Metric(k, v, now, step) for k, v in totals.items()])
+
+
+class PeriodicEvaluation(L.Callback):
+    """Logs ``evaluate()``'s metrics every ``every`` steps and at the end, at the training step
+    (FID during training: the paper's Figure 6). Not timed by ``Budget``."""
+
+    def __init__(self, run_id: str, every: int, evaluate: Callable[[], dict[str, float]]):
+        self.run_id, self.every, self.evaluate = run_id, every, evaluate
+        self.client = mlflow.MlflowClient()
+        self._last = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_) -> None:
+        if int(module.steps) % self.every == 0:
+            self.record(int(module.steps))
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if int(module.steps) != self._last:
+            self.record(int(module.steps))
+
+    def record(self, step: int) -> None:
+        started = time.perf_counter()
+        values = self.evaluate() | {"fid_eval_s": 0.0}
+        values["fid_eval_s"] = time.perf_counter() - started
+        now = int(time.time() * 1000)
+        metrics = [mlflow.entities.Metric(k, v, now, step) for k, v in values.items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
+        self._last = step
+
 
 def make_trainer(budget: TrainingBudget, checkpoint_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
     Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
     return L.Trainer(
         max_epochs=-1,
         max_steps=-1,
-        max_time=timedelta(minutes=budget.max_minutes) if budget.max_minutes else None,
         accelerator=budget.accelerator,
         devices=1,
         precision=budget.precision,
         callbacks=[
-            StepCounter(budget.max_steps),
+            Budget(budget.max_steps, budget.max_minutes),
             PeriodicCheckpoint(checkpoint_dir, budget.checkpoint_every),
             *callbacks,
         ],

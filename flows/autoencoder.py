@@ -22,14 +22,14 @@ from safetensors.torch import save_file
 import components.autoencoder_training as ae_training
 from components.autoencoder_training import AutoencoderModule
 from components.dataset import load_split
-from components.features import random_extractor
+from components.evaluation import Reference
 from components.params import Params
 from components.tracking import TAG_DATA_VERSION, latest_run, register_once, stage_run, use_experiment
-from flows.data import DATA_DIR, data_flow
+from flows.data import DATA_DIR, DataVersion, data_flow
+from flows.extractor import TAG_FID_EXTRACTOR, choose_extractor
 
 TAG_AE_KEY = "latentlab.ae_key"
 TAG_PERCEPTUAL = "latentlab.perceptual"
-TAG_FID_EXTRACTOR = "latentlab.fid_extractor"
 STATE_DIR = Path(".latentlab")
 PREVIEW_IMAGES = 8
 # Settings that change how training reports, not what it learns.
@@ -74,12 +74,12 @@ def train(params: Params, val_images: torch.Tensor, run_id: str, checkpoint_dir:
 
 
 @task(cache_policy=NO_CACHE)
-def evaluate(module: AutoencoderModule, val_images: torch.Tensor) -> dict[str, float]:
-    weights, extractor = random_extractor(STATE_DIR / "extractors")
-    metrics = ae_training.evaluate_autoencoder(module, val_images, weights)
+def evaluate(module: AutoencoderModule, val: Reference) -> dict[str, float]:
+    """PSNR/SSIM and rFID of the val split's reconstructions (the paper's Table 8)."""
+    metrics = ae_training.evaluate_autoencoder(module, val)
     mlflow.log_metrics(metrics, step=int(module.steps))
-    mlflow.set_tag(TAG_FID_EXTRACTOR, extractor)
-    mlflow.log_image(ae_training.reconstruction_grid(module, val_images[:16]), "reconstructions_final.png")
+    mlflow.set_tag(TAG_FID_EXTRACTOR, val.extractor.tag)
+    mlflow.log_image(ae_training.reconstruction_grid(module, val.images[:16]), "reconstructions_final.png")
     get_run_logger().info("Autoencoder f=%d: %s", module.stage.factor, _fmt(metrics))
     return metrics
 
@@ -98,22 +98,31 @@ def publish(module: AutoencoderModule, params: Params, run_id: str, data_version
 
 
 @flow(name="train-ae")
-def autoencoder_flow(params: Params, experiment: str = "latentlab", parent_run_id: str | None = None) -> AutoencoderRun:
-    """The first stage for ``params.ae.factor``: reused if trained, resumed if interrupted."""
+def autoencoder_flow(
+    params: Params,
+    experiment: str = "latentlab",
+    parent_run_id: str | None = None,
+    data: DataVersion | None = None,
+    fresh: bool = False,
+) -> AutoencoderRun:
+    """The first stage for ``params.ae.factor``: reused if trained, resumed if interrupted.
+    ``data``: the data version already prepared by a calling flow (else prepared here);
+    ``fresh``: train anew even when a matching run exists (``reproduce``)."""
     logger = get_run_logger()
-    data = data_flow(params, experiment)
+    data = data or data_flow(params, experiment)
     ae = params.ae
     if ae.factor == 1:
         logger.info("f=1 is pixel space: no first stage to train")
         return AutoencoderRun("", 1, ae.regularizer, data.version, reused=True)
     key = autoencoder_key(params, data.version)
     experiment_id = use_experiment(experiment)
-    if done := latest_run(experiment_id, "autoencoder", **{TAG_AE_KEY: key}):
+    if not fresh and (done := latest_run(experiment_id, "autoencoder", **{TAG_AE_KEY: key})):
         logger.info("Reusing finished autoencoder run %s (%s)", done.info.run_id, model_name(params))
         return AutoencoderRun(done.info.run_id, ae.factor, ae.regularizer, data.version, reused=True)
-    crashed = latest_run(experiment_id, "autoencoder", finished=False, **{TAG_AE_KEY: key})
+    crashed = None if fresh else latest_run(experiment_id, "autoencoder", finished=False, **{TAG_AE_KEY: key})
     if crashed:
         logger.info("Resuming interrupted autoencoder run %s", crashed.info.run_id)
+    val = validation_reference(params, data.version, experiment)  # (may train the extractor: its own run)
     with stage_run(
         "autoencoder",
         data_version=data.version,
@@ -124,12 +133,25 @@ def autoencoder_flow(params: Params, experiment: str = "latentlab", parent_run_i
         parent_run_id=parent_run_id,
         resume_run_id=crashed.info.run_id if crashed else None,
     ) as run:
-        val_images, _ = load_split(Path(DATA_DIR), "val")  # read once: preview grids and evaluation
-        module = train(params, val_images, run.info.run_id, STATE_DIR / "checkpoints" / f"ae-{key}")
+        module = train(params, val.images, run.info.run_id, STATE_DIR / "checkpoints" / f"ae-{key}")
         mlflow.set_tag(TAG_PERCEPTUAL, module.perceptual.name)
-        evaluate(module, val_images)
+        evaluate(module, val)
         publish(module, params, run.info.run_id, data.version)
     return AutoencoderRun(run.info.run_id, ae.factor, ae.regularizer, data.version, reused=False)
+
+
+def validation_reference(params: Params, data_version: str, experiment: str) -> Reference:
+    """The val split as the reference for rFID (reconstructions against their originals)."""
+    images, _ = load_split(Path(DATA_DIR), "val")
+    extractor = choose_extractor(params, data_version, experiment)
+    return Reference.of(
+        images,
+        torch.zeros(len(images), dtype=torch.long),
+        extractor,
+        data_version=data_version,
+        split="val",
+        cache_dir=STATE_DIR / "fidelity-cache",
+    )
 
 
 def _fmt(metrics: dict[str, float]) -> str:

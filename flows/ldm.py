@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,14 +23,20 @@ from components.autoencoders import FirstStage, build_first_stage, load_first_st
 from components.conditioning import Conditioner, TextEncoder
 from components.dataset import load_split, read_manifest
 from components.diffusion import LatentDiffusionModule
+from components.evaluation import Reference, generate
 from components.latents import cached_latents
 from components.params import Params
 from components.tracking import latest_run, stage_run, use_experiment
 from flows.autoencoder import REPORTING_ONLY, STATE_DIR, AutoencoderRun, autoencoder_flow
-from flows.data import DATA_DIR
+from flows.data import DATA_DIR, DataVersion
+from flows.extractor import TAG_FID_EXTRACTOR, reference
 
 TAG_AE_RUN = "latentlab.ae_run_id"
 TAG_LDM_KEY = "latentlab.ldm_key"
+TAG_LATENT_SHAPE = "latentlab.latent_shape"
+EMA_WEIGHTS = "ldm_ema.safetensors"
+# Settings that change how training reports, not what it learns.
+LDM_REPORTING_ONLY = REPORTING_ONLY | {"fid_every", "fid_samples", "fid_sample_steps", "samples_per_class"}
 TRAINING_CODE = ("diffusion.py", "conditioning.py", "ldm_training.py", "latents.py", "training.py")
 GRID_ROWS = 12
 
@@ -57,7 +64,7 @@ class LatentData:
 def ldm_key(params: Params, ae: AutoencoderRun) -> str:
     code_dir = Path(ldm_training.__file__).parent
     code = hashlib.sha256(b"".join((code_dir / name).read_bytes() for name in TRAINING_CODE)).hexdigest()
-    shaping = params.ldm.model_dump(mode="json", exclude=REPORTING_ONLY)
+    shaping = params.ldm.model_dump(mode="json", exclude=LDM_REPORTING_ONLY)
     identity = ae.run_id or f"pixels-{ae.data_version}-{params.data.resolution}"
     blob = json.dumps([identity, params.seed, shaping, code], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -100,12 +107,43 @@ def prepare_latents(params: Params, ae: AutoencoderRun) -> LatentData:
     return LatentData(stage, scale, latents, cond, conditioner, grid_rows[:GRID_ROWS], classes)
 
 
-@task(cache_policy=NO_CACHE)
-def train(params: Params, data: LatentData, run_id: str, checkpoint_dir: Path) -> LatentDiffusionModule:
+def build_module(params: Params, data: LatentData) -> LatentDiffusionModule:
     z = data.latents["train"]
-    module = LatentDiffusionModule(
+    return LatentDiffusionModule(
         params.ldm.model_dump(mode="json"), z.shape[1], z.shape[-1], len(data.classes), data.conditioner
     )
+
+
+def fid_during_training(
+    module: LatentDiffusionModule, data: LatentData, params: Params, reference: Reference
+) -> Callable[[], dict[str, float]]:
+    """FID/KID of ``ldm.fid_samples`` fresh samples against the reference (Figure 6's axis)."""
+    ldm = params.ldm
+
+    def evaluate() -> dict[str, float]:
+        cond = reference.conditions(ldm.fid_samples, seed=params.seed)
+        samples = generate(
+            module,
+            data.stage,
+            data.scale,
+            cond,
+            steps=ldm.fid_sample_steps,
+            guidance_scale=params.eval.guidance_scale,
+            batch_size=params.eval.batch_size,
+            seed=params.seed,
+        )
+        metrics = reference.score(samples.images, prc=False)
+        return {"fid": metrics["fid"], "kid_mean": metrics["kid_mean"]}
+
+    return evaluate
+
+
+@task(cache_policy=NO_CACHE)
+def train(
+    params: Params, data: LatentData, run_id: str, checkpoint_dir: Path, reference: Reference
+) -> LatentDiffusionModule:
+    z = data.latents["train"]
+    module = build_module(params, data)
     flops = ldm_training.flops_per_step(module, z[: params.ldm.batch_size], data.cond["train"][: params.ldm.batch_size])
     mlflow.log_metric("flops_per_step", flops)
     mlflow.log_metric("unet_params", sum(p.numel() for p in module.unet.parameters()))
@@ -122,6 +160,7 @@ def train(params: Params, data: LatentData, run_id: str, checkpoint_dir: Path) -
         checkpoint_dir=checkpoint_dir,
         seed=params.seed,
         grid=grid,
+        evaluate=fid_during_training(module, data, params, reference),
     )
 
 
@@ -132,8 +171,8 @@ def publish(module: LatentDiffusionModule, data: LatentData, params: Params) -> 
     mlflow.log_image(grid, "samples_final.png")
     mlflow.log_metric("latent_scale_factor", data.scale)
     with tempfile.TemporaryDirectory() as tmp:
-        ldm_training.save_ema_weights(module, Path(tmp) / "unet_ema.safetensors")
-        mlflow.log_artifact(str(Path(tmp) / "unet_ema.safetensors"), "weights")
+        ldm_training.save_ema_weights(module, Path(tmp) / EMA_WEIGHTS)
+        mlflow.log_artifact(str(Path(tmp) / EMA_WEIGHTS), "weights")
         pipeline = ldm_training.export_pipeline(module, data.stage, data.scale, data.classes, Path(tmp) / "pipeline")
         if pipeline is None:
             get_run_logger().info("f=1: pixel-space model, no diffusers pipeline to export")
@@ -142,27 +181,40 @@ def publish(module: LatentDiffusionModule, data: LatentData, params: Params) -> 
 
 
 @flow(name="train-ldm")
-def ldm_flow(params: Params, experiment: str = "latentlab", parent_run_id: str | None = None) -> LDMRun:
-    """The denoiser for ``params.ae.factor``, on the reused (or newly trained) first stage."""
+def ldm_flow(
+    params: Params,
+    experiment: str = "latentlab",
+    parent_run_id: str | None = None,
+    data: DataVersion | None = None,
+    fresh: bool = False,
+) -> LDMRun:
+    """The denoiser for ``params.ae.factor``, on the reused (or newly trained) first stage.
+    ``fresh``: train anew even when a matching run exists (``reproduce``)."""
     logger = get_run_logger()
-    ae = autoencoder_flow(params, experiment, parent_run_id)
+    ae = autoencoder_flow(params, experiment, parent_run_id, data)
     key = ldm_key(params, ae)
     experiment_id = use_experiment(experiment)
-    if done := latest_run(experiment_id, "ldm", **{TAG_LDM_KEY: key}):
+    if not fresh and (done := latest_run(experiment_id, "ldm", **{TAG_LDM_KEY: key})):
         logger.info("Reusing finished LDM run %s", done.info.run_id)
         return LDMRun(done.info.run_id, ae.factor, ae.run_id, ae.data_version, reused=True)
-    crashed = latest_run(experiment_id, "ldm", finished=False, **{TAG_LDM_KEY: key})
+    crashed = None if fresh else latest_run(experiment_id, "ldm", finished=False, **{TAG_LDM_KEY: key})
     data = prepare_latents(params, ae)
+    real = reference(params, ae.data_version, experiment, data.cond)
     with stage_run(
         "ldm",
         data_version=ae.data_version,
         params=params.flat("seed", "data", "ae", "ldm"),
         run_name=f"ldm-f{ae.factor}",
         factor=ae.factor,
-        tags={TAG_LDM_KEY: key, TAG_AE_RUN: ae.run_id or "none (pixel space)"},
+        tags={
+            TAG_LDM_KEY: key,
+            TAG_AE_RUN: ae.run_id or "none (pixel space)",
+            TAG_LATENT_SHAPE: "x".join(map(str, data.latents["train"].shape[1:])),
+            TAG_FID_EXTRACTOR: real.extractor.tag,
+        },
         parent_run_id=parent_run_id,
         resume_run_id=crashed.info.run_id if crashed else None,
     ) as run:
-        module = train(params, data, run.info.run_id, STATE_DIR / "checkpoints" / f"ldm-{key}")
+        module = train(params, data, run.info.run_id, STATE_DIR / "checkpoints" / f"ldm-{key}", real)
         publish(module, data, params)
     return LDMRun(run.info.run_id, ae.factor, ae.run_id, ae.data_version, reused=False)
