@@ -76,3 +76,27 @@ def is_up_to_date(root: Path, dvc_file: str = "data.dvc") -> bool:
         return json.loads(dvc(root, "status", "--json", dvc_file) or "{}") == {}
     except (UserError, json.JSONDecodeError):
         return False
+
+
+def restore(data_version: str, workspace: Path, *, cache_dir: Path, remote: str, endpoint: str | None = None) -> Path:
+    """Check out data version ``data_version`` into ``workspace/data`` (a separate DVC project that
+    shares ``cache_dir`` and the remote), leaving the user's own ``data/`` untouched."""
+    workspace = Path(workspace)
+    workspace.mkdir(parents=True, exist_ok=True)
+    if version(workspace) == data_version and is_up_to_date(workspace):
+        return workspace / "data"
+    if not (workspace / ".dvc").is_dir():
+        dvc(workspace, "init", "--no-scm", "-q")
+    dvc(workspace, "config", "--local", "cache.dir", str(Path(cache_dir).resolve()))
+    use_remote(workspace, remote, endpoint)
+    (workspace / "data.dvc").write_text(
+        yaml.safe_dump({"outs": [{"md5": data_version, "hash": "md5", "path": "data"}]})
+    )
+    try:
+        dvc(workspace, "pull", "--remote", REMOTE_NAME, "data.dvc")
+    except UserError as exc:
+        raise UserError(
+            f"Data version {data_version} is neither in the DVC cache ({cache_dir}) nor on the remote {remote}: "
+            "point data.remote (and data.remote_endpoint) at the remote it was pushed to.\n" + str(exc)
+        ) from None
+    return workspace / "data"

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
 from components.errors import UserError
 from components.params import Params, load_params
@@ -69,10 +70,125 @@ def cmd_train_ldm(params: Params, args: argparse.Namespace) -> None:
     print(result.run_id)
 
 
+def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
+    from flows.evaluate import evaluate_flow
+
+    result = evaluate_flow(params, args.run, experiment=args.experiment)
+    m = result.metrics
+    verb = "Reused evaluation" if result.reused else "Evaluated"
+    console.print(
+        f"[bold green]{verb} f={result.factor}[/]: FID {m['fid']:.4g}, KID {m['kid_mean']:.4g}, "
+        f"precision {m['precision']:.3g}, recall {m['recall']:.3g}, {m['sample_img_per_s']:.3g} samples/s"
+    )
+    print(result.run_id)
+
+
+def cmd_sweep(params: Params, args: argparse.Namespace) -> None:
+    from flows.sweep import sweep_flow
+
+    result = sweep_flow(params, experiment=args.experiment)
+    verb = "Reused finished sweep" if result.reused else "Sweep"
+    console.print(f"[bold green]{verb} {result.run_id}[/]: report {result.report}")
+    for factor in result.failed:
+        console.print(f"  [red]f={factor}[/]: {result.factors[factor]['status']} (rerun the sweep to retry it)")
+    print(result.run_id)
+    if result.failed:
+        raise SystemExit(1)
+
+
+def cmd_report(params: Params, args: argparse.Namespace) -> None:
+    from flows.report import report_flow
+
+    path = report_flow(args.run, experiment=args.experiment)
+    console.print(f"[bold green]Report[/] {path}")
+    print(path)
+
+
+def cmd_reproduce(params: Params, args: argparse.Namespace) -> None:
+    from flows.reproduce import reproduce_flow
+
+    result = reproduce_flow(params, args.run_id, experiment=args.experiment, allow_code_change=args.allow_code_change)
+    table = Table(title=f"Reproduction of {result.original_run_id} (run {result.run_id})")
+    for column in ("metric", "original", "reproduced", "relative difference"):
+        table.add_column(column)
+    for c in result.comparisons:
+        mark = "[green]ok[/]" if c.relative <= result.tolerance else "[red]out of tolerance[/]"
+        table.add_row(c.metric, f"{c.original:.5g}", f"{c.reproduced:.5g}", f"{c.relative:.2%} {mark}")
+    console.print(table)
+    verdict = "within" if result.within_tolerance else "NOT within"
+    console.print(f"Metrics {verdict} tolerance {result.tolerance:.0%} (reproduce.tolerance).")
+    print(result.run_id)
+    if not result.within_tolerance:
+        raise SystemExit(1)
+
+
+def cmd_ui(params: Params, args: argparse.Namespace) -> None:
+    import subprocess
+
+    from components.tracking import tracking_uri
+
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:") and "://" in uri and not uri.startswith("file:"):
+        raise UserError(f"MLFLOW_TRACKING_URI is the server {uri}: open it in a browser; `ui` serves local stores.")
+    console.print(f"MLflow UI on http://{args.host}:{args.port} for {uri} (Ctrl-C to stop)")
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    raise SystemExit(subprocess.call(command))
+
+
+def cmd_serve(params: Params, args: argparse.Namespace) -> None:
+    import os
+
+    from flows.sweep import sweep_flow
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise UserError(
+            "serve schedules sweeps on a Prefect server: start one (`prefect server start`) and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api."
+        )
+    console.print(f"Serving the sweep deployment 'latentlab-sweep' (cron: {args.cron or 'none, run on demand'})")
+    sweep_flow.serve(
+        name="latentlab-sweep",
+        cron=args.cron,
+        parameters={"params": params.model_dump(mode="json"), "experiment": args.experiment},
+    )
+
+
 COMMANDS: dict[str, tuple[str, Callable[[Params, argparse.Namespace], None]]] = {
     "data": ("Prepare, version (DVC) and record the dataset.", cmd_data),
     "train-ae": ("Train (or reuse) the first-stage autoencoder for ae.factor.", cmd_train_ae),
     "train-ldm": ("Train (or reuse) the latent diffusion model for ae.factor.", cmd_train_ldm),
+    "evaluate": ("FID, KID, precision/recall of a finished LDM run (--run).", cmd_evaluate),
+    "sweep": ("The main job: every factor in sweep.factors, compared in a report.", cmd_sweep),
+    "report": ("Regenerate a sweep's report from MLflow (--run).", cmd_report),
+    "reproduce": ("Retrain a recorded run from its data version and compare metrics.", cmd_reproduce),
+    "ui": ("The MLflow UI on 127.0.0.1 for this project's tracking store.", cmd_ui),
+    "serve": ("Serve the sweep as a Prefect deployment (optionally on a cron schedule).", cmd_serve),
+}
+
+
+EXTRA_ARGUMENTS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
+    "evaluate": [(("--run",), {"required": True, "metavar": "RUN_ID", "help": "a finished train-ldm run"})],
+    "report": [(("--run",), {"required": True, "metavar": "SWEEP_RUN_ID", "help": "a sweep run"})],
+    "reproduce": [
+        (("run_id",), {"metavar": "RUN_ID", "help": "an autoencoder or ldm run"}),
+        (("--allow-code-change",), {"action": "store_true", "help": "proceed when the code differs from the run's"}),
+    ],
+    "ui": [
+        (("--host",), {"default": "127.0.0.1", "help": "bind address (default loopback only)"}),
+        (("--port",), {"type": int, "default": 5000}),
+    ],
+    "serve": [(("--cron",), {"default": None, "help": "schedule, e.g. '0 3 * * *'"})],
 }
 
 
@@ -84,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--params", type=Path, default=None, help="YAML preset (default params/default.yaml)")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. ae.factor=8")
         sub.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
+        for flags, options in EXTRA_ARGUMENTS.get(name, []):
+            sub.add_argument(*flags, **options)
         sub.set_defaults(handler=handler)
     return parser
 

@@ -1,0 +1,63 @@
+"""Where a sweep's time went: training, sampling, and everything else (orchestration, tracking, I/O).
+
+    python benchmarks/sweep.py SWEEP_RUN_ID     (run where the sweep ran: same MLflow store)
+
+Reads MLflow only. Training = the children's ``wall_time_s`` (batches only); sampling = the
+evaluate runs' sample counts over their measured img/s (headline and DDIM curve) plus the LDM
+runs' FID-during-training time (``fid_eval_s``). The rest of the sweep run's wall time is
+overhead: data, feature extraction for metrics, latent encoding, grids, checkpoints, MLflow,
+Prefect. Writes reports/benchmarks/sweep-<run>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import mlflow
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from components.tracking import tracking_uri  # noqa: E402
+
+
+def main(sweep_run_id: str) -> dict:
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.MlflowClient()
+    sweep = client.get_run(sweep_run_id)
+    total = (sweep.info.end_time - sweep.info.start_time) / 1000
+    training = sampling = 0.0
+    for name, value in sweep.data.tags.items():
+        if not name.startswith("latentlab.sweep.f"):
+            continue
+        entry = json.loads(value)
+        for stage in ("ae", "ldm"):
+            if entry.get(stage):
+                run = client.get_run(entry[stage])
+                training += run.data.metrics.get("wall_time_s", 0.0)
+                sampling += sum(m.value for m in client.get_metric_history(entry[stage], "fid_eval_s"))
+        if entry.get("evaluate"):
+            run = client.get_run(entry["evaluate"])
+            params, metrics = run.data.params, run.data.metrics
+            sampling += int(params["eval.samples"]) / metrics["sample_img_per_s"]
+            for point in client.get_metric_history(entry["evaluate"], "ddim_sample_img_per_s"):
+                sampling += int(params["eval.curve_samples"]) / point.value
+    result = {
+        "sweep_run_id": sweep_run_id,
+        "budget": sweep.data.tags.get("latentlab.budget"),
+        "wall_s": round(total, 1),
+        "training_s": round(training, 1),
+        "sampling_s": round(sampling, 1),
+        "other_s": round(total - training - sampling, 1),
+        "other_share": round((total - training - sampling) / total, 3),
+    }
+    out = Path("reports/benchmarks") / f"sweep-{sweep_run_id[:8]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    print(json.dumps(main(sys.argv[1]), indent=2))

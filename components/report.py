@@ -1,0 +1,480 @@
+"""The sweep comparison report, rebuilt from MLflow alone.
+
+A sweep run records, per factor f, the ids of its autoencoder, LDM and evaluate runs; everything
+here is read back from those runs so a report can be regenerated long after the sweep, on another
+machine, from the tracking store only. The verdict never compares FIDs from different feature
+extractors: numbers from different networks are on different scales.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+
+TAG_STAGE = "latentlab.stage"
+TAG_DATA_VERSION = "latentlab.data_version"
+TAG_BUDGET = "latentlab.budget"
+TAG_FACTOR_PREFIX = "latentlab.sweep.f"
+TAG_EXTRACTOR = "latentlab.fid_extractor"
+TAG_SMALL_SAMPLE = "latentlab.small_sample"
+TAG_LATENT_SHAPE = "latentlab.latent_shape"
+PAPER_MID = (4, 8, 16)  # Figure 6: these win ...
+PAPER_EXTREMES = (1, 32)  # ... over pixel space and the most aggressive compression
+DASH = "—"
+PLOTS = ("fid_vs_step.png", "fid_vs_throughput.png", "psnr_fid_vs_f.png", "samples_by_factor.png")
+
+
+@dataclass
+class FactorRow:
+    """Everything the report shows for one downsampling factor; ``None`` where a run or metric is missing."""
+
+    factor: int
+    status: str = "missing"
+    latent_shape: str | None = None
+    rfid: float | None = None
+    psnr: float | None = None
+    ssim: float | None = None
+    fid: float | None = None
+    kid_mean: float | None = None
+    kid_std: float | None = None
+    precision: float | None = None
+    recall: float | None = None
+    ldm_img_per_s: float | None = None  # mean of the LDM's train_img_per_s history
+    ae_img_per_s: float | None = None  # mean of the autoencoder's train_img_per_s history
+    sample_img_per_s: float | None = None
+    ldm_steps: int | None = None
+    wall_time_s: float | None = None  # autoencoder + LDM training
+    flops_per_step: float | None = None
+    fid_extractor: str | None = None  # of the evaluate run: the one the verdict's FID comes from
+    small_sample: bool = False
+    ae_run_id: str | None = None
+    ldm_run_id: str | None = None
+    evaluate_run_id: str | None = None
+    fid_by_step: list[tuple[int, float]] = field(default_factory=list)  # LDM fid vs training step
+    ldm_fid_extractor: str | None = None
+    ddim: list[tuple[int, float, float]] = field(default_factory=list)  # (DDIM steps, fid, sample img/s)
+    samples: Image.Image | None = None  # the LDM's samples_final.png
+
+
+@dataclass
+class SweepSummary:
+    """One sweep as the report sees it: its identity, its budget and a row per factor (ascending f)."""
+
+    run_id: str
+    run_name: str
+    data_version: str | None
+    budget: str | None
+    rows: list[FactorRow]
+
+
+# ----------------------------------------------------------------------------------------- collect
+
+
+def collect(sweep_run_id: str, client: mlflow.MlflowClient | None = None) -> SweepSummary:
+    """Read a sweep and its children from MLflow; missing runs, metrics or artifacts become ``None``."""
+    client = client or mlflow.MlflowClient()
+    sweep = client.get_run(sweep_run_id)
+    tags = sweep.data.tags
+    children: dict[int, dict] = {}
+    for key, value in tags.items():
+        if key.startswith(TAG_FACTOR_PREFIX) and key[len(TAG_FACTOR_PREFIX) :].isdigit():
+            try:
+                children[int(key[len(TAG_FACTOR_PREFIX) :])] = json.loads(value)
+            except (ValueError, TypeError):
+                children[int(key[len(TAG_FACTOR_PREFIX) :])] = {"status": f"unreadable tag: {value!r}"}
+    factors = set(children) | set(_factors_param(sweep.data.params.get("sweep.factors")))
+    rows = [_row(client, f, children.get(f)) for f in sorted(factors)]
+    return SweepSummary(
+        run_id=sweep_run_id,
+        run_name=sweep.info.run_name or sweep_run_id,
+        data_version=tags.get(TAG_DATA_VERSION),
+        budget=tags.get(TAG_BUDGET),
+        rows=rows,
+    )
+
+
+def _factors_param(value: str | None) -> list[int]:
+    try:
+        return [int(f) for f in json.loads(value or "[]")]
+    except (ValueError, TypeError):
+        return []
+
+
+def _row(client: mlflow.MlflowClient, factor: int, child: dict | None) -> FactorRow:
+    row = FactorRow(factor)
+    if not isinstance(child, dict):
+        return row  # planned in sweep.factors, never started
+    row.status = str(child.get("status") or "unknown")
+    ae, ldm, ev = (_get_run(client, child.get(k)) for k in ("ae", "ldm", "evaluate"))
+    wall = []
+    if ae is not None:
+        m = ae.data.metrics
+        row.ae_run_id = ae.info.run_id
+        row.rfid, row.psnr, row.ssim = m.get("rfid"), m.get("psnr"), m.get("ssim")
+        row.ae_img_per_s = _mean(_history(client, ae.info.run_id, "train_img_per_s"))
+        wall.append(m.get("wall_time_s"))
+    if ldm is not None:
+        m = ldm.data.metrics
+        row.ldm_run_id = ldm.info.run_id
+        row.latent_shape = ldm.data.tags.get(TAG_LATENT_SHAPE)
+        row.ldm_img_per_s = _mean(_history(client, ldm.info.run_id, "train_img_per_s"))
+        row.ldm_steps = int(m["steps"]) if "steps" in m else None
+        row.flops_per_step = m.get("flops_per_step")
+        row.fid_by_step = sorted(_history(client, ldm.info.run_id, "fid").items())
+        row.ldm_fid_extractor = ldm.data.tags.get(TAG_EXTRACTOR)
+        row.samples = _image(client, ldm.info.run_id, "samples_final.png")
+        wall.append(m.get("wall_time_s"))
+    if ev is not None:
+        m = ev.data.metrics
+        row.evaluate_run_id = ev.info.run_id
+        for name in ("fid", "kid_mean", "kid_std", "precision", "recall", "sample_img_per_s"):
+            setattr(row, name, m.get(name))
+        row.fid_extractor = ev.data.tags.get(TAG_EXTRACTOR)
+        row.small_sample = ev.data.tags.get(TAG_SMALL_SAMPLE, "").lower() == "true"
+        fid, speed = (_history(client, ev.info.run_id, k) for k in ("ddim_fid", "ddim_sample_img_per_s"))
+        row.ddim = [(s, fid[s], speed[s]) for s in sorted(fid) if s in speed]
+    known = [w for w in wall if w is not None]
+    row.wall_time_s = sum(known) if known else None
+    return row
+
+
+def _get_run(client: mlflow.MlflowClient, run_id: str | None) -> mlflow.entities.Run | None:
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:  # deleted, or an id from another store
+        return None
+
+
+def _history(client: mlflow.MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    """step -> value; a step logged twice (a resumed run) keeps its latest value."""
+    points = sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
+    return {int(m.step): float(m.value) for m in points if math.isfinite(m.value)}
+
+
+def _mean(history: dict[int, float]) -> float | None:
+    return sum(history.values()) / len(history) if history else None
+
+
+def _image(client: mlflow.MlflowClient, run_id: str, path: str) -> Image.Image | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, path, tmp)
+            with Image.open(local) as image:
+                return image.convert("RGB")
+        except (mlflow.exceptions.MlflowException, OSError):
+            return None
+
+
+# ------------------------------------------------------------------------------------------ verdict
+
+
+def comparable(rows: list[FactorRow]) -> tuple[str | None, list[FactorRow], list[FactorRow]]:
+    """(extractor, rows with an FID from it, rows with an FID from another or an unrecorded one).
+
+    The most common recorded extractor wins; a tie goes to the one seen at the smallest f, so the
+    choice never depends on which FIDs happen to look better.
+    """
+    scored = [r for r in rows if r.fid is not None]
+    counts = Counter(r.fid_extractor for r in scored if r.fid_extractor)
+    if not counts:
+        return None, scored, []  # nothing recorded: compared, with a caveat in the verdict
+    top = max(counts.values())
+    extractor = next(r.fid_extractor for r in scored if counts.get(r.fid_extractor) == top)
+    inside = [r for r in scored if r.fid_extractor == extractor]
+    return extractor, inside, [r for r in scored if r.fid_extractor != extractor]
+
+
+def verdict(summary: SweepSummary) -> str:
+    """A short paragraph: the winning f, its margins, whether the paper's shape appears, and caveats."""
+    extractor, rows, left_out = comparable(summary.rows)
+    budget = f"under the recorded budget ({summary.budget})" if summary.budget else "(budget not recorded)"
+    if not rows:
+        return f"No factor has an evaluate FID yet {budget}, so there is no winner to name."
+    ranked = sorted(rows, key=lambda r: r.fid)
+    best = ranked[0]
+    parts = [f"Best factor {budget}: **f={best.factor}** with FID {_fmt(best.fid, 3)}."]
+    runner_up = ranked[1] if len(ranked) > 1 else None
+    beats = [r for r in ranked[1:] if r is runner_up or r.factor in PAPER_EXTREMES]
+    if beats:
+        parts.append("It beats " + "; ".join(_margin(best, r, r is runner_up) for r in beats) + ".")
+    else:
+        parts.append("It is the only factor with a comparable FID.")
+    kid = [r for r in rows if r.kid_mean is not None]
+    kid_best = min(kid, key=lambda r: r.kid_mean) if kid else None
+    if kid_best is not None and kid_best is not best:
+        parts.append(f"By KID the best is f={kid_best.factor} ({_fmt(kid_best.kid_mean, 3)}).")
+    parts.append(_shape(summary.rows, rows))
+    if extractor:
+        parts.append(f"FID features: `{extractor}`.")
+    else:
+        parts.append("No evaluate run recorded its FID extractor; the comparison assumes they used the same one.")
+    if left_out:
+        names = ", ".join(f"f={r.factor} (`{r.fid_extractor or 'unrecorded'}`)" for r in left_out)
+        parts.append(
+            f"Left out of the comparison: {names}, because their FID comes from a different feature extractor "
+            "and FIDs from different networks are not on the same scale."
+        )
+    small = [r for r in rows if r.small_sample]
+    if small:
+        which = ", ".join(f"f={r.factor}" for r in small)
+        parts.append(f"Small sample ({which}): FID at N<5,000 is biased upward; compare KID too.")
+    return " ".join(parts)
+
+
+def _margin(best: FactorRow, other: FactorRow, runner_up: bool) -> str:
+    gap = other.fid - best.fid
+    rel = f"{gap / other.fid:.0%} lower" if other.fid else "n/a"
+    who = "the runner-up " if runner_up else ""
+    return f"{who}f={other.factor} (FID {_fmt(other.fid, 3)}) by {_fmt(gap, 3)} ({rel})"
+
+
+def _shape(all_rows: list[FactorRow], rows: list[FactorRow]) -> str:
+    """Paper's Table 8 (PSNR falls with f) and Figure 6 (f=4..16 beat f=1 and f=32)."""
+    psnr = [(r.factor, r.psnr) for r in all_rows if r.psnr is not None]
+    if len(psnr) < 2:
+        out = "PSNR trend: too few autoencoders to tell."
+    elif all(a[1] >= b[1] for a, b in zip(psnr, psnr[1:], strict=False)):
+        out = f"PSNR falls with f as in the paper ({_fmt(psnr[0][1], 3)} dB at f={psnr[0][0]} to {_fmt(psnr[-1][1], 3)} dB at f={psnr[-1][0]})."
+    else:
+        out = "PSNR does not fall monotonically with f (" + ", ".join(f"f={f}: {_fmt(p, 3)}" for f, p in psnr) + ")."
+    mid = [r for r in rows if r.factor in PAPER_MID]
+    ext = [r for r in rows if r.factor in PAPER_EXTREMES]
+    if not mid or not ext:
+        return out + " Mid-range vs extremes: needs FIDs for some f in 4..16 and f=1 or f=32 from one extractor."
+    ext_names = " and ".join(f"f={r.factor}" for r in ext)
+    absent = [f for f in PAPER_EXTREMES if f not in {r.factor for r in ext}]
+    caveat = f" (f={absent[0]} has no comparable FID, so half the check is open)" if absent else ""
+    if max(r.fid for r in mid) < min(r.fid for r in ext):
+        return out + f" Every f in 4..16 with an FID beats {ext_names}, the paper's shape{caveat}."
+    if min(r.fid for r in mid) < min(r.fid for r in ext):
+        return out + f" Only part of the paper's shape: some f in 4..16 beat {ext_names}, not all{caveat}."
+    return out + f" Not the paper's shape: no f in 4..16 beats {ext_names} on FID{caveat}."
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def write_report(summary: SweepSummary, out_dir: Path) -> Path:
+    """Write report.md and its four PNGs into ``out_dir``; return the report's path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _plot_fid_vs_step(summary, out_dir / PLOTS[0])
+    _plot_fid_vs_throughput(summary, out_dir / PLOTS[1])
+    _plot_psnr_fid(summary, out_dir / PLOTS[2])
+    _samples_by_factor(summary).save(out_dir / PLOTS[3])
+    lines = [
+        f"# Sweep {summary.run_name}: compression factor ablation",
+        "",
+        f"Data version `{summary.data_version or 'unknown'}`, sweep run `{summary.run_id}`.",
+        "",
+        f"**Budget:** {summary.budget or 'not recorded'}",
+        "",
+        *_table(summary.rows),
+        "",
+        "## Verdict",
+        "",
+        verdict(summary),
+        "",
+        "## Plots",
+        "",
+        f"![FID vs training step (Figure 6)]({PLOTS[0]})",
+        "",
+        f"![FID vs sampling throughput over DDIM steps (Figure 7)]({PLOTS[1]})",
+        "",
+        f"![PSNR and FID vs f]({PLOTS[2]})",
+        "",
+        f"![Final samples per factor]({PLOTS[3]})",
+        "",
+    ]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def log_report(sweep_run_id: str, out_dir: Path, client: mlflow.MlflowClient | None = None) -> None:
+    """Attach the report to the sweep run (under ``report/``), next to the runs it summarises."""
+    (client or mlflow.MlflowClient()).log_artifacts(sweep_run_id, str(out_dir), artifact_path="report")
+
+
+COLUMNS = (
+    "f", "status", "latent", "rFID", "PSNR", "SSIM", "FID", "KID", "precision", "recall", "LDM img/s",
+    "AE img/s", "sample img/s", "LDM steps", "wall time", "FLOPs/step", "extractor", "runs (ae/ldm/eval)",
+)  # fmt: skip
+
+
+def _table(rows: list[FactorRow]) -> list[str]:
+    out = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        kid = (
+            DASH
+            if r.kid_mean is None
+            else _fmt(r.kid_mean, 3) + ("" if r.kid_std is None else f" ± {_fmt(r.kid_std, 2)}")
+        )
+        cells = [
+            str(r.factor),
+            _cell(r.status if len(r.status) <= 60 else r.status[:59] + "…"),
+            r.latent_shape or DASH,
+            _fmt(r.rfid, 3),
+            _fmt(r.psnr, 4),
+            _fmt(r.ssim, 3),
+            _fmt(r.fid, 3) + (" (small N)" if r.small_sample and r.fid is not None else ""),
+            kid,
+            _fmt(r.precision, 2),
+            _fmt(r.recall, 2),
+            _fmt(r.ldm_img_per_s, 3),
+            _fmt(r.ae_img_per_s, 3),
+            _fmt(r.sample_img_per_s, 3),
+            DASH if r.ldm_steps is None else f"{r.ldm_steps:,}",
+            _duration(r.wall_time_s),
+            _si(r.flops_per_step),
+            f"`{r.fid_extractor}`" if r.fid_extractor else DASH,
+            "/".join((i or DASH)[:8] for i in (r.ae_run_id, r.ldm_run_id, r.evaluate_run_id)),
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    """``digits`` significant figures, plain notation for everyday magnitudes."""
+    if value is None or not math.isfinite(value):
+        return DASH
+    if value == 0 or 1e-4 <= abs(value) < 1e6:
+        decimals = max(digits - 1 - math.floor(math.log10(abs(value))), 0) if value else 0
+        return f"{value:,.{decimals}f}"
+    return f"{value:.{digits - 1}e}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return DASH
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def _si(value: float | None) -> str:
+    if value is None:
+        return DASH
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}"
+    return f"{value:.3g}"
+
+
+# -------------------------------------------------------------------------------------------- plots
+
+
+def _save(fig: plt.Figure, ax: plt.Axes, path: Path, empty: bool, legend: bool = True) -> None:
+    if empty:
+        ax.text(0.5, 0.5, "no data recorded", ha="center", va="center", transform=ax.transAxes, color="grey")
+    elif legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_fid_vs_step(summary: SweepSummary, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = [r for r in summary.rows if r.fid_by_step]
+    extractors = {r.ldm_fid_extractor for r in rows}
+    for r in rows:
+        steps, fids = zip(*r.fid_by_step, strict=True)
+        suffix = f" [{r.ldm_fid_extractor or 'unrecorded'}]" if len(extractors) > 1 else ""
+        ax.plot(steps, fids, marker="o", markersize=3, label=f"f={r.factor}{suffix}")
+    note = "" if len(extractors) != 1 or None in extractors else f"\nfeatures: {extractors.pop()}"
+    if len(extractors) > 1:
+        note = "\nmixed extractors: compare only lines with the same one"
+    ax.set(xlabel="training step", ylabel="FID", title=f"FID vs training step (Figure 6){note}")
+    ax.grid(alpha=0.3)
+    _save(fig, ax, path, not rows)
+
+
+def _plot_fid_vs_throughput(summary: SweepSummary, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    extractor = comparable(summary.rows)[0]
+    rows = [r for r in summary.rows if r.ddim]
+    for r in rows:
+        _, fids, speeds = zip(*r.ddim, strict=True)
+        other = extractor is not None and r.fid_extractor != extractor  # dotted: not comparable with the rest
+        label = f"f={r.factor}" + (f" [{r.fid_extractor or 'unrecorded'}]" if other else "")
+        (line,) = ax.plot(speeds, fids, marker="o", linestyle=":" if other else "-", label=label)
+        for s, fid, speed in r.ddim:
+            ax.annotate(
+                str(s), (speed, fid), fontsize=7, xytext=(3, 3), textcoords="offset points", color=line.get_color()
+            )
+    if rows:
+        ax.set_xscale("log")
+    title = "FID vs sampling throughput, labels = DDIM steps (Figure 7)"
+    ax.set(xlabel="samples / s", ylabel="FID", title=title + (f"\nfeatures: {extractor}" if extractor else ""))
+    ax.grid(alpha=0.3, which="both")
+    _save(fig, ax, path, not rows)
+
+
+def _plot_psnr_fid(summary: SweepSummary, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    factors = [r.factor for r in summary.rows]
+    psnr = [(r.factor, r.psnr) for r in summary.rows if r.psnr is not None]
+    extractor, rows, _ = comparable(summary.rows)  # FID only from one extractor, as in the verdict
+    fid = [(r.factor, r.fid) for r in rows]
+    if psnr:
+        ax.plot(*zip(*psnr, strict=True), marker="o", color="tab:blue", label="PSNR (autoencoder)")
+    ax.set_ylabel("PSNR (dB)", color="tab:blue")
+    twin = ax.twinx()
+    if fid:
+        twin.plot(*zip(*fid, strict=True), marker="s", color="tab:red", label="FID (evaluate)")
+    twin.set_ylabel(f"FID [{extractor}]" if extractor else "FID", color="tab:red")
+    if factors and min(factors) > 0:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(factors, [str(f) for f in factors])
+        ax.minorticks_off()
+    ax.set(xlabel="downsampling factor f", title="Reconstruction vs generation quality")
+    ax.grid(alpha=0.3)
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    if handles:
+        ax.legend(handles=handles, fontsize=8, loc="best")
+    _save(fig, ax, path, not psnr and not fid, legend=False)
+
+
+def _samples_by_factor(summary: SweepSummary, caption: int = 24, pad: int = 8) -> Image.Image:
+    """Each factor's final sample grid side by side, captioned "f=8"; a grey placeholder where none."""
+    rows = summary.rows
+    images = [r.samples for r in rows]
+    height = max((im.height for im in images if im is not None), default=64)
+    tiles = [im if im is not None else _placeholder(height) for im in images]
+    width = sum(t.width for t in tiles) + pad * (len(tiles) + 1)
+    canvas = Image.new("RGB", (max(width, 200), height + caption + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=16)
+    x = pad
+    for r, tile in zip(rows, tiles, strict=True):
+        draw.text((x + tile.width // 2, caption // 2), f"f={r.factor}", fill="black", font=font, anchor="mm")
+        canvas.paste(tile, (x, caption))
+        x += tile.width + pad
+    if not rows:
+        draw.text((10, caption // 2), "no factors recorded", fill="grey", font=font, anchor="lm")
+    return canvas
+
+
+def _placeholder(height: int) -> Image.Image:
+    tile = Image.new("RGB", (max(height // 2, 64), height), (235, 235, 235))
+    font = ImageFont.load_default(size=12)
+    ImageDraw.Draw(tile).text((tile.width // 2, height // 2), "no samples", fill="grey", font=font, anchor="mm")
+    return tile

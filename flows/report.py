@@ -1,0 +1,39 @@
+"""The sweep report, from MLflow alone: table, Figures 6/7, PSNR/FID vs f, samples, verdict.
+
+Written to ``reports/<sweep run name>/`` and logged to the sweep run under ``report/``;
+``latentlab report --run SWEEP_RUN_ID`` regenerates it at any time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+from prefect import flow, get_run_logger
+
+from components.errors import UserError
+from components.report import collect, log_report, write_report
+from components.tracking import TAG_STAGE, use_experiment
+
+REPORTS_DIR = Path("reports")
+
+
+@flow(name="report")
+def report_flow(sweep_run_id: str, experiment: str = "latentlab", log: bool = True) -> Path:
+    """Build the report of sweep run ``sweep_run_id``; return the path of its report.md."""
+    use_experiment(experiment)
+    try:
+        run = mlflow.get_run(sweep_run_id)
+    except mlflow.exceptions.MlflowException:
+        raise UserError(
+            f"No MLflow run {sweep_run_id!r} in {mlflow.get_tracking_uri()}: pass the id `latentlab sweep` printed."
+        ) from None
+    if run.data.tags.get(TAG_STAGE) != "sweep":
+        raise UserError(f"Run {sweep_run_id} is not a sweep run: `report --run` needs the id of a sweep.")
+    summary = collect(sweep_run_id)
+    out_dir = REPORTS_DIR / (run.info.run_name or sweep_run_id)
+    path = write_report(summary, out_dir)
+    if log:
+        log_report(sweep_run_id, out_dir)
+    get_run_logger().info("Report written to %s", path)
+    return path

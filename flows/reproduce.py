@@ -1,0 +1,141 @@
+"""Reproduce a recorded autoencoder or LDM run from its data version, parameters and code.
+
+The data version is checked out with DVC into ``.latentlab/reproduce/<run id>/`` (the user's
+``data/`` is never touched) and the stage is trained again there, from scratch, as a child of a
+``reproduce`` run that records how far each metric moved and whether that is within
+``reproduce.tolerance``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from prefect import flow, get_run_logger
+
+from components import dvc
+from components.dataset import read_manifest
+from components.errors import UserError
+from components.params import Params, params_from_run
+from components.tracking import TAG_DATA_VERSION, TAG_GIT_COMMIT, TAG_STAGE, stage_run, tracking_uri, use_experiment
+from flows.autoencoder import autoencoder_flow
+from flows.data import DataVersion
+from flows.ldm import ldm_flow
+
+TAG_REPRODUCES = "latentlab.reproduces"
+TAG_WITHIN = "latentlab.within_tolerance"
+STAGES = ("autoencoder", "ldm")
+CODE_PATHS = ("components", "flows")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    metric: str
+    original: float
+    reproduced: float
+
+    @property
+    def relative(self) -> float:
+        return abs(self.reproduced - self.original) / max(abs(self.original), 1e-12)
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    run_id: str
+    original_run_id: str
+    new_run_id: str
+    comparisons: list[Comparison]
+    tolerance: float
+
+    @property
+    def within_tolerance(self) -> bool:
+        return all(c.relative <= self.tolerance for c in self.comparisons)
+
+
+def recorded_run(run_id: str) -> mlflow.entities.Run:
+    try:
+        run = mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise UserError(
+            f"No MLflow run {run_id!r} in {mlflow.get_tracking_uri()}: pass a run id from the UI."
+        ) from None
+    stage = run.data.tags.get(TAG_STAGE)
+    if stage not in STAGES:
+        raise UserError(f"Run {run_id} is a {stage or 'non-latentlab'} run; reproduce takes an autoencoder or ldm run.")
+    return run
+
+
+def check_code(commit: str, allow_code_change: bool) -> None:
+    """The training code must be the recorded commit's, unless the user says otherwise."""
+    if allow_code_change:
+        return
+    known = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True).returncode == 0
+    if not known:
+        raise UserError(
+            f"The run was made by commit {commit}, which this repository does not have: fetch it, "
+            "or pass --allow-code-change to reproduce with the code you have."
+        )
+    differs = subprocess.run(["git", "diff", "--quiet", commit, "--", *CODE_PATHS]).returncode != 0
+    if differs:
+        raise UserError(
+            f"The code in {', '.join(CODE_PATHS)} differs from the run's commit {commit[:10]}: "
+            f"`git checkout {commit[:10]}` first, or pass --allow-code-change to proceed anyway."
+        )
+
+
+def compare(original: mlflow.entities.Run, new_run_id: str, names: list[str]) -> list[Comparison]:
+    new = mlflow.get_run(new_run_id).data.metrics
+    old = original.data.metrics
+    return [Comparison(name, old[name], new[name]) for name in names if name in old and name in new]
+
+
+@flow(name="reproduce")
+def reproduce_flow(
+    params: Params, run_id: str, experiment: str = "latentlab", allow_code_change: bool = False
+) -> Reproduction:
+    """Train run ``run_id``'s stage again on its data version and compare the metrics."""
+    logger = get_run_logger()
+    use_experiment(experiment)
+    original = recorded_run(run_id)
+    stage, tags = original.data.tags[TAG_STAGE], original.data.tags
+    check_code(tags.get(TAG_GIT_COMMIT, "unknown"), allow_code_change)
+    run_params = params_from_run(original.data.params, keep=params, sections=("eval", "sweep", "reproduce"))
+    version = tags[TAG_DATA_VERSION]
+    root = Path.cwd()
+    remote = run_params.data.remote
+    remote = remote if "://" in remote else str((root / remote).resolve())
+    workspace = root / ".latentlab" / "reproduce" / run_id
+    logger.info("Restoring data version %s into %s", version, workspace)
+    data_dir = dvc.restore(
+        version, workspace, cache_dir=root / ".dvc" / "cache", remote=remote, endpoint=run_params.data.remote_endpoint
+    )
+    data = DataVersion(version, "", read_manifest(data_dir))
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()  # keep this store after the chdir below
+    with (
+        stage_run(
+            "reproduce",
+            data_version=version,
+            params=run_params.flat(),
+            run_name=f"reproduce-{original.info.run_name}",
+            factor=int(tags["latentlab.factor"]) if "latentlab.factor" in tags else None,
+            tags={TAG_REPRODUCES: run_id, "latentlab.reproduced_stage": stage},
+        ) as run,
+        contextlib.chdir(workspace),
+    ):
+        if stage == "autoencoder":
+            new_run_id = autoencoder_flow(run_params, experiment, run.info.run_id, data, fresh=True).run_id
+        else:
+            new_run_id = ldm_flow(run_params, experiment, run.info.run_id, data, fresh=True).run_id
+        comparisons = compare(original, new_run_id, params.reproduce.metrics)
+        result = Reproduction(run.info.run_id, run_id, new_run_id, comparisons, params.reproduce.tolerance)
+        for c in comparisons:
+            mlflow.log_metrics(
+                {f"original/{c.metric}": c.original, c.metric: c.reproduced, f"rel_diff/{c.metric}": c.relative}
+            )
+        mlflow.set_tag(TAG_WITHIN, str(result.within_tolerance).lower())
+        mlflow.set_tag("latentlab.reproduced_run_id", new_run_id)
+    return result

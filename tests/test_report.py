@@ -1,0 +1,227 @@
+"""The sweep report, built from a real (SQLite) MLflow store holding a fake but contract-shaped sweep."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.entities import Metric
+from PIL import Image
+
+from components import report
+
+EXTRACTOR = "latentlab-cnn:3f2a9c1d0e4b"
+# f -> (psnr, fid, kid_mean); f=1 has no autoencoder, f=32 failed before its LDM.
+NUMBERS = {1: (None, 80.0, 0.060), 4: (27.0, 42.0, 0.030), 8: (24.0, 35.0, 0.020), 32: (18.0, None, None)}
+
+
+def _run(client, exp, name, stage, parent, factor=None, tags=None, metrics=None, histories=None, artifact=None):
+    tags = {"latentlab.stage": stage, "latentlab.data_version": "abc123", **(tags or {})}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    if factor is not None:
+        tags["latentlab.factor"] = str(factor)
+    run_id = client.create_run(exp, run_name=name, tags=tags).info.run_id
+    now = int(time.time() * 1000)
+    batch = [Metric(k, v, now, 0) for k, v in (metrics or {}).items()]
+    batch += [Metric(k, v, now + i, s) for k, points in (histories or {}).items() for i, (s, v) in enumerate(points)]
+    client.log_batch(run_id, metrics=batch)
+    if artifact:
+        client.log_artifact(run_id, str(artifact))
+    client.set_terminated(run_id)
+    return run_id
+
+
+def make_sweep(client, exp: str, tmp: Path, extractors: dict[int, str] | None = None) -> str:
+    """A sweep over f in 1, 4, 8, 32 (f=32 failed, f=1 pixel space); ``extractors`` overrides per f."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    sweep = client.create_run(
+        exp,
+        run_name="sweep-3f2a",
+        tags={
+            "latentlab.stage": "sweep",
+            "latentlab.data_version": "abc123",
+            "latentlab.budget": "equal steps: ae 400, ldm 2000 per factor",
+        },
+    ).info.run_id
+    client.log_param(sweep, "sweep.factors", "[1, 4, 8, 32]")
+    for f, (psnr, fid, kid) in NUMBERS.items():
+        ids = {"ae": "", "ldm": "", "evaluate": "", "status": "finished"}
+        if f > 1:
+            ae_metrics = {
+                "psnr": psnr,
+                "ssim": 0.9 - f / 100,
+                "rfid": f / 4,
+                "steps": 400,
+                "images_seen": 12800,
+                "wall_time_s": 60.0,
+            }
+            ids["ae"] = _run(
+                client,
+                exp,
+                f"ae-f{f}",
+                "autoencoder",
+                sweep,
+                f,
+                {"latentlab.fid_extractor": EXTRACTOR},
+                ae_metrics,
+                {"train_img_per_s": [(1, 100.0), (2, 200.0)]},
+            )
+        if fid is None:
+            ids["status"] = "failed: CUDA out of memory | at step 3"
+        else:
+            samples = tmp / "samples_final.png"
+            Image.new("RGB", (96, 64), (f * 7, 100, 200)).save(samples)
+            shape = "3x64x64" if f == 1 else f"4x{64 // f}x{64 // f}"
+            ldm_metrics = {"steps": 2000, "images_seen": 64000, "wall_time_s": 240.0, "flops_per_step": 2.5e12 / f}
+            curve = [(500, fid * 3), (1000, fid * 2), (2000, fid)]
+            ldm_hist = {
+                "fid": curve,
+                "kid_mean": [(s, v / 1000) for s, v in curve],
+                "train_loss": [(1, 0.5), (2, 0.3)],
+                "train_img_per_s": [(1, 10.0 * f), (2, 30.0 * f)],
+            }
+            ids["ldm"] = _run(
+                client,
+                exp,
+                f"ldm-f{f}",
+                "ldm",
+                sweep,
+                f,
+                {"latentlab.latent_shape": shape},
+                ldm_metrics,
+                ldm_hist,
+                samples,
+            )
+            ev_tags = {
+                "latentlab.fid_extractor": (extractors or {}).get(f, EXTRACTOR),
+                "latentlab.small_sample": "true",
+            }
+            ev_metrics = {
+                "fid": fid,
+                "kid_mean": kid,
+                "kid_std": 0.004,
+                "precision": 0.6,
+                "recall": 0.4,
+                "sample_img_per_s": 5.0 * f,
+            }
+            ddim = {
+                "ddim_fid": [(10, fid * 1.5), (20, fid * 1.2), (50, fid)],
+                "ddim_sample_img_per_s": [(10, 50.0 * f), (20, 25.0 * f), (50, 10.0 * f)],
+            }
+            ids["evaluate"] = _run(client, exp, f"eval-f{f}", "evaluate", sweep, f, ev_tags, ev_metrics, ddim)
+        client.set_tag(sweep, f"latentlab.sweep.f{f}", json.dumps(ids))
+    client.set_terminated(sweep)
+    return sweep
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("report")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+    client = mlflow.MlflowClient()
+    exp = client.create_experiment("latentlab", artifact_location=(tmp / "art").as_uri())
+    yield client, exp, tmp
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def built(store):
+    client, exp, tmp = store
+    sweep = make_sweep(client, exp, tmp / "src")
+    summary = report.collect(sweep)  # default client: the tracking URI set above
+    path = report.write_report(summary, tmp / "out")
+    return sweep, summary, path
+
+
+def _table_rows(text: str) -> dict[int, dict[str, str]]:
+    lines = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| f |")]
+    rows = {}
+    for line in lines:
+        cells = [c.strip() for c in line.strip("| ").replace("\\|", "¦").split(" | ")]
+        rows[int(cells[0])] = dict(zip(report.COLUMNS, cells, strict=True))
+    return rows
+
+
+def test_table_has_one_row_per_factor_with_the_recorded_numbers(built):
+    _, summary, path = built
+    assert [r.factor for r in summary.rows] == [1, 4, 8, 32]
+    eight = summary.rows[2]
+    assert (eight.fid, eight.psnr, eight.ldm_steps, eight.latent_shape) == (35.0, 24.0, 2000, "4x8x8")
+    assert eight.ldm_img_per_s == pytest.approx(160.0) and eight.ae_img_per_s == pytest.approx(150.0)
+    assert eight.wall_time_s == 300.0 and eight.fid_extractor == EXTRACTOR and eight.small_sample
+    assert eight.fid_by_step == [(500, 105.0), (1000, 70.0), (2000, 35.0)]
+    assert [d[0] for d in eight.ddim] == [10, 20, 50] and eight.samples is not None
+    text = path.read_text()
+    assert "sweep-3f2a" in text and "abc123" in text and "equal steps: ae 400, ldm 2000 per factor" in text
+    rows = _table_rows(text)
+    assert sorted(rows) == [1, 4, 8, 32]
+    assert rows[8]["FID"].startswith("35.0") and rows[8]["PSNR"] == "24.00" and rows[8]["LDM steps"] == "2,000"
+    assert rows[8]["latent"] == "4x8x8" and rows[8]["wall time"] == "5.0 min" and rows[8]["FLOPs/step"] == "312 G"
+    assert rows[1]["PSNR"] == rows[1]["rFID"] == "—" and rows[1]["latent"] == "3x64x64"
+
+
+def test_failed_factor_is_marked_and_left_blank(built):
+    _, summary, path = built
+    failed = summary.rows[3]
+    assert failed.status.startswith("failed: CUDA out of memory") and failed.fid is None and failed.psnr == 18.0
+    row = _table_rows(path.read_text())[32]
+    assert row["status"].startswith("failed: CUDA out of memory") and row["FID"] == "—" and row["latent"] == "—"
+
+
+def test_verdict_names_lowest_fid_and_margins(built):
+    _, summary, _ = built
+    text = report.verdict(summary)
+    assert "**f=8** with FID 35.0" in text
+    assert "the runner-up f=4 (FID 42.0) by 7.00 (17% lower)" in text
+    assert "f=1 (FID 80.0) by 45.0 (56% lower)" in text
+    assert (
+        "PSNR falls with f" in text
+        and "Every f in 4..16 with an FID beats f=1, the paper's shape (f=32 has no comparable FID" in text
+    )
+    assert EXTRACTOR in text and "FID at N<5,000 is biased upward; compare KID too" in text
+    assert "Left out" not in text
+
+
+def test_mismatched_extractor_is_left_out_of_the_verdict(store):
+    client, exp, tmp = store
+    sweep = make_sweep(client, exp, tmp / "odd", extractors={4: "inception-v3-compat:abcd"})
+    summary = report.collect(sweep, client)
+    text = report.verdict(summary)
+    assert "**f=8**" in text and "the runner-up f=1 (FID 80.0)" in text and "f=4 (FID" not in text
+    assert (
+        "Left out of the comparison: f=4 (`inception-v3-compat:abcd`)" in text and "different feature extractor" in text
+    )
+    assert report.write_report(summary, tmp / "odd_out").exists()
+
+
+def test_plots_are_valid_images(built):
+    _, _, path = built
+    for name in report.PLOTS:
+        assert f"]({name})" in path.read_text()
+        with Image.open(path.parent / name) as image:
+            image.verify()
+            assert image.size[0] > 0 and image.size[1] > 0
+
+
+def test_log_report_attaches_report_to_sweep_run(built, store):
+    client = store[0]
+    sweep, _, path = built
+    report.log_report(sweep, path.parent)
+    logged = {a.path for a in client.list_artifacts(sweep, "report")}
+    assert "report/report.md" in logged and "report/fid_vs_step.png" in logged
+
+
+def test_empty_sweep_does_not_crash(store):
+    client, exp, tmp = store
+    sweep = client.create_run(exp, run_name="sweep-empty", tags={"latentlab.stage": "sweep"}).info.run_id
+    client.set_tag(
+        sweep, "latentlab.sweep.f4", json.dumps({"ae": "deadbeef", "ldm": "", "evaluate": "", "status": "running"})
+    )
+    summary = report.collect(sweep, client)
+    assert [(r.factor, r.status, r.ae_run_id) for r in summary.rows] == [(4, "running", None)]
+    text = report.write_report(summary, tmp / "empty_out").read_text()
+    assert "No factor has an evaluate FID yet" in text and "not recorded" in text

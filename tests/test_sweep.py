@@ -1,0 +1,215 @@
+"""Evaluation, the sweep, its report and reproduce, end to end on a tiny OpenMoji subset."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from components.errors import UserError
+from components.params import load_params
+from flows.evaluate import evaluate_flow
+from flows.ldm import ldm_flow
+from flows.reproduce import reproduce_flow
+from flows.sweep import sweep_flow
+from tests.conftest import REPO, git
+from tests.test_ldm import LDM_SMOKE
+
+TINY_EVAL = [
+    "eval.samples=16",
+    "eval.sample_steps=2",
+    "eval.batch_size=16",
+    "eval.ddim_steps=[2, 4]",
+    "eval.curve_samples=8",
+    "eval.extractor_steps=20",
+    "ldm.fid_every=3",
+    "ldm.fid_samples=8",
+    "ldm.fid_sample_steps=2",
+]
+TINY_SWEEP = [*LDM_SMOKE, *TINY_EVAL, "ldm.max_steps=4", "sweep.factors=[1, 4]", "sweep.budget=steps"]
+
+
+def runs(stage: str) -> list[mlflow.entities.Run]:
+    return mlflow.search_runs(
+        experiment_names=["latentlab"], filter_string=f"tags.`latentlab.stage` = '{stage}'", output_format="list"
+    )
+
+
+def tiny(*extra: str):
+    return load_params(REPO / "params/smoke.yaml", [*TINY_SWEEP, *extra])
+
+
+@pytest.mark.slow
+def test_evaluate_logs_metrics_and_reuses_reference_statistics(project):
+    params = tiny()
+    ldm = ldm_flow(params)
+    ldm_run = mlflow.get_run(ldm.run_id)
+    fid_steps = [m.step for m in mlflow.MlflowClient().get_metric_history(ldm.run_id, "fid")]
+    assert fid_steps == [3, 4]  # every ldm.fid_every steps and at the end (Figure 6)
+    assert ldm_run.data.tags["latentlab.fid_extractor"].startswith("latentlab-cnn:")
+
+    result = evaluate_flow(params, ldm.run_id)
+    run = mlflow.get_run(result.run_id)
+    metrics, tags = run.data.metrics, run.data.tags
+    assert {"fid", "kid_mean", "kid_std", "precision", "recall", "sample_img_per_s", "psnr", "rfid"} <= set(metrics)
+    assert metrics["fid"] > 0 and 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
+    assert tags["latentlab.stage"] == "evaluate" and tags["latentlab.ldm_run_id"] == ldm.run_id
+    assert tags["latentlab.fid_extractor"] == ldm_run.data.tags["latentlab.fid_extractor"]
+    assert tags["latentlab.small_sample"] == "true" and "biased" in tags["latentlab.small_sample_note"]
+    curve = mlflow.MlflowClient().get_metric_history(result.run_id, "ddim_fid")
+    assert sorted(m.step for m in curve) == [2, 4]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
+    assert {"samples.png", "fid_vs_throughput.png", "ddim_curve.json"} <= artifacts
+
+    # The extractor was trained once for this data version and logged with its own run.
+    (extractor_run,) = [r for r in runs("evaluate") if r.data.tags.get("latentlab.role") == "feature-extractor"]
+    assert extractor_run.data.tags["latentlab.fid_extractor"] == tags["latentlab.fid_extractor"]
+
+    cached = sorted(project.glob(".latentlab/fidelity-cache/**/*"))
+    stamps = {p: p.stat().st_mtime_ns for p in cached if p.is_file()}
+    assert stamps, "reference statistics were not cached"
+    again = evaluate_flow(params, ldm.run_id)
+    assert again.reused and again.run_id == result.run_id
+    other = evaluate_flow(load_params(REPO / "params/smoke.yaml", [*TINY_SWEEP, "eval.samples=12"]), ldm.run_id)
+    assert not other.reused
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # the real images' features were reused
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_what_it_cannot_evaluate(project):
+    with pytest.raises(UserError, match="No MLflow run"):
+        evaluate_flow(tiny(), "0123456789abcdef")
+
+
+@pytest.mark.slow
+def test_sweep_marks_a_failed_factor_redoes_only_it_then_reuses_everything(project):
+    params = tiny()
+    from flows.data import data_flow
+
+    version = data_flow(params).version
+    poisoned = project / ".latentlab" / "latents" / f"pixels-{version}.safetensors"  # f=1's latent cache
+    poisoned.parent.mkdir(parents=True, exist_ok=True)
+    poisoned.write_bytes(b"not a safetensors file")
+    first = sweep_flow(params)
+    assert first.failed == [1]
+    tags = mlflow.get_run(first.run_id).data.tags
+    assert json.loads(tags["latentlab.sweep.f1"])["status"].startswith("failed")
+    finished_f4 = json.loads(tags["latentlab.sweep.f4"])
+    assert finished_f4["status"] == "finished"
+
+    poisoned.unlink()
+    result = sweep_flow(params)
+    assert not result.failed and result.run_id == first.run_id
+    sweep = mlflow.get_run(result.run_id)
+    assert json.loads(sweep.data.tags["latentlab.sweep.f4"]) == finished_f4  # not redone
+    assert sweep.info.status == "FINISHED" and sweep.data.tags["latentlab.stage"] == "sweep"
+    assert sweep.data.tags["latentlab.budget"].startswith("equal steps")
+    for factor in (1, 4):
+        entry = json.loads(sweep.data.tags[f"latentlab.sweep.f{factor}"])
+        evaluation = mlflow.get_run(entry["evaluate"])
+        assert evaluation.data.tags["mlflow.parentRunId"] == result.run_id
+        assert evaluation.data.params["ae.factor"] == str(factor) and "fid" in evaluation.data.metrics
+        ldm = mlflow.get_run(entry["ldm"])
+        assert ldm.info.run_name == f"ldm-f{factor}" and ldm.data.tags["mlflow.parentRunId"] == result.run_id
+        assert {"steps", "images_seen", "wall_time_s", "flops_per_step"} <= set(ldm.data.metrics)
+        assert ldm.data.metrics["steps"] == 4
+    assert json.loads(sweep.data.tags["latentlab.sweep.f1"])["ae"] == ""  # pixel space
+
+    report = project / "reports" / sweep.info.run_name
+    text = (report / "report.md").read_text()
+    assert "| 1 |" in text and "| 4 |" in text and "Verdict" in text
+    assert all((report / name).stat().st_size > 0 for name in ("fid_vs_step.png", "fid_vs_throughput.png"))
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "report")}
+    assert "report/report.md" in logged
+
+    counts = {stage: len(runs(stage)) for stage in ("autoencoder", "ldm", "evaluate", "sweep")}
+    assert counts["autoencoder"] == 1 and counts["sweep"] == 1
+    started = time.perf_counter()
+    again = sweep_flow(params)
+    assert again.reused and again.run_id == result.run_id
+    assert time.perf_counter() - started < 30
+    assert {stage: len(runs(stage)) for stage in counts} == counts
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_duplicates(project):
+    command = [str(Path(sys.executable).with_name("latentlab")), "sweep", "--params", str(REPO / "params/smoke.yaml")]
+    for setting in TINY_SWEEP:
+        command += ["--set", setting]
+    process = subprocess.Popen(
+        command, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 400
+    while time.time() < deadline and not any(r.info.status == "FINISHED" for r in _safe_runs("evaluate", "eval-f1")):
+        time.sleep(0.5)
+    assert process.poll() is None, "the sweep ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    done = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (sweep,) = runs("sweep")
+    assert sweep.info.status == "FINISHED"
+    names = sorted(r.info.run_name for stage in ("ldm", "evaluate") for r in runs(stage))
+    assert names == [
+        "eval-f1",
+        "eval-f4",
+        "extractor-" + sweep.data.tags["latentlab.data_version"][:8],
+        "ldm-f1",
+        "ldm-f4",
+    ]
+
+
+def _safe_runs(stage: str, name: str) -> list:
+    try:
+        return [r for r in runs(stage) if r.info.run_name == name]
+    except Exception:  # noqa: BLE001 (the database may not exist yet)
+        return []
+
+
+@pytest.mark.slow
+def test_reproduce_restores_the_data_version_and_matches(project):
+    (project / "components").mkdir()
+    (project / "components" / "code.py").write_text("x = 1\n")
+    git(project, "add", "components")
+    git(project, "commit", "-q", "-m", "code")
+    params = tiny("ae.factor=4")
+    from flows.autoencoder import autoencoder_flow
+
+    original = autoencoder_flow(params)
+    data_hash = _tree_hash(project / "data")
+
+    result = reproduce_flow(params, original.run_id)
+    assert result.within_tolerance, result.comparisons
+    assert {c.metric for c in result.comparisons} >= {"psnr", "ssim", "rfid"}
+    run = mlflow.get_run(result.run_id)
+    assert run.data.tags["latentlab.stage"] == "reproduce" and run.data.tags["latentlab.reproduces"] == original.run_id
+    assert run.data.tags["latentlab.within_tolerance"] == "true"
+    assert mlflow.get_run(result.new_run_id).data.tags["mlflow.parentRunId"] == result.run_id
+    assert (project / ".latentlab" / "reproduce" / original.run_id / "data" / "manifest.json").exists()
+    assert _tree_hash(project / "data") == data_hash  # the user's data/ untouched
+
+    (project / "components" / "code.py").write_text("x = 2\n")
+    with pytest.raises(UserError, match="--allow-code-change"):
+        reproduce_flow(params, original.run_id)
+
+
+def test_a_missing_data_version_is_a_clear_error(tmp_path):
+    from components import dvc
+
+    with pytest.raises(UserError, match="neither in the DVC cache"):
+        dvc.restore("0" * 32 + ".dir", tmp_path / "ws", cache_dir=tmp_path / "cache", remote=str(tmp_path / "remote"))
+
+
+def _tree_hash(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
