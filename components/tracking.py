@@ -5,6 +5,7 @@ Flows open runs only through ``stage_run`` so no flow repeats the tagging.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -76,6 +77,12 @@ def _git(cwd: str | Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
+def code_hash(modules: tuple[str, ...]) -> str:
+    """sha256 of these ``components/`` modules: part of a run's identity, so changed code retrains."""
+    here = Path(__file__).parent
+    return hashlib.sha256(b"".join((here / name).read_bytes() for name in modules)).hexdigest()
+
+
 def register_once(name: str, run_id: str, source: str, tags: dict[str, str]) -> str:
     """Register ``source`` as a version of model ``name`` unless ``run_id`` already has one."""
     client = mlflow.MlflowClient()
@@ -137,3 +144,23 @@ def latest_run(experiment_id: str, stage: str, *, finished: bool = True, **tags:
         output_format="list",
     )
     return runs[0] if runs else None
+
+
+def run_of_stage(run_id: str, stages: tuple[str, ...], command: str) -> mlflow.entities.Run:
+    """The recorded run ``run_id``, which ``command`` needs to be of one of ``stages``;
+    anything else is a ``UserError`` that says what to pass instead."""
+    from components.errors import UserError
+
+    try:
+        run = mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise UserError(
+            f"No MLflow run {run_id!r} in {mlflow.get_tracking_uri()}: `{command}` needs the id of "
+            f"a run of stage {' or '.join(stages)} (see `latentlab ui`), or MLFLOW_TRACKING_URI set to the store that has it."
+        ) from None
+    stage = run.data.tags.get(TAG_STAGE)
+    if stage not in stages:
+        raise UserError(
+            f"Run {run_id} is a {stage or 'non-latentlab'} run: `{command}` needs a run of stage {' or '.join(stages)}."
+        )
+    return run

@@ -24,7 +24,7 @@ from components.autoencoder_training import AutoencoderModule
 from components.dataset import load_split
 from components.evaluation import Reference
 from components.params import Params
-from components.tracking import TAG_DATA_VERSION, latest_run, register_once, stage_run, use_experiment
+from components.tracking import TAG_DATA_VERSION, code_hash, latest_run, register_once, stage_run, use_experiment
 from flows.data import DATA_DIR, DataVersion, data_flow
 from flows.extractor import TAG_FID_EXTRACTOR, choose_extractor
 
@@ -48,8 +48,7 @@ class AutoencoderRun:
 
 def autoencoder_key(params: Params, data_version: str) -> str:
     """Identity of a trained first stage: data, the parameters that shape it, and its code."""
-    code_dir = Path(ae_training.__file__).parent
-    code = hashlib.sha256(b"".join((code_dir / name).read_bytes() for name in TRAINING_CODE)).hexdigest()
+    code = code_hash(TRAINING_CODE)
     shaping = params.ae.model_dump(mode="json", exclude=REPORTING_ONLY)
     blob = json.dumps([data_version, params.data.resolution, params.seed, shaping, code], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]

@@ -27,7 +27,15 @@ from components.errors import UserError
 from components.evaluation import Reference, Samples, generate
 from components.grids import labeled_grid
 from components.params import Params, params_from_run
-from components.tracking import TAG_DATA_VERSION, TAG_FACTOR, TAG_STAGE, latest_run, stage_run, use_experiment
+from components.tracking import (
+    TAG_DATA_VERSION,
+    TAG_FACTOR,
+    code_hash,
+    latest_run,
+    run_of_stage,
+    stage_run,
+    use_experiment,
+)
 from flows.autoencoder import AutoencoderRun
 from flows.data import DataVersion, data_flow
 from flows.extractor import TAG_FID_EXTRACTOR, reference
@@ -51,23 +59,13 @@ class EvalRun:
 
 
 def eval_key(params: Params, ldm_run_id: str) -> str:
-    code_dir = Path(evaluation.__file__).parent
-    code = hashlib.sha256(b"".join((code_dir / name).read_bytes() for name in EVALUATION_CODE)).hexdigest()
+    code = code_hash(EVALUATION_CODE)
     blob = json.dumps([ldm_run_id, params.eval.model_dump(mode="json"), code], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def finished_ldm_run(run_id: str) -> mlflow.entities.Run:
-    try:
-        run = mlflow.get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        raise UserError(
-            f"No MLflow run {run_id!r} in {mlflow.get_tracking_uri()}: pass the id of a train-ldm run "
-            "(see `latentlab ui`), or set MLFLOW_TRACKING_URI to the store that holds it."
-        ) from None
-    stage = run.data.tags.get(TAG_STAGE)
-    if stage != "ldm":
-        raise UserError(f"Run {run_id} is a {stage or 'non-latentlab'} run: `evaluate --run` needs an ldm run.")
+    run = run_of_stage(run_id, ("ldm",), "latentlab evaluate --run")
     if run.info.status != "FINISHED":
         raise UserError(f"LDM run {run_id} is {run.info.status}: rerun `latentlab train-ldm` to finish it first.")
     return run

@@ -26,7 +26,7 @@ from components.diffusion import LatentDiffusionModule
 from components.evaluation import Reference, generate
 from components.latents import cached_latents
 from components.params import Params
-from components.tracking import latest_run, stage_run, use_experiment
+from components.tracking import code_hash, latest_run, stage_run, use_experiment
 from flows.autoencoder import REPORTING_ONLY, STATE_DIR, AutoencoderRun, autoencoder_flow
 from flows.data import DATA_DIR, DataVersion
 from flows.extractor import TAG_FID_EXTRACTOR, reference
@@ -62,8 +62,7 @@ class LatentData:
 
 
 def ldm_key(params: Params, ae: AutoencoderRun) -> str:
-    code_dir = Path(ldm_training.__file__).parent
-    code = hashlib.sha256(b"".join((code_dir / name).read_bytes() for name in TRAINING_CODE)).hexdigest()
+    code = code_hash(TRAINING_CODE)
     shaping = params.ldm.model_dump(mode="json", exclude=LDM_REPORTING_ONLY)
     identity = ae.run_id or f"pixels-{ae.data_version}-{params.data.resolution}"
     blob = json.dumps([identity, params.seed, shaping, code], sort_keys=True)

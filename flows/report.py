@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 from prefect import flow, get_run_logger
 
-from components.errors import UserError
 from components.report import collect, log_report, write_report
-from components.tracking import TAG_STAGE, use_experiment
+from components.tracking import run_of_stage, use_experiment
 
 REPORTS_DIR = Path("reports")
 
@@ -22,14 +20,7 @@ REPORTS_DIR = Path("reports")
 def report_flow(sweep_run_id: str, experiment: str = "latentlab", log: bool = True) -> Path:
     """Build the report of sweep run ``sweep_run_id``; return the path of its report.md."""
     use_experiment(experiment)
-    try:
-        run = mlflow.get_run(sweep_run_id)
-    except mlflow.exceptions.MlflowException:
-        raise UserError(
-            f"No MLflow run {sweep_run_id!r} in {mlflow.get_tracking_uri()}: pass the id `latentlab sweep` printed."
-        ) from None
-    if run.data.tags.get(TAG_STAGE) != "sweep":
-        raise UserError(f"Run {sweep_run_id} is not a sweep run: `report --run` needs the id of a sweep.")
+    run = run_of_stage(sweep_run_id, ("sweep",), "latentlab report --run")
     summary = collect(sweep_run_id)
     out_dir = REPORTS_DIR / (run.info.run_name or sweep_run_id)
     path = write_report(summary, out_dir)

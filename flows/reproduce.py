@@ -21,7 +21,15 @@ from components import dvc
 from components.dataset import read_manifest
 from components.errors import UserError
 from components.params import Params, params_from_run
-from components.tracking import TAG_DATA_VERSION, TAG_GIT_COMMIT, TAG_STAGE, stage_run, tracking_uri, use_experiment
+from components.tracking import (
+    TAG_DATA_VERSION,
+    TAG_GIT_COMMIT,
+    TAG_STAGE,
+    run_of_stage,
+    stage_run,
+    tracking_uri,
+    use_experiment,
+)
 from flows.autoencoder import autoencoder_flow
 from flows.data import DataVersion
 from flows.ldm import ldm_flow
@@ -56,19 +64,6 @@ class Reproduction:
         return all(c.relative <= self.tolerance for c in self.comparisons)
 
 
-def recorded_run(run_id: str) -> mlflow.entities.Run:
-    try:
-        run = mlflow.get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        raise UserError(
-            f"No MLflow run {run_id!r} in {mlflow.get_tracking_uri()}: pass a run id from the UI."
-        ) from None
-    stage = run.data.tags.get(TAG_STAGE)
-    if stage not in STAGES:
-        raise UserError(f"Run {run_id} is a {stage or 'non-latentlab'} run; reproduce takes an autoencoder or ldm run.")
-    return run
-
-
 def check_code(commit: str, allow_code_change: bool) -> None:
     """The training code must be the recorded commit's, unless the user says otherwise."""
     if allow_code_change:
@@ -100,7 +95,7 @@ def reproduce_flow(
     """Train run ``run_id``'s stage again on its data version and compare the metrics."""
     logger = get_run_logger()
     use_experiment(experiment)
-    original = recorded_run(run_id)
+    original = run_of_stage(run_id, STAGES, "latentlab reproduce")
     stage, tags = original.data.tags[TAG_STAGE], original.data.tags
     check_code(tags.get(TAG_GIT_COMMIT, "unknown"), allow_code_change)
     run_params = params_from_run(original.data.params, keep=params, sections=("eval", "sweep", "reproduce"))
