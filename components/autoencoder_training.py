@@ -125,7 +125,7 @@ def evaluate_autoencoder(module: AutoencoderModule, reference: Reference) -> dic
     val_images = reference.images
     recon = module.reconstruct_uint8(val_images)
     metrics = psnr_ssim(val_images, recon)
-    fidelity = reference.score(recon, prc=False)
+    fidelity = reference.score(recon, full=False)
     metrics |= {"rfid": fidelity["fid"], "rkid_mean": fidelity["kid_mean"]}
     if module.perceptual.lpips is not None:
         with torch.no_grad():

@@ -48,9 +48,16 @@ class Reference:
         pick = torch.randint(len(self.cond), (n,), generator=torch.Generator().manual_seed(seed))
         return self.cond[pick]
 
-    def score(self, fake: torch.Tensor, prc: bool = True) -> dict[str, float]:
+    def score(self, fake: torch.Tensor, full: bool = True) -> dict[str, float]:
+        """FID and KID; ``full`` adds precision/recall and, where the extractor classifies, IS."""
         return sample_metrics(
-            self.images, fake, self.extractor, reference=self.cache_name, cache_dir=self.cache_dir, prc=prc
+            self.images,
+            fake,
+            self.extractor,
+            reference=self.cache_name,
+            cache_dir=self.cache_dir,
+            prc=full,
+            isc=full and self.extractor.has_logits,
         )
 
 
@@ -72,22 +79,23 @@ def generate(
     cond: torch.Tensor,
     *,
     steps: int,
+    sampler: str = "ddim",
     eta: float = 0.0,
     guidance_scale: float = 1.0,
     batch_size: int = 64,
     seed: int = 0,
     label: str = "Sampling",
 ) -> Samples:
-    """Images for ``cond`` (DDIM, ``steps``), decoded; timed end to end (denoise + decode)."""
+    """Images for ``cond`` (``sampler`` with ``steps``), decoded; timed end to end (denoise + decode)."""
     from components.ldm_training import decode
 
     generator = torch.Generator().manual_seed(seed)
     chunks, started = [], time.perf_counter()
     with Progress(transient=True) as progress:
-        bar = progress.add_task(f"{label} ({steps} DDIM steps)", total=len(cond))
+        bar = progress.add_task(f"{label} ({steps} {sampler.upper()} steps)", total=len(cond))
         for batch in cond.split(batch_size):
             latents = module.sample(
-                batch, steps=steps, sampler="ddim", eta=eta, guidance_scale=guidance_scale, generator=generator
+                batch, steps=steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale, generator=generator
             )
             chunks.append(decode(stage, latents.cpu(), scale))
             progress.advance(bar, len(batch))
@@ -107,7 +115,7 @@ def ddim_curve(sample: Callable[[int], Samples], reference: Reference, step_coun
     points = []
     for steps in sorted(step_counts):
         samples = sample(steps)
-        metrics = reference.score(samples.images, prc=False)
+        metrics = reference.score(samples.images, full=False)
         points.append(CurvePoint(steps, metrics["fid"], metrics["kid_mean"], samples.img_per_s))
     return points
 

@@ -88,12 +88,13 @@ def score_samples(module, data: LatentData, params: Params, real: Reference) -> 
         data.scale,
         cond,
         steps=ev.sample_steps,
+        sampler=ev.sampler,
         eta=ev.eta,
         guidance_scale=ev.guidance_scale,
         batch_size=ev.batch_size,
         seed=params.seed,
     )
-    metrics = real.score(samples.images, prc=True) | {"sample_img_per_s": samples.img_per_s}
+    metrics = real.score(samples.images, full=True) | {"sample_img_per_s": samples.img_per_s}
     return metrics, samples
 
 

@@ -131,7 +131,7 @@ def fid_during_training(
             batch_size=params.eval.batch_size,
             seed=params.seed,
         )
-        metrics = reference.score(samples.images, prc=False)
+        metrics = reference.score(samples.images, full=False)
         return {"fid": metrics["fid"], "kid_mean": metrics["kid_mean"]}
 
     return evaluate
