@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from components.errors import UserError
-from components.params import Params, load_params
+from components.params import UNLIMITED_STEPS, Params, load_params, params_from_run
 from tests.conftest import REPO, latentlab
 
 
@@ -75,3 +75,31 @@ def test_cli_rejects_bad_factor_without_traceback(tmp_path):
     assert "ae.factor" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "data").exists()
+
+
+def test_sweep_budget_gives_every_factor_the_same_steps_or_the_same_time():
+    timed = load_params(REPO / "params/default.yaml", ["sweep.budget=time"]).for_factor(16)
+    assert timed.ae.factor == 16 and timed.ae.max_minutes == timed.ae.max_minutes > 0
+    assert timed.ae.max_steps == timed.ldm.max_steps == UNLIMITED_STEPS
+    stepped = load_params(REPO / "params/default.yaml", ["sweep.budget=steps"]).for_factor(4)
+    assert stepped.ae.max_minutes is None and stepped.ldm.max_minutes is None
+    assert (stepped.ae.max_steps, stepped.ldm.max_steps) == (400, 2000)
+    assert "equal wall time" in load_params(REPO / "params/default.yaml").budget_description()
+
+
+def test_sweep_settings_are_checked_before_any_work():
+    with pytest.raises(UserError, match="sweep.factors"):
+        load_params(None, ["sweep.factors=[3, 8]"])
+    with pytest.raises(UserError, match="For f=32 in sweep.factors"):
+        load_params(None, ["data.resolution=16"]).for_factor(32)
+    with pytest.raises(UserError, match="sweep.budget=steps"):
+        load_params(None, ["sweep.budget=time"]).check_sweep_budget()  # the schema has no time caps
+
+
+def test_params_come_back_from_a_runs_flattened_strings():
+    original = load_params(REPO / "params/smoke.yaml", ["ae.latent_channels=4", "data.remote_endpoint=http://x:9"])
+    logged = {key: str(value) for key, value in original.flat().items()}
+    keep = load_params(None, ["eval.samples=9"])
+    restored = params_from_run(logged, keep=keep, sections=("eval",))
+    assert restored.model_dump(exclude={"eval"}) == original.model_dump(exclude={"eval"})
+    assert restored.eval.samples == 9
