@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import TerminationSignal
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from components.errors import UserError
@@ -124,12 +126,23 @@ def sweep_flow(params: Params, experiment: str = "latentlab") -> SweepRun:
                 )
                 for f in todo
             }
-            results = {f: future.result() for f, future in futures.items()}
+            results = wait_or_exit(futures)
         factors = {**done, **results}
         for factor, entry in sorted(factors.items()):
             logger.info("f=%d: %s", factor, entry["status"])
         report = report_flow(sweep_run_id, experiment)
     return SweepRun(sweep_run_id, factors, report, reused=False)
+
+
+def wait_or_exit(futures: dict) -> dict[int, dict]:
+    """The factors' results; on Ctrl-C or SIGTERM, exit at once. Worker threads cannot be
+    interrupted, and waiting for them could take an hour; everything is resumable (checkpoints,
+    runs left RUNNING are reopened), so a hard exit loses nothing finished."""
+    try:
+        return {f: future.result() for f, future in futures.items()}
+    except (KeyboardInterrupt, TerminationSignal) as exc:  # Ctrl-C; SIGTERM, as Prefect raises it
+        print(f"latentlab sweep: {type(exc).__name__}: stopped; finished work is kept, rerun to resume.", flush=True)
+        os._exit(130)
 
 
 def recorded_factors(run: mlflow.entities.Run) -> dict[int, dict]:
