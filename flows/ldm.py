@@ -100,6 +100,7 @@ def prepare_latents(params: Params, ae: AutoencoderRun) -> LatentData:
         grid_rows = [(ordered[i].caption, i) for i in list(seen.values())[:GRID_ROWS]]
     else:
         index = {c: i for i, c in enumerate(classes)}
+        torch.manual_seed(params.seed)  # the class table's init: reproducible whatever ran before
         conditioner = Conditioner(mode, len(classes), params.ldm.context_dim)
         cond = {s: torch.tensor([index[r.label] for r in rs]) for s, rs in records.items()}
         grid_rows = list(zip(classes, range(len(classes)), strict=True)) if mode == "class" else [("samples", 0)]
@@ -142,6 +143,7 @@ def train(
     params: Params, data: LatentData, run_id: str, checkpoint_dir: Path, reference: Reference
 ) -> LatentDiffusionModule:
     z = data.latents["train"]
+    torch.manual_seed(params.seed)  # the UNet's init: reproducible whatever ran before in this process
     module = build_module(params, data)
     flops = ldm_training.flops_per_step(module, z[: params.ldm.batch_size], data.cond["train"][: params.ldm.batch_size])
     mlflow.log_metric("flops_per_step", flops)
