@@ -246,7 +246,7 @@ def _inception_shapes() -> dict[str, tuple[int, ...]]:
 def check_inception_weights(path: Path) -> None:
     """Refuse anything but a plain state dict of Inception-shaped tensors.
 
-    torch-fidelity 0.4.0 loads a local weights file with ``torch.load(weights_only=False)``,
+    torch-fidelity 0.4.0 loads a local weights file with full unpickling (``weights_only`` off),
     i.e. it would unpickle arbitrary objects. The file is loaded here first with
     ``weights_only=True`` and its keys and shapes compared with torch-fidelity's network, so
     what torch-fidelity later unpickles is known to be tensors only.

@@ -122,7 +122,7 @@ def sample_metrics(
 def _check_cache(cache_dir: Path, prefix: str) -> None:
     """Refuse cache files that are more than tensors and arrays before torch-fidelity reads them.
 
-    torch-fidelity 0.4.0 loads its cache with ``torch.load(weights_only=False)``; a file planted
+    torch-fidelity 0.4.0 loads its cache with full unpickling (``weights_only`` off); a file planted
     in the cache directory would otherwise run code.
     """
     reconstruct = np.zeros(0).__reduce__()[0]  # numpy's array unpickler, wherever this numpy keeps it
