@@ -89,7 +89,6 @@ def run_factor(params: Params, experiment: str, sweep_run_id: str, data: DataVer
 def sweep_flow(params: Params, experiment: str = "latentlab") -> SweepRun:
     """Compare the factors in ``sweep.factors`` under the budget in ``sweep.budget``."""
     logger = get_run_logger()
-    params.check_sweep_budget()
     per_factor = {f: params.for_factor(f) for f in params.sweep.factors}  # all valid before any work
     data = data_flow(params, experiment)
     experiment_id = use_experiment(experiment)

@@ -78,13 +78,16 @@ def test_cli_rejects_bad_factor_without_traceback(tmp_path):
 
 
 def test_sweep_budget_gives_every_factor_the_same_steps_or_the_same_time():
-    timed = load_params(REPO / "params/default.yaml", ["sweep.budget=time"]).for_factor(16)
-    assert timed.ae.factor == 16 and timed.ae.max_minutes == timed.ae.max_minutes > 0
-    assert timed.ae.max_steps == timed.ldm.max_steps == UNLIMITED_STEPS
-    stepped = load_params(REPO / "params/default.yaml", ["sweep.budget=steps"]).for_factor(4)
+    sweep = ["sweep.ae_minutes=2", "sweep.ldm_minutes=4.5", "sweep.ae_steps=30", "sweep.ldm_steps=70"]
+    timed = load_params(REPO / "params/default.yaml", [*sweep, "sweep.budget=time"])
+    per_factor = timed.for_factor(16)
+    assert per_factor.ae.factor == 16 and (per_factor.ae.max_minutes, per_factor.ldm.max_minutes) == (2, 4.5)
+    assert per_factor.ae.max_steps == per_factor.ldm.max_steps == UNLIMITED_STEPS
+    assert timed.ae.max_minutes != 2, "a single run keeps its own budget"
+    assert timed.budget_description() == "equal wall time: ae 2 min, ldm 4.5 min per factor"
+    stepped = load_params(REPO / "params/default.yaml", [*sweep, "sweep.budget=steps"]).for_factor(4)
     assert stepped.ae.max_minutes is None and stepped.ldm.max_minutes is None
-    assert (stepped.ae.max_steps, stepped.ldm.max_steps) == (400, 2000)
-    assert "equal wall time" in load_params(REPO / "params/default.yaml").budget_description()
+    assert (stepped.ae.max_steps, stepped.ldm.max_steps) == (30, 70)
 
 
 def test_sweep_settings_are_checked_before_any_work():
@@ -92,8 +95,8 @@ def test_sweep_settings_are_checked_before_any_work():
         load_params(None, ["sweep.factors=[3, 8]"])
     with pytest.raises(UserError, match="For f=32 in sweep.factors"):
         load_params(None, ["data.resolution=16"]).for_factor(32)
-    with pytest.raises(UserError, match="sweep.budget=steps"):
-        load_params(None, ["sweep.budget=time"]).check_sweep_budget()  # the schema has no time caps
+    with pytest.raises(UserError, match="sweep.ldm_minutes"):
+        load_params(None, ["sweep.ldm_minutes=0"])
 
 
 def test_params_come_back_from_a_runs_flattened_strings():

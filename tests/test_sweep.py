@@ -32,7 +32,15 @@ TINY_EVAL = [
     "ldm.fid_samples=8",
     "ldm.fid_sample_steps=2",
 ]
-TINY_SWEEP = [*LDM_SMOKE, *TINY_EVAL, "ldm.max_steps=4", "sweep.factors=[1, 4]", "sweep.budget=steps"]
+TINY_SWEEP = [
+    *LDM_SMOKE,
+    *TINY_EVAL,
+    "ldm.max_steps=4",  # single runs; the sweep's own budget below
+    "sweep.ae_steps=6",
+    "sweep.ldm_steps=4",
+    "sweep.factors=[1, 4]",
+    "sweep.budget=steps",
+]
 
 
 def runs(stage: str) -> list[mlflow.entities.Run]:
