@@ -24,15 +24,23 @@ from components.params import load_params
 OUT = Path("reports/benchmarks")
 
 
-def img_per_s(module: LatentDiffusionModule, optimizer: torch.optim.Optimizer, steps: int, batch: int = 32) -> float:
+def img_per_s(
+    module: LatentDiffusionModule, optimizer: torch.optim.Optimizer, steps: int, threads: int, batch: int = 32
+) -> float:
+    """Training img/s in the calling thread (PyTorch's thread count is set per calling thread)."""
+    torch.set_num_threads(threads)
     latents, cond = torch.randn(batch, 4, 8, 8), torch.randint(0, 11, (batch,))
-    for warmup in (True, False):
-        started = time.perf_counter()
-        for _ in range(5 if warmup else steps):
+
+    def train(n: int) -> None:
+        for _ in range(n):
             loss = module.loss(latents, cond)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+
+    train(5)  # warm-up: first-call allocations and kernel selection
+    started = time.perf_counter()
+    train(steps)
     return steps * batch / (time.perf_counter() - started)
 
 
@@ -46,11 +54,9 @@ def main() -> None:
     optimizer = module.configure_optimizers()
     results = {}
     for threads in (torch.get_num_threads(), 1):
-        torch.set_num_threads(threads)
-        main_thread = img_per_s(module, optimizer, steps)
+        main_thread = img_per_s(module, optimizer, steps, threads)
         with ThreadPoolExecutor(1) as pool:
-            worker = pool.submit(lambda t=threads: (torch.set_num_threads(t), img_per_s(module, optimizer, steps))[1])
-            worker_thread = worker.result()
+            worker_thread = pool.submit(img_per_s, module, optimizer, steps, threads).result()
         results[f"{threads}_threads"] = {
             "main_img_per_s": round(main_thread, 1),
             "worker_img_per_s": round(worker_thread, 1),
