@@ -19,13 +19,14 @@ from pathlib import Path
 from components.autoencoder_training import AutoencoderModule
 from components.dataset import load_split
 from components.params import load_params
+from components.workspace import DATA_DIR
 
 FACTORS = (2, 4, 8, 16, 32)
 OUT = Path("reports/benchmarks")
 
 
 def throughput(steps: int = 4) -> list[dict]:
-    images, _ = load_split(Path("data"), "train")
+    images, _ = load_split(DATA_DIR, "train")
     rows = []
     for preset in ("smoke", "default"):
         for factor in FACTORS:

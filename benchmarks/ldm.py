@@ -23,26 +23,28 @@ from pathlib import Path
 import mlflow
 import torch
 
-from components.autoencoder_training import first_stage_from_params
 from components.conditioning import Conditioner
 from components.diffusion import LatentDiffusionModule
+from components.first_stage import build_first_stage
+from components.images import to_float
 from components.ldm_training import flops_per_step, train_ldm
 from components.params import load_params
+from components.tracking import MLflowReporter
 
 OUT = Path("reports/benchmarks")
 
 
 def setup(factor: int):
     params = load_params("params/default.yaml", [f"ae.factor={factor}"])
-    stage = first_stage_from_params(params.ae, 64).eval()
-    size, channels = 64 // factor, stage.latent_channels
+    stage = build_first_stage(params.ae, 64).eval()
+    channels, size, _ = stage.latent_shape(64)
     module = LatentDiffusionModule(
         params.ldm.model_dump(mode="json"), channels, size, 11, Conditioner("class", 11, params.ldm.context_dim)
     )
     n = params.ldm.batch_size * 4
     images = (torch.rand(n, 3, 64, 64) * 255).to(torch.uint8)
     with torch.no_grad():
-        latents = torch.cat([stage.encode(c.float() / 127.5 - 1) for c in images.split(32)])
+        latents = torch.cat([stage.encode(to_float(c)) for c in images.split(32)])
     cond = torch.randint(0, 11, (n,))
     return params, stage, module, images, latents, cond
 
@@ -70,17 +72,8 @@ def platform(params, module, latents, cond, steps) -> float:
         mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
         with mlflow.start_run() as run:
             ldm = params.ldm.model_copy(update={"max_steps": max(steps, 30), "log_every": 10, "image_every": 10**9})
-            module.steps.zero_()
-            train_ldm(
-                module,
-                ldm,
-                latents,
-                cond,
-                run_id=run.info.run_id,
-                checkpoint_dir=Path(tmp) / "ckpt",
-                seed=0,
-                grid=lambda: None,
-            )
+            reporter = MLflowReporter(run.info.run_id, ldm, lambda module: None, "samples")
+            train_ldm(module, ldm, latents, cond, checkpoint_dir=Path(tmp) / "ckpt", seed=0, callbacks=[reporter])
             history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_img_per_s")
         mlflow.set_tracking_uri(None)
     windows = [m.value for m in sorted(history, key=lambda m: m.step)][1:]
@@ -113,7 +106,7 @@ def main(steps: int) -> dict:
 
             def encode(i, j, images=images, stage=stage):
                 with torch.no_grad():
-                    return stage.encode(images[i:j].float() / 127.5 - 1)
+                    return stage.encode(to_float(images[i:j]))
 
             row["encode_each_batch_img_per_s"] = round(bare_loop(module, latents, cond, batch, steps, encode), 2)
             row["cache_speedup"] = round(row["bare_img_per_s"] / row["encode_each_batch_img_per_s"], 2)

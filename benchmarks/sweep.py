@@ -18,6 +18,7 @@ from pathlib import Path
 import mlflow
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from components.runs import TAG_BUDGET, read_factor_entries  # noqa: E402
 from components.tracking import tracking_uri  # noqa: E402
 
 
@@ -27,24 +28,21 @@ def main(sweep_run_id: str) -> dict:
     sweep = client.get_run(sweep_run_id)
     total = (sweep.info.end_time - sweep.info.start_time) / 1000
     training = sampling = 0.0
-    for name, value in sweep.data.tags.items():
-        if not name.startswith("latentlab.sweep.f"):
-            continue
-        entry = json.loads(value)
-        for stage in ("ae", "ldm"):
-            if entry.get(stage):
-                run = client.get_run(entry[stage])
+    for entry in read_factor_entries(sweep.data.tags).values():
+        for run_id in (entry.ae, entry.ldm):
+            if run_id:
+                run = client.get_run(run_id)
                 training += run.data.metrics.get("wall_time_s", 0.0)
-                sampling += sum(m.value for m in client.get_metric_history(entry[stage], "fid_eval_s"))
-        if entry.get("evaluate"):
-            run = client.get_run(entry["evaluate"])
+                sampling += sum(m.value for m in client.get_metric_history(run_id, "fid_eval_s"))
+        if entry.evaluate:
+            run = client.get_run(entry.evaluate)
             params, metrics = run.data.params, run.data.metrics
             sampling += int(params["eval.samples"]) / metrics["sample_img_per_s"]
-            for point in client.get_metric_history(entry["evaluate"], "ddim_sample_img_per_s"):
+            for point in client.get_metric_history(entry.evaluate, "ddim_sample_img_per_s"):
                 sampling += int(params["eval.curve_samples"]) / point.value
     result = {
         "sweep_run_id": sweep_run_id,
-        "budget": sweep.data.tags.get("latentlab.budget"),
+        "budget": sweep.data.tags.get(TAG_BUDGET),
         "wall_s": round(total, 1),
         "training_s": round(training, 1),
         "sampling_s": round(sampling, 1),

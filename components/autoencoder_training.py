@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,27 +11,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from components.autoencoders import FirstStage, build_first_stage
-from components.evaluation import Reference
+from components.first_stage import build_first_stage
 from components.grids import labeled_grid
+from components.images import to_float, to_pil, to_uint8
 from components.losses import AutoencoderLoss, PerceptualLoss
-from components.metrics import codebook_usage, psnr_ssim, to_uint8
+from components.metrics import Reference, codebook_usage, psnr_ssim
 from components.params import AEParams
-from components.training import MLflowReporter, add_budget_buffers, fit, make_trainer
-
-
-def first_stage_from_params(ae: AEParams, resolution: int) -> FirstStage:
-    return build_first_stage(
-        ae.factor,
-        ae.regularizer,
-        latent_channels=ae.latent_channels,
-        base_channels=ae.base_channels,
-        channel_mult=tuple(ae.channel_mult),
-        layers_per_block=ae.layers_per_block,
-        attention=ae.attention,
-        codebook_size=ae.codebook_size,
-        resolution=resolution,
-    )
+from components.training import add_budget_buffers, fit, make_trainer
 
 
 class AutoencoderModule(L.LightningModule):
@@ -41,7 +28,7 @@ class AutoencoderModule(L.LightningModule):
         self.save_hyperparameters()  # plain values only: checkpoints load with weights_only
         self.params_ = AEParams.model_validate(ae)
         self.automatic_optimization = False
-        self.stage = first_stage_from_params(self.params_, resolution)
+        self.stage = build_first_stage(self.params_, resolution)
         self.perceptual = PerceptualLoss(self.params_.perceptual, self.params_.lpips_vgg_weights)
         weight = self.params_.kl_weight if self.params_.regularizer == "kl" else self.params_.codebook_weight
         self.loss = AutoencoderLoss(
@@ -63,7 +50,7 @@ class AutoencoderModule(L.LightningModule):
         )
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
-        x = batch[0].float() / 127.5 - 1
+        x = to_float(batch[0])
         opt_ae, opt_disc = self.optimizers()
         step = int(self.steps)
         out = self.stage.reconstruct(x)
@@ -87,7 +74,7 @@ class AutoencoderModule(L.LightningModule):
         self.eval()
         parts = []
         for chunk in images.split(batch_size):
-            x = chunk.to(self.device).float() / 127.5 - 1
+            x = to_float(chunk.to(self.device))
             parts.append(to_uint8(self.stage.decode(self.stage.encode(x))).cpu())
         self.train(was_training)
         return torch.cat(parts)
@@ -96,25 +83,23 @@ class AutoencoderModule(L.LightningModule):
 def reconstruction_grid(module: AutoencoderModule, images: torch.Tensor) -> Image.Image:
     """Originals over their reconstructions."""
     recon = module.reconstruct_uint8(images)
-    return labeled_grid([("original", _pil(images)), ("reconstruction", _pil(recon))])
+    return labeled_grid([("original", to_pil(images)), ("reconstruction", to_pil(recon))])
 
 
 def train_autoencoder(
     ae: AEParams,
     train_images: torch.Tensor,
-    preview: torch.Tensor,
     *,
     resolution: int,
-    run_id: str,
     checkpoint_dir: Path,
     seed: int,
+    callbacks: Sequence[L.Callback] = (),
 ) -> AutoencoderModule:
-    """Train (or resume) a first stage on uint8 images, reporting to MLflow run ``run_id``."""
+    """Train (or resume) a first stage on uint8 images; ``callbacks`` report (``components.tracking``)."""
     L.seed_everything(seed, verbose=False)
     module = AutoencoderModule(ae.model_dump(mode="json"), resolution)
     loader = DataLoader(TensorDataset(train_images), batch_size=ae.batch_size, shuffle=True, drop_last=True)
-    reporter = MLflowReporter(run_id, ae, lambda: reconstruction_grid(module, preview), "reconstructions")
-    trainer = make_trainer(ae, checkpoint_dir, [reporter])
+    trainer = make_trainer(ae, checkpoint_dir, list(callbacks))
     fit(trainer, module, loader, checkpoint_dir)
     return module
 
@@ -129,23 +114,12 @@ def evaluate_autoencoder(module: AutoencoderModule, reference: Reference) -> dic
     metrics |= {"rfid": fidelity["fid"], "rkid_mean": fidelity["kid_mean"]}
     if module.perceptual.lpips is not None:
         with torch.no_grad():
-            x, y = (t.float().to(module.device) / 127.5 - 1 for t in (recon, val_images))
+            x, y = (to_float(t.to(module.device)) for t in (recon, val_images))
             metrics["lpips"] = float(module.perceptual.lpips(x, y))
-    if module.stage.regularizer == "vq" and module.stage.trainable:
+    if module.stage.regularizer == "vq":
         with torch.no_grad():
             codes = torch.cat(
-                [module.stage.reconstruct(c.to(module.device).float() / 127.5 - 1).codes for c in val_images.split(64)]
+                [module.stage.reconstruct(to_float(c.to(module.device))).codes for c in val_images.split(64)]
             )
         metrics |= codebook_usage(codes.cpu(), module.params_.codebook_size)
     return metrics
-
-
-def export_autoencoder(module: AutoencoderModule, directory: Path) -> Path:
-    """A diffusers ``save_pretrained`` directory (config + safetensors weights)."""
-    directory = Path(directory)
-    module.stage.save_pretrained(directory)
-    return directory
-
-
-def _pil(images: torch.Tensor) -> list[Image.Image]:
-    return [Image.fromarray(i.permute(1, 2, 0).numpy()) for i in images]

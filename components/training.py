@@ -1,4 +1,5 @@
-"""Lightning plumbing shared by the training stages: budgets, checkpoints, MLflow reporting.
+"""Lightning plumbing shared by the training stages: budgets and checkpoints (reporting to
+MLflow is ``components.tracking``'s callbacks, which a stage passes in).
 
 Checkpoints are written atomically to ``<dir>/last.ckpt`` every N steps and at the end, so a
 killed run resumes from its last checkpoint (``fit(..., ckpt_path=last, weights_only=True)``).
@@ -8,13 +9,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import mlflow
 import pytorch_lightning as L
 import torch
-from PIL import Image
 
 from components.params import TrainingBudget
 
@@ -35,6 +33,9 @@ class Budget(L.Callback):
         self.max_steps, self.max_seconds = max_steps, (max_minutes or float("inf")) * 60
         self._started = 0.0
 
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        add_budget_buffers(module)  # before Lightning restores a checkpoint into the module
+
     def on_train_batch_start(self, *_) -> None:
         self._started = time.perf_counter()
 
@@ -46,7 +47,9 @@ class Budget(L.Callback):
 
 
 def add_budget_buffers(module: L.LightningModule) -> None:
-    """The counters ``Budget`` keeps in a module (and so in its checkpoints)."""
+    """The counters ``Budget`` keeps in a module (and so in its checkpoints), unless it has them."""
+    if hasattr(module, "steps"):
+        return
     module.register_buffer("steps", torch.zeros((), dtype=torch.long))
     module.register_buffer("train_seconds", torch.zeros((), dtype=torch.float64))
 
@@ -66,74 +69,6 @@ class PeriodicCheckpoint(L.Callback):
         partial = self.path.with_suffix(".partial")
         trainer.save_checkpoint(partial, weights_only=False)  # full state, to resume
         os.replace(partial, self.path)  # never a half-written last.ckpt
-
-
-class MLflowReporter(L.Callback):
-    """Logs ``module.logged`` every ``log_every`` steps (with images/s) and a grid every
-    ``image_every`` steps, to one MLflow run by id."""
-
-    def __init__(self, run_id: str, budget: TrainingBudget, grid: Callable[[], Image.Image], grid_name: str):
-        self.run_id, self.budget, self.grid, self.grid_name = run_id, budget, grid, grid_name
-        self.client = mlflow.MlflowClient()
-        self._since = time.perf_counter()
-        self._images = 0
-
-    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self._since = time.perf_counter()  # throughput counts training, not set-up
-
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, *_) -> None:
-        step = int(module.steps)
-        self._images += len(batch[0])
-        if step % self.budget.log_every == 0:
-            elapsed = time.perf_counter() - self._since
-            metrics = {name: float(value) for name, value in module.logged.items()}
-            metrics["train_img_per_s"] = self._images / max(elapsed, 1e-9)
-            metrics["images_seen"] = step * self.budget.batch_size
-            self.client.log_batch(
-                self.run_id,
-                metrics=[mlflow.entities.Metric(k, v, int(time.time() * 1000), step) for k, v in metrics.items()],
-            )
-            self._since, self._images = time.perf_counter(), 0
-        if step % self.budget.image_every == 0:
-            self.client.log_image(self.run_id, self.grid(), key=self.grid_name, step=step)
-
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        """What the sweep compares budgets by: steps, images and training seconds."""
-        step = int(module.steps)
-        now = int(time.time() * 1000)
-        totals = {
-            "steps": step,
-            "images_seen": step * self.budget.batch_size,
-            "wall_time_s": float(module.train_seconds),
-        }
-        self.client.log_batch(self.run_id, metrics=[mlflow.entities.Metric(k, v, now, step) for k, v in totals.items()])
-
-
-class PeriodicEvaluation(L.Callback):
-    """Logs ``evaluate()``'s metrics every ``every`` steps and at the end, at the training step
-    (FID during training: the paper's Figure 6). Not timed by ``Budget``."""
-
-    def __init__(self, run_id: str, every: int, evaluate: Callable[[], dict[str, float]]):
-        self.run_id, self.every, self.evaluate = run_id, every, evaluate
-        self.client = mlflow.MlflowClient()
-        self._last = -1
-
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_) -> None:
-        if int(module.steps) % self.every == 0:
-            self.record(int(module.steps))
-
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if int(module.steps) != self._last:
-            self.record(int(module.steps))
-
-    def record(self, step: int) -> None:
-        started = time.perf_counter()
-        values = self.evaluate() | {"fid_eval_s": 0.0}
-        values["fid_eval_s"] = time.perf_counter() - started
-        now = int(time.time() * 1000)
-        metrics = [mlflow.entities.Metric(k, v, now, step) for k, v in values.items()]
-        self.client.log_batch(self.run_id, metrics=metrics)
-        self._last = step
 
 
 def make_trainer(budget: TrainingBudget, checkpoint_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:

@@ -90,7 +90,7 @@ def cmd_sweep(params: Params, args: argparse.Namespace) -> None:
     verb = "Reused finished sweep" if result.reused else "Sweep"
     console.print(f"[bold green]{verb} {result.run_id}[/]: report {result.report}")
     for factor in result.failed:
-        console.print(f"  [red]f={factor}[/]: {result.factors[factor]['status']} (rerun the sweep to retry it)")
+        console.print(f"  [red]f={factor}[/]: {result.factors[factor].status} (rerun the sweep to retry it)")
     print(result.run_id)
     if result.failed:
         raise SystemExit(1)

@@ -15,19 +15,13 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from components import dvc
-from components.dataset import (
-    build_dataset,
-    is_current,
-    read_manifest,
-    read_records,
-    remember_build,
-)
+from components.dataset import build_dataset, is_current, read_manifest, read_records, remember_build
 from components.grids import labeled_grid
 from components.params import DataParams, Params, flatten
+from components.runs import ReuseOrResume, data_build_key, data_run_key
 from components.sources import load_source
-from components.tracking import latest_run, stage_run, use_experiment
-
-DATA_DIR = "data"
+from components.tracking import use_experiment
+from components.workspace import DATA_DIR
 
 
 @dataclass(frozen=True)
@@ -39,13 +33,14 @@ class DataVersion:
 
 @task(cache_policy=NO_CACHE)
 def prepare_data(params: DataParams, root: Path) -> tuple[dict, str, bool]:
-    """Build ``data/`` unless it is current; return its manifest, the source fingerprint and
-    whether it was (re)built."""
+    """Build ``data/`` unless it is current; return its manifest, its build key and whether it
+    was (re)built."""
     logger = get_run_logger()
     source = load_source(params)
-    if is_current(root, source.fingerprint, dvc.version(root)) and dvc.is_up_to_date(root):
+    build = data_build_key(source.fingerprint)
+    if is_current(root, build, dvc.version(root)) and dvc.is_up_to_date(root):
         logger.info("data/ is current for these parameters: nothing to rebuild")
-        return read_manifest(root / DATA_DIR), source.fingerprint, False
+        return read_manifest(root / DATA_DIR), build, False
     logger.info("Preparing %d images from %s at %d px", len(source.items), params.source, params.resolution)
     manifest = build_dataset(
         source.items,
@@ -59,16 +54,17 @@ def prepare_data(params: DataParams, root: Path) -> tuple[dict, str, bool]:
     )
     for skipped in manifest["skipped"]:
         logger.warning("Skipped %s: %s", skipped["file"], skipped["reason"])
-    return manifest, source.fingerprint, True
+    return manifest, build, True
 
 
 @task(cache_policy=NO_CACHE)
-def version_data(params: DataParams, root: Path, fingerprint: str, rebuilt: bool) -> str:
+def version_data(params: DataParams, root: Path, build: str, rebuilt: bool) -> str:
     """``dvc add`` (when rebuilt) + ``dvc push``; the version is the md5 in data.dvc."""
-    version = dvc.add(root, DATA_DIR) if rebuilt else dvc.version(root)
-    remember_build(root, fingerprint, version)
+    target = str(DATA_DIR)
+    version = dvc.add(root, target) if rebuilt else dvc.version(root)
+    remember_build(root, build, version)
     dvc.use_remote(root, params.remote, params.remote_endpoint)
-    dvc.push(root, DATA_DIR)
+    dvc.push(root, target)
     get_run_logger().info("Data version %s pushed to %s", version, params.remote)
     return version
 
@@ -76,16 +72,12 @@ def version_data(params: DataParams, root: Path, fingerprint: str, rebuilt: bool
 @task(cache_policy=NO_CACHE)
 def record_data_run(params: DataParams, root: Path, version: str, manifest: dict, experiment: str) -> str:
     """One MLflow ``data`` run per version: counts, parameters, bad-file report, sample grid."""
-    experiment_id = use_experiment(experiment)
-    existing = latest_run(experiment_id, "data", **{"latentlab.data_version": version})
-    if existing is not None:
-        return existing.info.run_id
+    recorded = ReuseOrResume.find(use_experiment(experiment), "data", data_run_key(version))
+    if recorded.reusable is not None:
+        return recorded.reusable.info.run_id
     counts = manifest["counts"]
-    with stage_run(
-        "data",
-        data_version=version,
-        params=flatten({"data": params.model_dump(mode="json")}),
-        run_name=f"data-{version[:8]}",
+    with recorded.start(
+        data_version=version, params=flatten({"data": params.model_dump(mode="json")}), run_name=f"data-{version[:8]}"
     ) as run:
         mlflow.log_metrics({f"n_{split}": counts[split] for split in ("total", "train", "val", "skipped")})
         mlflow.log_metric("n_classes", len(manifest["classes"]))
@@ -114,7 +106,7 @@ def data_flow(params: Params, experiment: str = "latentlab", root: Path = Path("
     """Prepare, version and record the dataset that ``params.data`` describes."""
     root = Path(root).resolve()
     dvc.ensure_repo(root)
-    manifest, fingerprint, rebuilt = prepare_data(params.data, root)
-    version = version_data(params.data, root, fingerprint, rebuilt)
+    manifest, build, rebuilt = prepare_data(params.data, root)
+    version = version_data(params.data, root, build, rebuilt)
     run_id = record_data_run(params.data, root, version, manifest, experiment)
     return DataVersion(version, run_id, manifest)

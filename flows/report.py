@@ -10,10 +10,11 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from components.report import collect, log_report, write_report
-from components.tracking import run_of_stage, use_experiment
-
-REPORTS_DIR = Path("reports")
+from components.report import log_report, write_report
+from components.runs import run_of_stage
+from components.sweep_summary import collect
+from components.tracking import use_experiment
+from components.workspace import REPORTS_DIR
 
 
 @flow(name="report")

@@ -17,25 +17,27 @@ from pathlib import Path
 import mlflow
 from prefect import flow, get_run_logger
 
-from components import dvc
+from components import dvc, workspace
 from components.dataset import read_manifest
 from components.errors import UserError
 from components.params import Params, params_from_run
-from components.tracking import (
+from components.runs import (
     TAG_DATA_VERSION,
+    TAG_FACTOR,
     TAG_GIT_COMMIT,
+    TAG_REPRODUCED_RUN,
+    TAG_REPRODUCED_STAGE,
+    TAG_REPRODUCES,
     TAG_STAGE,
+    TAG_WITHIN_TOLERANCE,
     run_of_stage,
     stage_run,
-    tracking_uri,
-    use_experiment,
 )
+from components.tracking import tracking_uri, use_experiment
 from flows.autoencoder import autoencoder_flow
 from flows.data import DataVersion
 from flows.ldm import ldm_flow
 
-TAG_REPRODUCES = "latentlab.reproduces"
-TAG_WITHIN = "latentlab.within_tolerance"
 STAGES = ("autoencoder", "ldm")
 CODE_PATHS = ("components", "flows")
 
@@ -103,10 +105,10 @@ def reproduce_flow(
     root = Path.cwd()
     remote = run_params.data.remote
     remote = remote if "://" in remote else str((root / remote).resolve())
-    workspace = root / ".latentlab" / "reproduce" / run_id
-    logger.info("Restoring data version %s into %s", version, workspace)
+    checkout = root / workspace.reproduce_dir(run_id)
+    logger.info("Restoring data version %s into %s", version, checkout)
     data_dir = dvc.restore(
-        version, workspace, cache_dir=root / ".dvc" / "cache", remote=remote, endpoint=run_params.data.remote_endpoint
+        version, checkout, cache_dir=root / ".dvc" / "cache", remote=remote, endpoint=run_params.data.remote_endpoint
     )
     data = DataVersion(version, "", read_manifest(data_dir))
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()  # keep this store after the chdir below
@@ -116,10 +118,10 @@ def reproduce_flow(
             data_version=version,
             params=run_params.flat(),
             run_name=f"reproduce-{original.info.run_name}",
-            factor=int(tags["latentlab.factor"]) if "latentlab.factor" in tags else None,
-            tags={TAG_REPRODUCES: run_id, "latentlab.reproduced_stage": stage},
+            factor=int(tags[TAG_FACTOR]) if TAG_FACTOR in tags else None,
+            tags={TAG_REPRODUCES: run_id, TAG_REPRODUCED_STAGE: stage},
         ) as run,
-        contextlib.chdir(workspace),
+        contextlib.chdir(checkout),
     ):
         if stage == "autoencoder":
             new_run_id = autoencoder_flow(run_params, experiment, run.info.run_id, data, fresh=True).run_id
@@ -131,6 +133,6 @@ def reproduce_flow(
             mlflow.log_metrics(
                 {f"original/{c.metric}": c.original, c.metric: c.reproduced, f"rel_diff/{c.metric}": c.relative}
             )
-        mlflow.set_tag(TAG_WITHIN, str(result.within_tolerance).lower())
-        mlflow.set_tag("latentlab.reproduced_run_id", new_run_id)
+        mlflow.set_tag(TAG_WITHIN_TOLERANCE, str(result.within_tolerance).lower())
+        mlflow.set_tag(TAG_REPRODUCED_RUN, new_run_id)
     return result

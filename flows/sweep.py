@@ -10,78 +10,60 @@ sweep is returned at once.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import mlflow
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import TerminationSignal
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from components.errors import UserError
 from components.params import Params
-from components.tracking import latest_run, stage_run, use_experiment
+from components.runs import (
+    FINISHED,
+    TAG_BUDGET,
+    FactorEntry,
+    ReuseOrResume,
+    read_factor_entries,
+    sweep_key,
+    write_factor_entry,
+)
+from components.tracking import use_experiment
 from flows.data import DataVersion, data_flow
 from flows.evaluate import evaluate_flow
 from flows.extractor import choose_extractor
 from flows.ldm import ldm_flow
 from flows.report import report_flow
 
-TAG_SWEEP_KEY = "latentlab.sweep_key"
-TAG_BUDGET = "latentlab.budget"
-FINISHED = "finished"
-CODE_DIRS = ("components", "flows")
-
-
-def factor_tag(factor: int) -> str:
-    return f"latentlab.sweep.f{factor}"
-
 
 @dataclass(frozen=True)
 class SweepRun:
     run_id: str
-    factors: dict[int, dict]
+    factors: dict[int, FactorEntry]
     report: Path | None
     reused: bool
 
     @property
     def failed(self) -> list[int]:
-        return [f for f, entry in self.factors.items() if entry["status"] != FINISHED]
-
-
-def sweep_key(params: Params, data_version: str) -> str:
-    """Data version + every parameter + the code of all stages."""
-    root = Path(__file__).resolve().parents[1]
-    code = hashlib.sha256()
-    for path in sorted(p for d in CODE_DIRS for p in (root / d).glob("*.py")):
-        code.update(path.read_bytes())
-    blob = json.dumps([data_version, params.model_dump(mode="json"), code.hexdigest()], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+        return [f for f, entry in self.factors.items() if not entry.finished]
 
 
 @task(cache_policy=NO_CACHE, task_run_name="factor-f{params.ae.factor}")
-def run_factor(params: Params, experiment: str, sweep_run_id: str, data: DataVersion) -> dict:
+def run_factor(params: Params, experiment: str, sweep_run_id: str, data: DataVersion) -> FactorEntry:
     """Autoencoder -> LDM -> evaluation for one f; a failure is returned, not raised, so the
     sweep goes on with the other factors."""
-    logger = get_run_logger()
     factor = params.ae.factor
-    entry = {"ae": "", "ldm": "", "evaluate": "", "status": "running"}
-    client = mlflow.MlflowClient()
+    entry = FactorEntry(status="running")
     try:
         ldm = ldm_flow(params, experiment, sweep_run_id, data)
-        entry |= {"ae": ldm.ae_run_id, "ldm": ldm.run_id}
+        entry = replace(entry, ae=ldm.ae_run_id, ldm=ldm.run_id)
         evaluation = evaluate_flow(params, ldm.run_id, experiment, sweep_run_id, data)
-        entry |= {"evaluate": evaluation.run_id, "status": FINISHED}
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 (one factor must not sink the sweep)
-        if isinstance(exc, KeyboardInterrupt):
-            raise
-        logger.error("f=%d failed: %s: %s", factor, type(exc).__name__, exc)
-        entry["status"] = f"failed: {type(exc).__name__}: {exc}"[:500]
-    client.set_tag(sweep_run_id, factor_tag(factor), json.dumps(entry))
+        entry = replace(entry, evaluate=evaluation.run_id, status=FINISHED)
+    except Exception as exc:  # noqa: BLE001 (one factor must not sink the sweep)
+        get_run_logger().error("f=%d failed: %s: %s", factor, type(exc).__name__, exc)
+        entry = replace(entry, status=f"failed: {type(exc).__name__}: {exc}"[:500])
+    write_factor_entry(sweep_run_id, factor, entry)
     return entry
 
 
@@ -91,13 +73,10 @@ def sweep_flow(params: Params, experiment: str = "latentlab") -> SweepRun:
     logger = get_run_logger()
     per_factor = {f: params.for_factor(f) for f in params.sweep.factors}  # all valid before any work
     data = data_flow(params, experiment)
-    experiment_id = use_experiment(experiment)
-    key = sweep_key(params, data.version)
-    previous = latest_run(experiment_id, "sweep", finished=False, **{TAG_SWEEP_KEY: key}) or latest_run(
-        experiment_id, "sweep", **{TAG_SWEEP_KEY: key}
-    )
-    done = recorded_factors(previous) if previous else {}
-    todo = [f for f in params.sweep.factors if done.get(f, {}).get("status") != FINISHED]
+    recorded = ReuseOrResume.find(use_experiment(experiment), "sweep", sweep_key(params, data.version))
+    previous = recorded.resumable or recorded.reusable
+    done = read_factor_entries(previous.data.tags) if previous else {}
+    todo = [f for f in params.sweep.factors if not (f in done and done[f].finished)]
     if previous and not todo and previous.info.status == "FINISHED":
         logger.info("Sweep %s already finished with these parameters: nothing to do", previous.info.run_id)
         report = report_flow(previous.info.run_id, experiment, log=False)
@@ -105,21 +84,20 @@ def sweep_flow(params: Params, experiment: str = "latentlab") -> SweepRun:
     choose_extractor(params, data.version, experiment)  # once, before factors race to train it
     if previous:
         logger.info("Resuming sweep %s: f=%s left", previous.info.run_id, ", ".join(map(str, todo)))
-    with stage_run(
-        "sweep",
+    with recorded.start(
         data_version=data.version,
         params=params.flat(),
-        run_name=f"sweep-{key[:6]}",
-        tags={TAG_SWEEP_KEY: key, TAG_BUDGET: params.budget_description()},
-        resume_run_id=previous.info.run_id if previous else None,
+        run_name=f"sweep-{recorded.key[:6]}",
+        tags={TAG_BUDGET: params.budget_description()},
+        reopen=previous,
     ) as run:
         sweep_run_id = run.info.run_id
         for factor in todo:
-            mlflow.set_tag(factor_tag(factor), json.dumps({"ae": "", "ldm": "", "evaluate": "", "status": "queued"}))
+            write_factor_entry(sweep_run_id, factor, FactorEntry())
         results = run_factors(todo, per_factor, experiment, sweep_run_id, data, params.sweep.workers)
         factors = {**done, **results}
         for factor, entry in sorted(factors.items()):
-            logger.info("f=%d: %s", factor, entry["status"])
+            logger.info("f=%d: %s", factor, entry.status)
         report = report_flow(sweep_run_id, experiment)
     return SweepRun(sweep_run_id, factors, report, reused=False)
 
@@ -148,14 +126,3 @@ def run_factors(
     except (KeyboardInterrupt, TerminationSignal, SystemExit) as exc:
         print(f"latentlab sweep: {type(exc).__name__}: stopped; finished work is kept, rerun to resume.", flush=True)
         os._exit(130)
-
-
-def recorded_factors(run: mlflow.entities.Run) -> dict[int, dict]:
-    entries = {}
-    for name, value in run.data.tags.items():
-        if name.startswith("latentlab.sweep.f"):
-            try:
-                entries[int(name.removeprefix("latentlab.sweep.f"))] = json.loads(value)
-            except (ValueError, json.JSONDecodeError):
-                raise UserError(f"Sweep run {run.info.run_id} has a damaged tag {name}: delete it to redo f.") from None
-    return entries

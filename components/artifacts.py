@@ -1,0 +1,108 @@
+"""Trained models as MLflow artifacts: what the stages publish, and how a later stage, another
+machine or a notebook loads them back from a run id alone.
+
+- An autoencoder run holds ``diffusers/``, the first stage in diffusers' layout (its config
+  carries the latent scale), and ``weights/autoencoder.safetensors``.
+- An LDM run holds ``ldm/``: ``ldm.json`` (LDM parameters, latent shape, conditioning, the
+  autoencoder run it was trained on) beside ``ldm_ema.safetensors``; and ``pipeline/``, a
+  diffusers pipeline for use outside latentlab.
+
+So loading an LDM needs its run id, its autoencoder run (named in ``ldm.json``) and, for the
+conditioning table, the dataset's labels or captions; never the latents.
+Downloads are kept under ``.latentlab/models/<run id>/``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from safetensors.torch import save_file
+
+from components import workspace
+from components.conditioning import Conditioning, conditioning_for
+from components.dataset import read_manifest, records_by_split
+from components.diffusion import LatentDiffusionModule, read_config
+from components.errors import UserError
+from components.first_stage import Autoencoder, FirstStage, load_first_stage
+from components.params import LDMParams
+
+FIRST_STAGE = "diffusers"
+LDM = "ldm"
+
+
+def local_copy(run_id: str, artifact_path: str) -> Path:
+    """Run ``run_id``'s artifact, downloaded once; a partial download never looks complete."""
+    target = workspace.model_dir(run_id) / artifact_path
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        try:
+            fetched = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp)
+        except (mlflow.exceptions.MlflowException, OSError) as error:
+            raise UserError(
+                f"Run {run_id} has no artifact {artifact_path}/ ({error}). Runs recorded by a latentlab older "
+                "than this artifact layout are not loadable: train the stage again."
+            ) from None
+        try:
+            Path(fetched).rename(target)
+        except OSError:  # another process finished the same download first
+            if not target.exists():
+                raise
+    return target
+
+
+def publish_autoencoder(stage: Autoencoder, state: dict[str, Any]) -> str:
+    """Log the first stage (diffusers layout) and the training module's ``state`` to the active
+    run; return the artifact URI of the diffusers directory (what the registry points at)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "autoencoder.safetensors"
+        save_file(state, weights)
+        mlflow.log_artifact(str(weights), "weights")
+        stage.save_pretrained(Path(tmp) / FIRST_STAGE)
+        mlflow.log_artifacts(str(Path(tmp) / FIRST_STAGE), FIRST_STAGE)
+    return f"{mlflow.get_artifact_uri()}/{FIRST_STAGE}"
+
+
+def first_stage_of(ae_run_id: str) -> FirstStage:
+    """The first stage an autoencoder run published; no run ("") is pixel space."""
+    return load_first_stage(local_copy(ae_run_id, FIRST_STAGE)) if ae_run_id else FirstStage()
+
+
+def publish_ldm(module: LatentDiffusionModule, **facts: Any) -> None:
+    """Log the LDM (``save_pretrained``, with ``facts`` in its config) to the active run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_artifacts(str(module.save_pretrained(Path(tmp) / LDM, **facts)), LDM)
+
+
+@dataclass
+class TrainedLDM:
+    """A recorded LDM ready to sample: the denoiser (EMA weights), its first stage, the
+    dataset's conditions it was trained with, and the facts its config records."""
+
+    module: LatentDiffusionModule
+    stage: FirstStage
+    conditioning: Conditioning
+    config: dict[str, Any]
+
+
+def load_ldm(run_id: str, data_dir: Path, seed: int = 0) -> TrainedLDM:
+    """LDM run ``run_id`` from its ``ldm/`` artifact, its autoencoder run's first stage, and the
+    labels or captions of the dataset in ``data_dir`` (the conditioning table's rows)."""
+    directory = local_copy(run_id, LDM)
+    config = read_config(directory)
+    ldm = LDMParams.model_validate(config["ldm"])
+    conditioning = conditioning_for(
+        config["conditioning"],
+        records_by_split(data_dir),
+        read_manifest(data_dir)["classes"],
+        context_dim=ldm.context_dim,
+        max_text_tokens=ldm.max_text_tokens,
+        seed=seed,
+    )
+    module = LatentDiffusionModule.from_pretrained(directory, conditioning.conditioner)
+    return TrainedLDM(module, first_stage_of(config["autoencoder_run_id"]), conditioning, config)

@@ -1,0 +1,315 @@
+"""Run identity: what makes two runs the same, the tags that say so, and how a stage finds the
+run it may reuse or must resume.
+
+A stage's run is identified by a *run key*: a hash of everything that decides its result (the
+data version or the run it builds on, the parameters that shape it, and the code that computes
+it). Settings that only change how a run reports (log intervals, grid sizes) are left out, so
+changing them reuses the trained model. Every key of every stage is decided in this module.
+
+Before a stage works it asks ``ReuseOrResume.find``: a finished run with its key is reused, a
+run with its key that crashed or was killed is reopened and resumed (its checkpoints are keyed
+by the same key), otherwise a new run starts. Every run carries the contract's tags
+(``stage_run``); a sweep records which runs answer for each factor in ``FactorEntry`` tags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Run
+
+from components.errors import UserError
+from components.params import Params
+from components.tracking import git_state, redact
+
+# --- tag names (the interface contract, and latentlab's own) -------------------------------------
+
+TAG_STAGE = "latentlab.stage"
+TAG_DATA_VERSION = "latentlab.data_version"
+TAG_FACTOR = "latentlab.factor"
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
+TAG_GIT_DIRTY = "latentlab.git_dirty"
+TAG_RUN_KEY = "latentlab.run_key"
+TAG_AE_RUN = "latentlab.ae_run_id"  # on LDM and evaluate runs
+TAG_LDM_RUN = "latentlab.ldm_run_id"  # on evaluate runs
+TAG_FID_EXTRACTOR = "latentlab.fid_extractor"
+TAG_PERCEPTUAL = "latentlab.perceptual"
+TAG_LATENT_SHAPE = "latentlab.latent_shape"
+TAG_SMALL_SAMPLE = "latentlab.small_sample"
+TAG_SMALL_SAMPLE_NOTE = "latentlab.small_sample_note"
+TAG_ROLE = "latentlab.role"  # "feature-extractor" on the domain extractor's evaluate run
+TAG_BUDGET = "latentlab.budget"  # on sweep runs
+TAG_REPRODUCES = "latentlab.reproduces"
+TAG_REPRODUCED_STAGE = "latentlab.reproduced_stage"
+TAG_REPRODUCED_RUN = "latentlab.reproduced_run_id"
+TAG_WITHIN_TOLERANCE = "latentlab.within_tolerance"
+FACTOR_TAG_PREFIX = "latentlab.sweep.f"
+NO_AUTOENCODER = "none (pixel space)"  # TAG_AE_RUN of a pixel-space (f = 1) model
+
+# --- what each stage's identity is made of -------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+# The code that computes each stage's result: a change to it means training again.
+DATA_CODE = ("components/sources.py", "components/dataset.py")
+AUTOENCODER_CODE = (
+    "components/first_stage.py",
+    "components/losses.py",
+    "components/autoencoder_training.py",
+    "components/training.py",
+    "components/images.py",
+)
+LDM_CODE = (
+    "components/diffusion.py",
+    "components/conditioning.py",
+    "components/ldm_training.py",
+    "components/latents.py",
+    "components/training.py",
+    "components/images.py",
+)
+EVALUATION_CODE = ("components/evaluation.py", "components/metrics.py", "components/features.py")
+EXTRACTOR_CODE = ("components/features.py",)
+ALL_CODE = ("components", "flows")
+# Settings that change how training reports, not what it learns.
+REPORTING_ONLY = {"log_every", "image_every", "checkpoint_every", "accelerator"}
+LDM_REPORTING_ONLY = REPORTING_ONLY | {"fid_every", "fid_samples", "fid_sample_steps", "samples_per_class"}
+
+
+def code_hash(*names: str) -> str:
+    """sha256 of these repository files (or every ``.py`` file of these folders): each file's
+    path and bytes, in path order, so a renamed, added or removed module counts too."""
+    digest = hashlib.sha256()
+    for name in names:
+        path = REPO / name
+        for file in sorted(path.glob("*.py")) if path.is_dir() else [path]:
+            content = file.read_bytes()
+            digest.update(f"{file.relative_to(REPO).as_posix()}\0{len(content)}\0".encode())
+            digest.update(content)
+    return digest.hexdigest()
+
+
+def run_key(kind: str, *parts: Any) -> str:
+    """A short, stable identity of ``parts`` (JSON-able) for one kind of run."""
+    blob = json.dumps([kind, *parts], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def data_build_key(source_fingerprint: str) -> str:
+    """``data/`` is rebuilt when its source or the code that prepares it changes."""
+    return run_key("data", source_fingerprint, code_hash(*DATA_CODE))
+
+
+def data_run_key(data_version: str) -> str:
+    """One ``data`` run per data version."""
+    return run_key("data-run", data_version)
+
+
+def autoencoder_key(params: Params, data_version: str) -> str:
+    """A trained first stage: data, the parameters that shape it, and its code."""
+    shaping = params.ae.model_dump(mode="json", exclude=REPORTING_ONLY)
+    return run_key(
+        "autoencoder", data_version, params.data.resolution, params.seed, shaping, code_hash(*AUTOENCODER_CODE)
+    )
+
+
+def first_stage_id(ae_run_id: str, data_version: str, resolution: int) -> str:
+    """What an LDM's latents come from: an autoencoder run, or the pixels of a data version."""
+    return ae_run_id or f"pixels-{data_version}-{resolution}"
+
+
+def ldm_key(params: Params, first_stage: str) -> str:
+    """A trained denoiser: its first stage (``first_stage_id``), the LDM parameters, its code."""
+    shaping = params.ldm.model_dump(mode="json", exclude=LDM_REPORTING_ONLY)
+    return run_key("ldm", first_stage, params.seed, shaping, code_hash(*LDM_CODE))
+
+
+def evaluation_key(params: Params, ldm_run_id: str) -> str:
+    """An evaluation: the LDM run, how it is evaluated, and the metrics' code."""
+    return run_key("evaluate", ldm_run_id, params.eval.model_dump(mode="json"), code_hash(*EVALUATION_CODE))
+
+
+def extractor_key(params: Params, data_version: str) -> str:
+    """The domain feature extractor, trained once per data version."""
+    return run_key("extractor", data_version, params.seed, params.eval.extractor_steps, code_hash(*EXTRACTOR_CODE))
+
+
+def sweep_key(params: Params, data_version: str) -> str:
+    """A sweep: data version, every parameter, and the code of every stage."""
+    return run_key("sweep", data_version, params.model_dump(mode="json"), code_hash(*ALL_CODE))
+
+
+# --- opening, finding and reopening runs ---------------------------------------------------------
+
+
+@contextmanager
+def stage_run(
+    stage: str,
+    *,
+    data_version: str,
+    params: dict[str, Any],
+    run_name: str | None = None,
+    factor: int | None = None,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    resume_run_id: str | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run with the contract's tags and the flattened, redacted ``params``.
+
+    ``resume_run_id`` reopens a run that crashed, so a retried stage keeps one run.
+    """
+    commit, dirty = git_state()
+    contract_tags = {
+        TAG_STAGE: stage,
+        TAG_DATA_VERSION: data_version,
+        TAG_GIT_COMMIT: commit,
+        TAG_GIT_DIRTY: str(dirty).lower(),
+    }
+    if factor is not None:
+        contract_tags[TAG_FACTOR] = str(factor)
+    with mlflow.start_run(
+        run_id=resume_run_id,
+        run_name=None if resume_run_id else run_name,
+        parent_run_id=parent_run_id,
+        nested=parent_run_id is not None,
+        tags={**contract_tags, **(tags or {})},
+    ) as run:
+        if resume_run_id is None:  # a resumed run keeps the params it was started with
+            mlflow.log_params({key: redact(value) for key, value in params.items()})
+        yield run
+
+
+def latest_run(experiment_id: str, stage: str, *, finished: bool = True, **tags: str) -> Run | None:
+    """The newest run of ``stage`` whose tags all match: a finished one, or (``finished=False``)
+    one that started but never finished because it crashed or was killed."""
+    clauses = [f"tags.`{TAG_STAGE}` = '{stage}'", f"attributes.status {'=' if finished else '!='} 'FINISHED'"]
+    clauses += [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment_id],
+        filter_string=" and ".join(clauses),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return runs[0] if runs else None
+
+
+@dataclass(frozen=True)
+class ReuseOrResume:
+    """What the store holds for one stage and run key: a finished run to reuse, a run that was
+    interrupted to resume, or neither; ``start`` opens the run to work in."""
+
+    stage: str
+    key: str
+    reusable: Run | None
+    resumable: Run | None
+
+    @classmethod
+    def find(cls, experiment_id: str, stage: str, key: str, *, fresh: bool = False) -> ReuseOrResume:
+        """``fresh``: ignore what is recorded and start a new run (``reproduce``)."""
+        if fresh:
+            return cls(stage, key, None, None)
+        tag = {TAG_RUN_KEY: key}
+        reusable = latest_run(experiment_id, stage, **tag)
+        return cls(stage, key, reusable, latest_run(experiment_id, stage, finished=False, **tag))
+
+    @contextmanager
+    def start(
+        self,
+        *,
+        data_version: str,
+        params: dict[str, Any],
+        run_name: str,
+        factor: int | None = None,
+        tags: dict[str, str] | None = None,
+        parent_run_id: str | None = None,
+        reopen: Run | None = None,
+    ) -> Iterator[mlflow.ActiveRun]:
+        """The stage's run: the interrupted one reopened (or ``reopen``), else a new one."""
+        resume = reopen or self.resumable
+        with stage_run(
+            self.stage,
+            data_version=data_version,
+            params=params,
+            run_name=run_name,
+            factor=factor,
+            tags={TAG_RUN_KEY: self.key, **(tags or {})},
+            parent_run_id=parent_run_id,
+            resume_run_id=resume.info.run_id if resume else None,
+        ) as run:
+            yield run
+
+
+def run_of_stage(run_id: str, stages: tuple[str, ...], command: str) -> Run:
+    """The recorded run ``run_id``, which ``command`` needs to be of one of ``stages``;
+    anything else is a ``UserError`` that says what to pass instead."""
+    try:
+        run = mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise UserError(
+            f"No MLflow run {run_id!r} in {mlflow.get_tracking_uri()}: `{command}` needs the id of "
+            f"a run of stage {' or '.join(stages)} (see `latentlab ui`), or MLFLOW_TRACKING_URI set to the store that has it."
+        ) from None
+    stage = run.data.tags.get(TAG_STAGE)
+    if stage not in stages:
+        raise UserError(
+            f"Run {run_id} is a {stage or 'non-latentlab'} run: `{command}` needs a run of stage {' or '.join(stages)}."
+        )
+    return run
+
+
+def autoencoder_run_of(run: Run) -> str:
+    """The autoencoder run an LDM or evaluate run used; "" for a pixel-space model."""
+    tag = run.data.tags.get(TAG_AE_RUN, "")
+    return "" if tag == NO_AUTOENCODER else tag
+
+
+# --- a sweep's record of which runs answer for each factor ---------------------------------------
+
+FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class FactorEntry:
+    """The runs that answer for one factor of a sweep, and how far it got."""
+
+    ae: str = ""
+    ldm: str = ""
+    evaluate: str = ""
+    status: str = "queued"  # queued | running | finished | "failed: <why>"
+
+    @property
+    def finished(self) -> bool:
+        return self.status == FINISHED
+
+
+def factor_tag(factor: int) -> str:
+    return f"{FACTOR_TAG_PREFIX}{factor}"
+
+
+def write_factor_entry(sweep_run_id: str, factor: int, entry: FactorEntry) -> None:
+    mlflow.MlflowClient().set_tag(sweep_run_id, factor_tag(factor), json.dumps(asdict(entry)))
+
+
+def read_factor_entries(tags: dict[str, str]) -> dict[int, FactorEntry]:
+    """Every factor a sweep run recorded; a damaged tag reads as an unfinished entry that says so
+    (a sweep then redoes that factor; a report shows it)."""
+    entries = {}
+    for name, value in tags.items():
+        suffix = name.removeprefix(FACTOR_TAG_PREFIX)
+        if name == suffix or not (suffix.isascii() and suffix.isdigit()):
+            continue
+        try:
+            fields = json.loads(value)
+            entries[int(suffix)] = FactorEntry(
+                **{k: str(fields.get(k) or "") for k in ("ae", "ldm", "evaluate")},
+                status=str(fields.get("status") or "unknown"),
+            )
+        except (ValueError, TypeError, AttributeError):
+            entries[int(suffix)] = FactorEntry(status=f"unreadable tag: {value!r}")
+    return entries

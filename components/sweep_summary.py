@@ -1,0 +1,163 @@
+"""A sweep as recorded in MLflow: one row per factor, read back from the runs the sweep names.
+
+A sweep run records, per factor f, the ids of its autoencoder, LDM and evaluate runs
+(``components.runs.FactorEntry``); everything here is read back from those runs, so a report can
+be regenerated long after the sweep, on another machine, from the tracking store only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+
+import mlflow
+from PIL import Image
+
+from components.runs import (
+    TAG_BUDGET,
+    TAG_DATA_VERSION,
+    TAG_FID_EXTRACTOR,
+    TAG_LATENT_SHAPE,
+    TAG_SMALL_SAMPLE,
+    FactorEntry,
+    read_factor_entries,
+)
+
+
+@dataclass
+class FactorRow:
+    """Everything the report shows for one downsampling factor; ``None`` where a run or metric is missing."""
+
+    factor: int
+    status: str = "missing"
+    latent_shape: str | None = None
+    rfid: float | None = None
+    psnr: float | None = None
+    ssim: float | None = None
+    fid: float | None = None
+    kid_mean: float | None = None
+    kid_std: float | None = None
+    precision: float | None = None
+    recall: float | None = None
+    ldm_img_per_s: float | None = None  # mean of the LDM's train_img_per_s history
+    ae_img_per_s: float | None = None  # mean of the autoencoder's train_img_per_s history
+    sample_img_per_s: float | None = None
+    ldm_steps: int | None = None
+    wall_time_s: float | None = None  # autoencoder + LDM training
+    flops_per_step: float | None = None
+    fid_extractor: str | None = None  # of the evaluate run: the one the verdict's FID comes from
+    small_sample: bool = False
+    ae_run_id: str | None = None
+    ldm_run_id: str | None = None
+    evaluate_run_id: str | None = None
+    fid_by_step: list[tuple[int, float]] = field(default_factory=list)  # LDM fid vs training step
+    ldm_fid_extractor: str | None = None
+    ddim: list[tuple[int, float, float]] = field(default_factory=list)  # (DDIM steps, fid, sample img/s)
+    samples: Image.Image | None = None  # the LDM's samples_final.png
+
+
+@dataclass
+class SweepSummary:
+    """One sweep as the report sees it: its identity, its budget and a row per factor (ascending f)."""
+
+    run_id: str
+    run_name: str
+    data_version: str | None
+    budget: str | None
+    rows: list[FactorRow]
+
+
+# ----------------------------------------------------------------------------------------- collect
+
+
+def collect(sweep_run_id: str, client: mlflow.MlflowClient | None = None) -> SweepSummary:
+    """Read a sweep and its children from MLflow; missing runs, metrics or artifacts become ``None``."""
+    client = client or mlflow.MlflowClient()
+    sweep = client.get_run(sweep_run_id)
+    tags = sweep.data.tags
+    children = read_factor_entries(tags)
+    factors = set(children) | set(_factors_param(sweep.data.params.get("sweep.factors")))
+    rows = [_row(client, f, children.get(f)) for f in sorted(factors)]
+    return SweepSummary(
+        run_id=sweep_run_id,
+        run_name=sweep.info.run_name or sweep_run_id,
+        data_version=tags.get(TAG_DATA_VERSION),
+        budget=tags.get(TAG_BUDGET),
+        rows=rows,
+    )
+
+
+def _factors_param(value: str | None) -> list[int]:
+    try:
+        return [int(f) for f in json.loads(value or "[]")]
+    except (ValueError, TypeError):
+        return []
+
+
+def _row(client: mlflow.MlflowClient, factor: int, child: FactorEntry | None) -> FactorRow:
+    row = FactorRow(factor)
+    if child is None:
+        return row  # planned in sweep.factors, never started
+    row.status = child.status
+    ae, ldm, ev = (_get_run(client, run_id) for run_id in (child.ae, child.ldm, child.evaluate))
+    wall = []
+    if ae is not None:
+        m = ae.data.metrics
+        row.ae_run_id = ae.info.run_id
+        row.rfid, row.psnr, row.ssim = m.get("rfid"), m.get("psnr"), m.get("ssim")
+        row.ae_img_per_s = _mean(_history(client, ae.info.run_id, "train_img_per_s"))
+        wall.append(m.get("wall_time_s"))
+    if ldm is not None:
+        m = ldm.data.metrics
+        row.ldm_run_id = ldm.info.run_id
+        row.latent_shape = ldm.data.tags.get(TAG_LATENT_SHAPE)
+        row.ldm_img_per_s = _mean(_history(client, ldm.info.run_id, "train_img_per_s"))
+        row.ldm_steps = int(m["steps"]) if "steps" in m else None
+        row.flops_per_step = m.get("flops_per_step")
+        row.fid_by_step = sorted(_history(client, ldm.info.run_id, "fid").items())
+        row.ldm_fid_extractor = ldm.data.tags.get(TAG_FID_EXTRACTOR)
+        row.samples = _image(client, ldm.info.run_id, "samples_final.png")
+        wall.append(m.get("wall_time_s"))
+    if ev is not None:
+        m = ev.data.metrics
+        row.evaluate_run_id = ev.info.run_id
+        for name in ("fid", "kid_mean", "kid_std", "precision", "recall", "sample_img_per_s"):
+            setattr(row, name, m.get(name))
+        row.fid_extractor = ev.data.tags.get(TAG_FID_EXTRACTOR)
+        row.small_sample = ev.data.tags.get(TAG_SMALL_SAMPLE, "").lower() == "true"
+        fid, speed = (_history(client, ev.info.run_id, k) for k in ("ddim_fid", "ddim_sample_img_per_s"))
+        row.ddim = [(s, fid[s], speed[s]) for s in sorted(fid) if s in speed]
+    known = [w for w in wall if w is not None]
+    row.wall_time_s = sum(known) if known else None
+    return row
+
+
+def _get_run(client: mlflow.MlflowClient, run_id: str | None) -> mlflow.entities.Run | None:
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:  # deleted, or an id from another store
+        return None
+
+
+def _history(client: mlflow.MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    """step -> value; a step logged twice (a resumed run) keeps its latest value."""
+    points = sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
+    return {int(m.step): float(m.value) for m in points if math.isfinite(m.value)}
+
+
+def _mean(history: dict[int, float]) -> float | None:
+    return sum(history.values()) / len(history) if history else None
+
+
+def _image(client: mlflow.MlflowClient, run_id: str, path: str) -> Image.Image | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, path, tmp)
+            with Image.open(local) as image:
+                return image.convert("RGB")
+        except (mlflow.exceptions.MlflowException, OSError):
+            return None

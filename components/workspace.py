@@ -1,0 +1,48 @@
+"""Where a project keeps its files: the prepared dataset and the ``.latentlab/`` state folder.
+
+Every path below the working directory is named here, so a reader (or a later change that
+moves state elsewhere) finds them all in one place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DATA_DIR = Path("data")
+STATE_DIR = Path(".latentlab")
+REPORTS_DIR = Path("reports")
+
+
+def data_state_file() -> Path:
+    """Which source fingerprint ``data/`` was last built from, and its DVC version."""
+    return STATE_DIR / "data-state.json"
+
+
+def checkpoint_dir(stage: str, key: str) -> Path:
+    """Resumable Lightning checkpoints of one training run, by its run key."""
+    return STATE_DIR / "checkpoints" / f"{stage}-{key}"
+
+
+def latent_cache(first_stage_id: str) -> Path:
+    """The dataset encoded by one first stage (an autoencoder run, or pixel space)."""
+    return STATE_DIR / "latents" / f"{first_stage_id}.safetensors"
+
+
+def model_dir(run_id: str) -> Path:
+    """A downloaded copy of a run's model artifacts."""
+    return STATE_DIR / "models" / run_id
+
+
+def extractor_file(key: str) -> Path:
+    """The trained domain feature extractor of one data version."""
+    return STATE_DIR / "extractors" / f"domain-{key}.safetensors"
+
+
+def fidelity_cache() -> Path:
+    """torch-fidelity's cache of reference-set features."""
+    return STATE_DIR / "fidelity-cache"
+
+
+def reproduce_dir(run_id: str) -> Path:
+    """The DVC checkout in which ``reproduce`` retrains run ``run_id``."""
+    return STATE_DIR / "reproduce" / run_id
