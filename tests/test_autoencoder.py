@@ -13,23 +13,27 @@ import torch
 from safetensors.torch import load_file
 
 from components.autoencoder_training import AutoencoderModule
-from components.autoencoders import build_first_stage, load_first_stage
+from components.first_stage import build_first_stage, load_first_stage
 from components.losses import AutoencoderLoss, PerceptualLoss
 from components.metrics import codebook_usage
-from components.params import AEParams, load_params
+from components.params import AEParams
 from flows.autoencoder import autoencoder_flow
-from tests.conftest import REPO
 
 TINY = dict(base_channels=8, channel_mult=[1, 1, 2, 2, 2, 2], attention=False)
+
+
+def tiny_stage(factor: int, regularizer: str = "kl", resolution: int = 32):
+    return build_first_stage(AEParams(factor=factor, regularizer=regularizer, **TINY), resolution)
 
 
 @pytest.mark.parametrize("factor", [2, 4, 8, 16])
 @pytest.mark.parametrize("regularizer", ["kl", "vq"])
 def test_latent_shape_follows_factor(factor, regularizer):
-    stage = build_first_stage(factor, regularizer, resolution=32, **TINY)
+    stage = tiny_stage(factor, regularizer)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     z = stage.encode(x)
-    assert z.shape == (2, stage.latent_channels, 32 // factor, 32 // factor)
+    assert z.shape == (2, *stage.latent_shape(32)) == (2, stage.latent_channels, 32 // factor, 32 // factor)
+    assert stage.factor == factor
     assert stage.decode(z).shape == x.shape
     out = stage.reconstruct(x)
     assert out.image.shape == x.shape and out.regularization.ndim == 0
@@ -37,14 +41,26 @@ def test_latent_shape_follows_factor(factor, regularizer):
 
 
 def test_paper_latent_channels_grow_with_factor():
-    channels = [build_first_stage(f, resolution=64, **TINY).latent_channels for f in (4, 8, 16, 32)]
+    channels = [tiny_stage(f, resolution=64).latent_channels for f in (4, 8, 16, 32)]
     assert channels == [3, 4, 8, 16]
 
 
 def test_pixel_space_is_identity():
-    stage = build_first_stage(1)
-    x = torch.rand(2, 3, 8, 8)
-    assert not stage.trainable and torch.equal(stage.decode(stage.encode(x)), x)
+    stage = tiny_stage(1)
+    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    assert not stage.trainable and stage.latent_shape(8) == (3, 8, 8) and stage.fit_scale(x) == 1.0
+    assert torch.equal(stage.decode_latents(stage.encode_images(x)), x)
+
+
+def test_latent_scale_gives_unit_variance_and_is_saved_with_the_model(tmp_path):
+    stage = tiny_stage(4, resolution=16)
+    images = torch.randint(0, 256, (80, 3, 16, 16), dtype=torch.uint8)
+    scale = stage.fit_scale(images)
+    assert stage.encode_images(images[:64]).std() == pytest.approx(1.0, rel=1e-4)
+    stage.save_pretrained(tmp_path)
+    loaded = load_first_stage(tmp_path)
+    assert (loaded.factor, loaded.regularizer, loaded.scale) == (4, "kl", scale)
+    assert torch.equal(loaded.encode_images(images), stage.encode_images(images))
 
 
 def test_codebook_usage_and_perplexity():
@@ -54,7 +70,7 @@ def test_codebook_usage_and_perplexity():
 
 
 def test_discriminator_joins_at_disc_start_with_adaptive_weight():
-    stage = build_first_stage(4, resolution=16, **TINY)
+    stage = tiny_stage(4, resolution=16)
     loss = AutoencoderLoss(regularization_weight=1e-6, perceptual=PerceptualLoss("ssim"), disc_start=5, disc_layers=2)
     x = torch.rand(4, 3, 16, 16) * 2 - 1
     out = stage.reconstruct(x)
@@ -95,21 +111,6 @@ def test_training_reduces_reconstruction_error():
 
 # --- the flow, end to end ---------------------------------------------------------------------
 
-SMOKE = [
-    "data.resolution=16",
-    "data.max_per_class=6",
-    "data.val_fraction=0.3",
-    "ae.factor=4",
-    "ae.base_channels=8",
-    "ae.channel_mult=[1, 1, 2, 2, 2, 2]",
-    "ae.batch_size=8",
-    "ae.max_steps=6",
-    "ae.disc_start=3",
-    "ae.log_every=2",
-    "ae.image_every=3",
-    "ae.checkpoint_every=2",
-]
-
 
 def ae_runs():
     return mlflow.search_runs(
@@ -120,8 +121,8 @@ def ae_runs():
 
 
 @pytest.mark.slow
-def test_train_ae_records_registers_and_reuses(project):
-    params = load_params(REPO / "params/smoke.yaml", SMOKE)
+def test_train_ae_records_registers_and_reuses(project, ae_smoke, smoke_params):
+    params = smoke_params(*ae_smoke)
     result = autoencoder_flow(params)
     run = mlflow.get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -141,9 +142,9 @@ def test_train_ae_records_registers_and_reuses(project):
     weights = load_file(
         mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="weights/autoencoder.safetensors")
     )
-    stage = load_first_stage(
-        mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="diffusers"), 4, "kl"
-    )
+    stage = load_first_stage(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="diffusers"))
+    assert (stage.factor, stage.regularizer) == (4, "kl")
+    assert stage.scale == mlflow.get_run(result.run_id).data.metrics["latent_scale_factor"] != 1.0
     assert set(weights) == set(stage.state_dict())
     assert all(torch.equal(weights[k], v) for k, v in stage.state_dict().items())
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
@@ -155,15 +156,15 @@ def test_train_ae_records_registers_and_reuses(project):
     assert again.run_id == result.run_id and again.reused
     assert time.perf_counter() - started < 30
 
-    changed = autoencoder_flow(load_params(REPO / "params/smoke.yaml", [*SMOKE, "ae.lr=1e-3"]))
+    changed = autoencoder_flow(smoke_params(*ae_smoke, "ae.lr=1e-3"))
     assert changed.run_id != result.run_id and not changed.reused
     assert len(ae_runs()) == 2
     assert len(client.search_model_versions("name = 'autoencoder-f4-kl'")) == 2
 
 
 @pytest.mark.slow
-def test_vq_reports_codebook_usage(project):
-    params = load_params(REPO / "params/smoke.yaml", [*SMOKE, "ae.regularizer=vq", "ae.codebook_size=32"])
+def test_vq_reports_codebook_usage(project, ae_smoke, smoke_params):
+    params = smoke_params(*ae_smoke, "ae.regularizer=vq", "ae.codebook_size=32")
     result = autoencoder_flow(params)
     metrics = mlflow.get_run(result.run_id).data.metrics
     assert 0 < metrics["codebook_usage"] <= 1 and metrics["codebook_perplexity"] >= 1
@@ -171,14 +172,14 @@ def test_vq_reports_codebook_usage(project):
 
 
 @pytest.mark.slow
-def test_killed_training_resumes_into_the_same_run(project):
-    settings = [a for a in SMOKE if not a.startswith(("ae.max_steps", "ae.checkpoint_every", "data.resolution"))]
+def test_killed_training_resumes_into_the_same_run(project, repo, ae_smoke):
+    settings = [a for a in ae_smoke if not a.startswith(("ae.max_steps", "ae.checkpoint_every", "data.resolution"))]
     settings += ["data.resolution=32", "ae.max_steps=30", "ae.checkpoint_every=3"]
     command = [
         str(Path(sys.executable).with_name("latentlab")),
         "train-ae",
         "--params",
-        str(REPO / "params/smoke.yaml"),
+        str(repo / "params/smoke.yaml"),
     ]
     for setting in settings:
         command += ["--set", setting]

@@ -13,7 +13,6 @@ from pathlib import Path
 import mlflow
 
 from components.tracking import use_experiment
-from tests.conftest import REPO, latentlab
 
 
 def free_port() -> int:
@@ -59,10 +58,10 @@ def test_ui_serves_this_projects_runs_on_loopback(project):
         process.wait(timeout=30)
 
 
-def test_serve_without_a_prefect_server_says_how_to_start_one(project):
+def test_serve_without_a_prefect_server_says_how_to_start_one(project, repo, cli):
     env_url = os.environ.pop("PREFECT_API_URL")
     try:
-        done = latentlab(project, "serve", "--params", str(REPO / "params/smoke.yaml"))
+        done = cli(project, "serve", "--params", str(repo / "params/smoke.yaml"))
     finally:
         os.environ["PREFECT_API_URL"] = env_url
     assert done.returncode == 2

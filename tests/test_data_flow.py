@@ -14,8 +14,6 @@ from components import dvc
 from components.errors import UserError
 from components.params import load_params
 from flows.data import data_flow
-from tests.conftest import REPO, git, latentlab
-from tests.test_sources import write_folder
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +26,7 @@ def data_runs(_root=None):
     return mlflow.search_runs(experiment_names=["latentlab"], output_format="list")
 
 
-def test_folder_is_versioned_reported_and_recorded(project, tmp_path):
+def test_folder_is_versioned_reported_and_recorded(project, tmp_path, write_folder, git):
     images = tmp_path / "images"
     write_folder(images)
     result = data_flow(folder_params(images))
@@ -70,7 +68,7 @@ def test_folder_is_versioned_reported_and_recorded(project, tmp_path):
     assert len(data_runs(project)) == 2
 
 
-def test_strict_mode_refuses_before_writing(project, tmp_path):
+def test_strict_mode_refuses_before_writing(project, tmp_path, write_folder):
     images = tmp_path / "images"
     write_folder(images)
     shutil.rmtree(images / "dogs")
@@ -86,7 +84,7 @@ def test_strict_mode_refuses_before_writing(project, tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_unreadable_file_is_reported(project, tmp_path):
+def test_unreadable_file_is_reported(project, tmp_path, write_folder):
     images = tmp_path / "images"
     write_folder(images)
     (images / "cats" / "c1.png").chmod(0)
@@ -110,7 +108,7 @@ def test_openmoji_is_deterministic_across_projects(project, tmp_path):
     assert "Smileys & Emotion" in first.manifest["classes"]
 
 
-def test_s3_remote(project, tmp_path, monkeypatch):
+def test_s3_remote(project, tmp_path, monkeypatch, write_folder):
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
@@ -142,14 +140,14 @@ def test_s3_remote(project, tmp_path, monkeypatch):
         server.stop()
 
 
-def test_cli_reports_bad_files_by_name(project, tmp_path):
+def test_cli_reports_bad_files_by_name(project, tmp_path, repo, cli, write_folder):
     images = tmp_path / "images"
     write_folder(images)
-    done = latentlab(
+    done = cli(
         project,
         "data",
         "--params",
-        str(REPO / "params/default.yaml"),
+        str(repo / "params/default.yaml"),
         "--set",
         "data.source=folder",
         "--set",
@@ -161,7 +159,7 @@ def test_cli_reports_bad_files_by_name(project, tmp_path):
     assert "cats/corrupt.png" in done.stderr and "notes.txt" in done.stderr
     assert done.stdout.strip().splitlines()[-1] == dvc.version(project)
 
-    strict = latentlab(
+    strict = cli(
         project,
         "data",
         "--set",

@@ -7,15 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from components.autoencoders import build_first_stage
 from components.conditioning import Conditioner, TextEncoder
-from components.diffusion import LatentDiffusionModule, build_unet, noise_scheduler
-from components.latents import cached_latents, scale_factor
-from components.params import LDMParams, load_params
-from components.tracking import use_experiment
+from components.diffusion import LatentDiffusionModule, build_unet, noise_scheduler, read_config
+from components.first_stage import build_first_stage
+from components.latents import cached_latents
+from components.params import AEParams, LDMParams
 from flows.ldm import ldm_flow
-from tests.conftest import REPO
-from tests.test_autoencoder import SMOKE as AE_SMOKE
 
 TINY = LDMParams(widths=[16, 32], batch_size=4, sample_steps=3)
 
@@ -50,23 +47,36 @@ def test_text_encoder_works_offline_and_distinguishes_captions():
     assert torch.allclose(states[0], states[2]) and not torch.allclose(states[0], states[1])
 
 
-def test_latent_scale_gives_unit_variance_and_cache_is_reused(tmp_path):
-    stage = build_first_stage(4, resolution=16, base_channels=8, channel_mult=(1, 1, 2), attention=False)
+def test_latent_cache_holds_the_scaled_latents_and_is_reused(tmp_path):
+    ae = AEParams(factor=4, base_channels=8, channel_mult=[1, 1, 2], attention=False)
+    stage = build_first_stage(ae, 16)
     images = {
         "train": (torch.rand(70, 3, 16, 16) * 255).to(torch.uint8),
         "val": torch.zeros(4, 3, 16, 16, dtype=torch.uint8),
     }
-    latents, scale = cached_latents(tmp_path / "z.safetensors", stage, images)
-    assert latents["train"].shape == (70, 3, 4, 4)
+    stage.fit_scale(images["train"])
+    latents = cached_latents(tmp_path / "z.safetensors", stage, images)
+    assert latents["train"].shape == (70, *stage.latent_shape(16)) == (70, 3, 4, 4)
     assert latents["train"][:64].std() == pytest.approx(1.0, rel=1e-3)
-    assert scale == pytest.approx(scale_factor(latents["train"] / scale), rel=1e-4)
 
     def refuse(_):
         raise AssertionError("encoded again instead of reading the cache")
 
     stage.encode = refuse
-    again, scale_again = cached_latents(tmp_path / "z.safetensors", stage, images)
-    assert scale_again == pytest.approx(scale) and torch.equal(again["train"], latents["train"])
+    again = cached_latents(tmp_path / "z.safetensors", stage, images)
+    assert torch.equal(again["train"], latents["train"])
+
+
+def test_saved_ldm_loads_from_its_directory_alone(tmp_path):
+    module = LatentDiffusionModule(TINY.model_dump(mode="json"), 3, 4, 2, Conditioner("class", 2, 8))
+    module.ema.step(module.unet.parameters())
+    module.save_pretrained(tmp_path / "ldm", autoencoder_run_id="abc")
+    assert read_config(tmp_path / "ldm")["autoencoder_run_id"] == "abc"
+    loaded = LatentDiffusionModule.from_pretrained(tmp_path / "ldm", Conditioner("class", 2, 8))
+    cond = torch.tensor([0, 1])
+    expected = module.sample(cond, steps=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded.sample(cond, steps=3, generator=torch.Generator().manual_seed(0)), expected)
+    assert torch.equal(loaded.conditioner.table, module.conditioner.table)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
@@ -102,25 +112,13 @@ def test_denoiser_learns():
 
 # --- the flow, end to end ---------------------------------------------------------------------
 
-LDM_SMOKE = [
-    *AE_SMOKE,
-    "ldm.widths=[16, 32]",
-    "ldm.batch_size=8",
-    "ldm.max_steps=6",
-    "ldm.log_every=2",
-    "ldm.image_every=3",
-    "ldm.checkpoint_every=3",
-    "ldm.sample_steps=3",
-    "ldm.samples_per_class=1",
-]
-
 
 @pytest.mark.slow
-def test_train_ldm_records_exports_and_reuses(project):
+def test_train_ldm_records_exports_and_reuses(project, ldm_smoke, smoke_params):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    params = load_params(REPO / "params/smoke.yaml", LDM_SMOKE)
+    params = smoke_params(*ldm_smoke)
     result = ldm_flow(params)
     run = mlflow.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "ldm-f4"
@@ -132,7 +130,7 @@ def test_train_ldm_records_exports_and_reuses(project):
     assert {"train_loss", "train_img_per_s", "flops_per_step", "latent_scale_factor"} <= set(run.data.metrics)
     assert run.data.params["ldm.conditioning"] == "class"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
-    assert {"samples_final.png", "weights", "pipeline"} <= artifacts
+    assert {"samples_final.png", "ldm", "pipeline"} <= artifacts
     grid = Image.open(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="samples_final.png"))
     assert grid.height > 16 * 10  # one row per class
 
@@ -156,8 +154,8 @@ def test_train_ldm_records_exports_and_reuses(project):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["text", "none"])
-def test_text_and_unconditional_modes(project, mode):
-    params = load_params(REPO / "params/smoke.yaml", [*LDM_SMOKE, f"ldm.conditioning={mode}", "ldm.max_steps=3"])
+def test_text_and_unconditional_modes(project, ldm_smoke, smoke_params, mode):
+    params = smoke_params(*ldm_smoke, f"ldm.conditioning={mode}", "ldm.max_steps=3")
     result = ldm_flow(params)
     run = mlflow.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.params["ldm.conditioning"] == mode
@@ -166,8 +164,8 @@ def test_text_and_unconditional_modes(project, mode):
 
 
 @pytest.mark.slow
-def test_pixel_space_ldm(project):
-    params = load_params(REPO / "params/smoke.yaml", [*LDM_SMOKE, "ae.factor=1", "ldm.max_steps=3"])
+def test_pixel_space_ldm(project, ldm_smoke, smoke_params):
+    params = smoke_params(*ldm_smoke, "ae.factor=1", "ldm.max_steps=3")
     result = ldm_flow(params)
     run = mlflow.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["latentlab.factor"] == "1"
@@ -183,14 +181,8 @@ def test_ldm_checkpoint_resumes_with_ema(project):
     def fresh():
         return LatentDiffusionModule(ldm.model_dump(mode="json"), 3, 4, 2, Conditioner("class", 2, 8))
 
-    use_experiment("latentlab")
-    with mlflow.start_run() as run:
-        first = train_ldm(
-            fresh(), ldm, latents, cond, run_id=run.info.run_id, checkpoint_dir=project / "ckpt", seed=0, grid=None
-        )
-        longer = ldm.model_copy(update={"max_steps": 6})
-        resumed = train_ldm(
-            fresh(), longer, latents, cond, run_id=run.info.run_id, checkpoint_dir=project / "ckpt", seed=0, grid=None
-        )
+    first = train_ldm(fresh(), ldm, latents, cond, checkpoint_dir=project / "ckpt", seed=0)
+    longer = ldm.model_copy(update={"max_steps": 6})
+    resumed = train_ldm(fresh(), longer, latents, cond, checkpoint_dir=project / "ckpt", seed=0)
     assert int(first.steps) == 4 and int(resumed.steps) == 6
     assert resumed.ema.optimization_step == 6  # EMA state came back from the checkpoint

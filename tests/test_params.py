@@ -4,19 +4,18 @@ import pytest
 
 from components.errors import UserError
 from components.params import UNLIMITED_STEPS, Params, load_params, params_from_run
-from tests.conftest import REPO, latentlab
 
 
 @pytest.mark.parametrize("preset", ["default.yaml", "smoke.yaml"])
-def test_presets_are_valid(preset):
-    params = load_params(REPO / "params" / preset)
+def test_presets_are_valid(repo, preset):
+    params = load_params(repo / "params" / preset)
     assert params.data.source == "openmoji"
     assert params.ae.factor <= params.data.resolution
 
 
-def test_overrides_are_read_as_yaml():
+def test_overrides_are_read_as_yaml(repo):
     params = load_params(
-        REPO / "params/default.yaml",
+        repo / "params/default.yaml",
         ["ae.factor=4", "data.strict=true", "ldm.lr=2e-4", "data.source=folder", "data.path=/tmp/x"],
     )
     assert params.ae.factor == 4 and params.data.strict is True
@@ -43,9 +42,9 @@ def test_flat_uses_dotted_names():
         ("data.source=folder", "data.path"),
     ],
 )
-def test_invalid_values_name_the_key(override, named):
+def test_invalid_values_name_the_key(repo, override, named):
     with pytest.raises(UserError) as caught:
-        load_params(REPO / "params/default.yaml", [override])
+        load_params(repo / "params/default.yaml", [override])
     assert named in str(caught.value)
 
 
@@ -69,23 +68,23 @@ def test_missing_and_malformed_files(tmp_path):
         load_params(bad)
 
 
-def test_cli_rejects_bad_factor_without_traceback(tmp_path):
-    done = latentlab(tmp_path, "data", "--params", str(REPO / "params/default.yaml"), "--set", "ae.factor=3")
+def test_cli_rejects_bad_factor_without_traceback(tmp_path, repo, cli):
+    done = cli(tmp_path, "data", "--params", str(repo / "params/default.yaml"), "--set", "ae.factor=3")
     assert done.returncode == 2
     assert "ae.factor" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "data").exists()
 
 
-def test_sweep_budget_gives_every_factor_the_same_steps_or_the_same_time():
+def test_sweep_budget_gives_every_factor_the_same_steps_or_the_same_time(repo):
     sweep = ["sweep.ae_minutes=2", "sweep.ldm_minutes=4.5", "sweep.ae_steps=30", "sweep.ldm_steps=70"]
-    timed = load_params(REPO / "params/default.yaml", [*sweep, "sweep.budget=time"])
+    timed = load_params(repo / "params/default.yaml", [*sweep, "sweep.budget=time"])
     per_factor = timed.for_factor(16)
     assert per_factor.ae.factor == 16 and (per_factor.ae.max_minutes, per_factor.ldm.max_minutes) == (2, 4.5)
     assert per_factor.ae.max_steps == per_factor.ldm.max_steps == UNLIMITED_STEPS
     assert timed.ae.max_minutes != 2, "a single run keeps its own budget"
     assert timed.budget_description() == "equal wall time: ae 2 min, ldm 4.5 min per factor"
-    stepped = load_params(REPO / "params/default.yaml", [*sweep, "sweep.budget=steps"]).for_factor(4)
+    stepped = load_params(repo / "params/default.yaml", [*sweep, "sweep.budget=steps"]).for_factor(4)
     assert stepped.ae.max_minutes is None and stepped.ldm.max_minutes is None
     assert (stepped.ae.max_steps, stepped.ldm.max_steps) == (30, 70)
 
@@ -99,8 +98,8 @@ def test_sweep_settings_are_checked_before_any_work():
         load_params(None, ["sweep.ldm_minutes=0"])
 
 
-def test_params_come_back_from_a_runs_flattened_strings():
-    original = load_params(REPO / "params/smoke.yaml", ["ae.latent_channels=4", "data.remote_endpoint=http://x:9"])
+def test_params_come_back_from_a_runs_flattened_strings(repo):
+    original = load_params(repo / "params/smoke.yaml", ["ae.latent_channels=4", "data.remote_endpoint=http://x:9"])
     logged = {key: str(value) for key, value in original.flat().items()}
     keep = load_params(None, ["eval.samples=9"])
     restored = params_from_run(logged, keep=keep, sections=("eval",))

@@ -11,7 +11,7 @@ import pytest
 from mlflow.entities import Metric
 from PIL import Image
 
-from components import report
+from components import report, sweep_summary
 
 EXTRACTOR = "latentlab-cnn:3f2a9c1d0e4b"
 # f -> (psnr, fid, kid_mean); f=1 has no autoencoder, f=32 failed before its LDM.
@@ -132,7 +132,7 @@ def store(tmp_path_factory: pytest.TempPathFactory):
 def built(store):
     client, exp, tmp = store
     sweep = make_sweep(client, exp, tmp / "src")
-    summary = report.collect(sweep)  # default client: the tracking URI set above
+    summary = sweep_summary.collect(sweep)  # default client: the tracking URI set above
     path = report.write_report(summary, tmp / "out")
     return sweep, summary, path
 
@@ -189,7 +189,7 @@ def test_verdict_names_lowest_fid_and_margins(built):
 def test_mismatched_extractor_is_left_out_of_the_verdict(store):
     client, exp, tmp = store
     sweep = make_sweep(client, exp, tmp / "odd", extractors={4: "inception-v3-compat:abcd"})
-    summary = report.collect(sweep, client)
+    summary = sweep_summary.collect(sweep, client)
     text = report.verdict(summary)
     assert "**f=8**" in text and "the runner-up f=1 (FID 80.0)" in text and "f=4 (FID" not in text
     assert (
@@ -221,7 +221,7 @@ def test_empty_sweep_does_not_crash(store):
     client.set_tag(
         sweep, "latentlab.sweep.f4", json.dumps({"ae": "deadbeef", "ldm": "", "evaluate": "", "status": "running"})
     )
-    summary = report.collect(sweep, client)
+    summary = sweep_summary.collect(sweep, client)
     assert [(r.factor, r.status, r.ae_run_id) for r in summary.rows] == [(4, "running", None)]
     text = report.write_report(summary, tmp / "empty_out").read_text()
     assert "No factor has an evaluate FID yet" in text and "not recorded" in text

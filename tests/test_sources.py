@@ -76,21 +76,7 @@ def test_limit_per_class_is_deterministic():
     assert max(labels.count(label) for label in set(labels)) == 2
 
 
-def write_folder(root):
-    (root / "cats").mkdir(parents=True)
-    (root / "dogs").mkdir()
-    for i in range(3):
-        Image.new("RGB", (40, 40), (200, 10 * i, 0)).save(root / "cats" / f"c{i}.png")
-        Image.new("RGB", (40, 48), (0, 10 * i, 200)).save(root / "dogs" / f"d{i}.jpg")
-    (root / "captions.csv").write_text("file,caption\ncats/c0.png,a red cat\n")
-    (root / "notes.txt").write_text("not an image")
-    (root / "cats" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not really a png")
-    (root / "dogs" / "empty.png").write_bytes(b"")
-    good = root / "cats" / "c0.png"
-    (root / "cats" / "truncated.png").write_bytes(good.read_bytes()[:-40])
-
-
-def test_folder_labels_captions_and_bad_files(tmp_path):
+def test_folder_labels_captions_and_bad_files(tmp_path, write_folder):
     write_folder(tmp_path)
     items, bad = folder_items(tmp_path)
     by_origin = {item.origin: item for item in items}
@@ -107,7 +93,7 @@ def test_folder_labels_captions_and_bad_files(tmp_path):
     assert "truncated" in reasons["cats/truncated.png"]
 
 
-def test_fingerprint_follows_folder_content(tmp_path):
+def test_fingerprint_follows_folder_content(tmp_path, write_folder):
     write_folder(tmp_path)
     params = DataParams(source="folder", path=tmp_path, resolution=32)
     before = load_source(params).fingerprint

@@ -13,13 +13,10 @@ import mlflow
 import pytest
 
 from components.errors import UserError
-from components.params import load_params
 from flows.evaluate import evaluate_flow
 from flows.ldm import ldm_flow
 from flows.reproduce import reproduce_flow
 from flows.sweep import sweep_flow
-from tests.conftest import REPO, git
-from tests.test_ldm import LDM_SMOKE
 
 TINY_EVAL = [
     "eval.samples=16",
@@ -32,15 +29,30 @@ TINY_EVAL = [
     "ldm.fid_samples=8",
     "ldm.fid_sample_steps=2",
 ]
-TINY_SWEEP = [
-    *LDM_SMOKE,
-    *TINY_EVAL,
-    "ldm.max_steps=4",  # single runs; the sweep's own budget below
-    "sweep.ae_steps=6",
-    "sweep.ldm_steps=4",
-    "sweep.factors=[1, 4]",
-    "sweep.budget=steps",
-]
+
+
+@pytest.fixture
+def tiny_sweep(ldm_smoke):
+    """The ``--set`` overrides of a sweep over f in 1, 4 that runs in minutes."""
+    return [
+        *ldm_smoke,
+        *TINY_EVAL,
+        "ldm.max_steps=4",  # single runs; the sweep's own budget below
+        "sweep.ae_steps=6",
+        "sweep.ldm_steps=4",
+        "sweep.factors=[1, 4]",
+        "sweep.budget=steps",
+    ]
+
+
+@pytest.fixture
+def tiny(smoke_params, tiny_sweep):
+    """``tiny(*extra)``: the smoke preset with ``tiny_sweep`` and ``extra`` overrides."""
+
+    def load(*extra: str):
+        return smoke_params(*tiny_sweep, *extra)
+
+    return load
 
 
 def runs(stage: str) -> list[mlflow.entities.Run]:
@@ -49,12 +61,8 @@ def runs(stage: str) -> list[mlflow.entities.Run]:
     )
 
 
-def tiny(*extra: str):
-    return load_params(REPO / "params/smoke.yaml", [*TINY_SWEEP, *extra])
-
-
 @pytest.mark.slow
-def test_evaluate_logs_metrics_and_reuses_reference_statistics(project):
+def test_evaluate_logs_metrics_and_reuses_reference_statistics(project, tiny):
     params = tiny()
     ldm = ldm_flow(params)
     ldm_run = mlflow.get_run(ldm.run_id)
@@ -84,19 +92,19 @@ def test_evaluate_logs_metrics_and_reuses_reference_statistics(project):
     assert stamps, "reference statistics were not cached"
     again = evaluate_flow(params, ldm.run_id)
     assert again.reused and again.run_id == result.run_id
-    other = evaluate_flow(load_params(REPO / "params/smoke.yaml", [*TINY_SWEEP, "eval.samples=12"]), ldm.run_id)
+    other = evaluate_flow(tiny("eval.samples=12"), ldm.run_id)
     assert not other.reused
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # the real images' features were reused
 
 
 @pytest.mark.slow
-def test_evaluate_refuses_what_it_cannot_evaluate(project):
+def test_evaluate_refuses_what_it_cannot_evaluate(project, tiny):
     with pytest.raises(UserError, match="No MLflow run"):
         evaluate_flow(tiny(), "0123456789abcdef")
 
 
 @pytest.mark.slow
-def test_sweep_marks_a_failed_factor_redoes_only_it_then_reuses_everything(project):
+def test_sweep_marks_a_failed_factor_redoes_only_it_then_reuses_everything(project, tiny):
     params = tiny()
     from flows.data import data_flow
 
@@ -146,9 +154,9 @@ def test_sweep_marks_a_failed_factor_redoes_only_it_then_reuses_everything(proje
 
 
 @pytest.mark.slow
-def test_stopped_sweep_resumes_without_duplicates(project):
-    command = [str(Path(sys.executable).with_name("latentlab")), "sweep", "--params", str(REPO / "params/smoke.yaml")]
-    for setting in TINY_SWEEP:
+def test_stopped_sweep_resumes_without_duplicates(project, repo, tiny_sweep):
+    command = [str(Path(sys.executable).with_name("latentlab")), "sweep", "--params", str(repo / "params/smoke.yaml")]
+    for setting in tiny_sweep:
         command += ["--set", setting]
     process = subprocess.Popen(
         command, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -182,7 +190,7 @@ def _safe_runs(stage: str, name: str) -> list:
 
 
 @pytest.mark.slow
-def test_reproduce_restores_the_data_version_and_matches(project):
+def test_reproduce_restores_the_data_version_and_matches(project, tiny, git):
     (project / "components").mkdir()
     (project / "components" / "code.py").write_text("x = 1\n")
     git(project, "add", "components")

@@ -1,0 +1,285 @@
+"""Run identity (components/runs.py): run keys, code hashes, finding a run to reuse or resume, the
+contract's tags, and a sweep's per-factor record, on a real (SQLite) MLflow store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from components import runs
+from components.params import load_params
+
+STAGE, KEY = "autoencoder", "0123456789abcdef0123"
+
+
+@pytest.fixture
+def code_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A stand-in repository holding every file the run keys hash, as ``runs.REPO``."""
+    root = tmp_path / "repo"
+    names = {*runs.DATA_CODE, *runs.AUTOENCODER_CODE, *runs.LDM_CODE, *runs.EVALUATION_CODE, *runs.EXTRACTOR_CODE}
+    for folder in runs.ALL_CODE:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(f"# {name}\n")
+    monkeypatch.setattr(runs, "REPO", root)
+    return root
+
+
+def record(experiment_id: str, stage: str = STAGE, key: str = KEY, status: str = "FINISHED") -> str:
+    """A run of ``stage`` with run key ``key`` that ended with ``status`` (RUNNING: never ended)."""
+    client = mlflow.MlflowClient()
+    run_id = client.create_run(experiment_id, tags={runs.TAG_STAGE: stage, runs.TAG_RUN_KEY: key}).info.run_id
+    if status != "RUNNING":
+        client.set_terminated(run_id, status=status)
+    return run_id
+
+
+def found(finding: runs.ReuseOrResume) -> tuple[str | None, str | None]:
+    ids = (finding.reusable, finding.resumable)
+    return tuple(run.info.run_id if run else None for run in ids)
+
+
+# --- run keys --------------------------------------------------------------------------------------
+
+
+def test_run_key_is_stable_for_equal_inputs():
+    first = runs.run_key("ldm", "abc", 3, {"lr": 0.1, "widths": [16, 32]})
+    assert first == runs.run_key("ldm", "abc", 3, {"widths": [16, 32], "lr": 0.1})  # dict order is no part
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        ("ldm", "abd", 3, {"lr": 0.1, "widths": [16, 32]}),
+        ("ldm", "abc", 4, {"lr": 0.1, "widths": [16, 32]}),
+        ("ldm", "abc", 3, {"lr": 0.2, "widths": [16, 32]}),
+        ("ldm", "abc", 3, {"lr": 0.1, "widths": [16, 64]}),
+        ("ldm", "abc", 3, {"lr": 0.1, "widths": [16, 32]}, "more"),
+        ("autoencoder", "abc", 3, {"lr": 0.1, "widths": [16, 32]}),
+    ],
+)
+def test_run_key_differs_when_any_part_or_the_kind_differs(other):
+    assert runs.run_key(*other) != runs.run_key("ldm", "abc", 3, {"lr": 0.1, "widths": [16, 32]})
+
+
+def test_code_hash_changes_when_a_files_bytes_change(code_tree):
+    name = runs.AUTOENCODER_CODE[0]
+    before = runs.code_hash(name)
+    assert runs.code_hash(name) == before
+    (code_tree / name).write_bytes((code_tree / name).read_bytes() + b" ")
+    assert runs.code_hash(name) != before
+
+
+def test_code_hash_of_a_folder_hashes_its_py_files_in_path_order(code_tree):
+    folder = code_tree / "pkg"
+    folder.mkdir()
+    (folder / "b.py").write_text("b = 2\n")
+    (folder / "a.py").write_text("a = 1\n")
+    (folder / "notes.txt").write_text("not code")
+    before = runs.code_hash("pkg")
+    assert before == runs.code_hash("pkg/a.py", "pkg/b.py") != runs.code_hash("pkg/b.py", "pkg/a.py")
+    (folder / "notes.txt").write_text("other notes")
+    assert runs.code_hash("pkg") == before
+    (folder / "b.py").write_text("b = 3\n")
+    assert runs.code_hash("pkg") != before
+    (folder / "c.py").write_text("c = 4\n")
+    assert runs.code_hash("pkg") != runs.code_hash("pkg/a.py", "pkg/b.py")
+
+
+def test_code_hash_sees_added_and_renamed_modules_even_when_bytes_stay(code_tree):
+    folder = code_tree / "pkg"
+    folder.mkdir()
+    (folder / "a.py").write_text("a = 1\n")
+    before = runs.code_hash("pkg")
+    (folder / "empty.py").write_text("")
+    with_empty = runs.code_hash("pkg")
+    assert with_empty != before
+    (folder / "empty.py").rename(folder / "void.py")
+    assert runs.code_hash("pkg") != with_empty
+
+
+@pytest.mark.parametrize(
+    "setting", ["ae.log_every=7", "ae.image_every=7", "ae.checkpoint_every=7", "ae.accelerator=cpu"]
+)
+def test_reporting_only_settings_do_not_change_the_autoencoder_key(code_tree, setting):
+    assert runs.autoencoder_key(load_params(None, [setting]), "v1") == runs.autoencoder_key(load_params(), "v1")
+
+
+@pytest.mark.parametrize("setting", ["ae.lr=1e-3", "seed=1", "ae.regularizer=vq", "data.resolution=32"])
+def test_what_shapes_the_autoencoder_changes_its_key(code_tree, setting):
+    assert runs.autoencoder_key(load_params(None, [setting]), "v1") != runs.autoencoder_key(load_params(), "v1")
+
+
+def test_another_data_version_changes_the_autoencoder_key(code_tree):
+    assert runs.autoencoder_key(load_params(), "v2") != runs.autoencoder_key(load_params(), "v1")
+
+
+def test_the_autoencoder_key_follows_its_own_code_only(code_tree):
+    before = runs.autoencoder_key(load_params(), "v1")
+    ldm_only = sorted(set(runs.LDM_CODE) - set(runs.AUTOENCODER_CODE))[0]
+    (code_tree / ldm_only).write_text("changed = True\n")
+    assert runs.autoencoder_key(load_params(), "v1") == before
+    (code_tree / runs.AUTOENCODER_CODE[0]).write_text("changed = True\n")
+    assert runs.autoencoder_key(load_params(), "v1") != before
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "ldm.fid_every=7",
+        "ldm.fid_samples=9",
+        "ldm.fid_sample_steps=7",
+        "ldm.samples_per_class=7",
+        "ldm.log_every=7",
+        "ldm.image_every=7",
+        "ldm.checkpoint_every=7",
+        "ldm.accelerator=cpu",
+    ],
+)
+def test_reporting_only_settings_do_not_change_the_ldm_key(code_tree, setting):
+    assert runs.ldm_key(load_params(None, [setting]), "ae-run") == runs.ldm_key(load_params(), "ae-run")
+
+
+@pytest.mark.parametrize("setting", ["ldm.lr=2e-4", "seed=1", "ldm.conditioning=text", "ldm.widths=[16, 32]"])
+def test_what_shapes_the_ldm_changes_its_key(code_tree, setting):
+    assert runs.ldm_key(load_params(None, [setting]), "ae-run") != runs.ldm_key(load_params(), "ae-run")
+
+
+def test_another_first_stage_changes_the_ldm_key(code_tree):
+    pixels = runs.first_stage_id("", "v1", 64)
+    assert runs.ldm_key(load_params(), pixels) != runs.ldm_key(load_params(), "ae-run")
+    assert pixels != runs.first_stage_id("", "v2", 64) and runs.first_stage_id("ae-run", "v1", 64) == "ae-run"
+
+
+# --- finding a run to reuse or resume ---------------------------------------------------------------
+
+
+def test_a_finished_run_with_the_key_is_reusable(mlflow_store):
+    finished = record(mlflow_store)
+    assert found(runs.ReuseOrResume.find(mlflow_store, STAGE, KEY)) == (finished, None)
+
+
+@pytest.mark.parametrize("status", ["FAILED", "RUNNING"])
+def test_a_failed_or_running_run_with_the_key_is_resumable(mlflow_store, status):
+    interrupted = record(mlflow_store, status=status)
+    assert found(runs.ReuseOrResume.find(mlflow_store, STAGE, KEY)) == (None, interrupted)
+
+
+def test_runs_of_another_stage_or_key_are_neither_reusable_nor_resumable(mlflow_store):
+    record(mlflow_store, stage="ldm")
+    record(mlflow_store, stage="ldm", status="FAILED")
+    record(mlflow_store, key="another-key")
+    record(mlflow_store, key="another-key", status="FAILED")
+    assert found(runs.ReuseOrResume.find(mlflow_store, STAGE, KEY)) == (None, None)
+    assert found(runs.ReuseOrResume.find(mlflow_store, "ldm", KEY))[0] is not None  # (they are there)
+
+
+def test_fresh_ignores_what_is_recorded(mlflow_store):
+    record(mlflow_store)
+    record(mlflow_store, status="FAILED")
+    finding = runs.ReuseOrResume.find(mlflow_store, STAGE, KEY, fresh=True)
+    assert found(finding) == (None, None) and (finding.stage, finding.key) == (STAGE, KEY)
+
+
+def test_start_opens_a_run_with_the_contract_tags_and_the_params(mlflow_store, tmp_path, monkeypatch, git):
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    git(checkout, "init", "-q")
+    git(checkout, "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "x")
+    monkeypatch.chdir(checkout)
+    finding = runs.ReuseOrResume.find(mlflow_store, STAGE, KEY)
+    params = {"ae.lr": 0.001, "data.remote": "s3://key:secret@host/bucket"}
+    with finding.start(data_version="v1", params=params, run_name="ae-f4-kl", factor=4, tags={"extra": "yes"}) as run:
+        run_id = run.info.run_id
+    recorded = mlflow.get_run(run_id)
+    tags = recorded.data.tags
+    assert tags[runs.TAG_STAGE] == STAGE and tags[runs.TAG_RUN_KEY] == KEY
+    assert tags[runs.TAG_DATA_VERSION] == "v1" and tags[runs.TAG_FACTOR] == "4" and tags["extra"] == "yes"
+    assert tags[runs.TAG_GIT_COMMIT] == git(checkout, "rev-parse", "HEAD").strip()
+    assert tags[runs.TAG_GIT_DIRTY] == "false"
+    assert recorded.data.params == {"ae.lr": "0.001", "data.remote": "s3://***@host/bucket"}
+    assert recorded.info.run_name == "ae-f4-kl" and recorded.info.status == "FINISHED"
+
+
+def test_start_without_a_factor_sets_no_factor_tag(mlflow_store):
+    with runs.ReuseOrResume.find(mlflow_store, STAGE, KEY).start(data_version="v1", params={}, run_name="r") as run:
+        run_id = run.info.run_id
+    assert runs.TAG_FACTOR not in mlflow.get_run(run_id).data.tags
+
+
+def test_start_reopens_the_resumable_run_without_logging_params_again(mlflow_store):
+    finding = runs.ReuseOrResume.find(mlflow_store, STAGE, KEY)
+    with finding.start(data_version="v1", params={"ae.lr": 0.1}, run_name="first") as run:
+        first = run.info.run_id
+    mlflow.MlflowClient().set_terminated(first, status="FAILED")
+
+    again = runs.ReuseOrResume.find(mlflow_store, STAGE, KEY)
+    assert found(again) == (None, first)
+    with again.start(data_version="v1", params={"ae.lr": 0.5, "ae.new": 1}, run_name="second") as run:
+        assert run.info.run_id == first
+    resumed = mlflow.get_run(first)
+    assert resumed.data.params == {"ae.lr": "0.1"}
+    assert resumed.info.run_name == "first" and resumed.info.status == "FINISHED"
+    assert len(mlflow.search_runs(experiment_ids=[mlflow_store], output_format="list")) == 1
+
+
+# --- a sweep's record per factor --------------------------------------------------------------------
+
+
+def test_factor_entries_round_trip_through_a_runs_tags(mlflow_store):
+    sweep = record(mlflow_store, stage="sweep", status="RUNNING")
+    entries = {
+        4: runs.FactorEntry(ae="ae4", ldm="ldm4", evaluate="eval4", status=runs.FINISHED),
+        16: runs.FactorEntry(ae="ae16", status="failed: CUDA out of memory"),
+        1: runs.FactorEntry(),
+    }
+    for factor, entry in entries.items():
+        runs.write_factor_entry(sweep, factor, entry)
+    tags = mlflow.get_run(sweep).data.tags
+    assert runs.read_factor_entries(tags) == entries
+    assert runs.read_factor_entries(tags)[4].finished and not runs.read_factor_entries(tags)[16].finished
+    assert json.loads(tags[runs.factor_tag(4)])["ldm"] == "ldm4"
+
+
+def test_a_damaged_factor_tag_reads_as_an_unfinished_entry_that_says_so(mlflow_store):
+    sweep = record(mlflow_store, stage="sweep", status="RUNNING")
+    client = mlflow.MlflowClient()
+    client.set_tag(sweep, runs.factor_tag(8), "{not json")
+    client.set_tag(sweep, runs.factor_tag(2), '["a", "list"]')
+    entries = runs.read_factor_entries(mlflow.get_run(sweep).data.tags)
+    for factor in (8, 2):
+        assert entries[factor].status.startswith("unreadable tag") and not entries[factor].finished
+        assert (entries[factor].ae, entries[factor].ldm, entries[factor].evaluate) == ("", "", "")
+
+
+def test_tags_other_than_factor_entries_are_ignored(mlflow_store):
+    sweep = record(mlflow_store, stage="sweep", status="RUNNING")
+    client = mlflow.MlflowClient()
+    runs.write_factor_entry(sweep, 4, runs.FactorEntry(status="running"))
+    others = (
+        runs.TAG_BUDGET,
+        runs.FACTOR_TAG_PREFIX,
+        f"{runs.FACTOR_TAG_PREFIX}x",
+        f"{runs.FACTOR_TAG_PREFIX}²",
+        "latentlab.sweep.notes",
+    )
+    for name in others:
+        client.set_tag(sweep, name, "{not json")
+    assert runs.read_factor_entries(mlflow.get_run(sweep).data.tags) == {4: runs.FactorEntry(status="running")}
+
+
+# --- which autoencoder a run used ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tag", "expected"), [(runs.NO_AUTOENCODER, ""), ("0a1b2c3d", "0a1b2c3d"), (None, "")], ids=str
+)
+def test_autoencoder_run_of_reads_the_tag_and_gives_nothing_for_pixel_space(mlflow_store, tag, expected):
+    client = mlflow.MlflowClient()
+    tags = {runs.TAG_STAGE: "ldm"} | ({runs.TAG_AE_RUN: tag} if tag is not None else {})
+    run_id = client.create_run(mlflow_store, tags=tags).info.run_id
+    assert runs.autoencoder_run_of(mlflow.get_run(run_id)) == expected

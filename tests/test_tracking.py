@@ -1,0 +1,180 @@
+"""The Lightning callbacks that report training to MLflow (components/tracking.py), on a tiny
+model trained for a few steps with the stages' own trainer, into a real (SQLite) MLflow run."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import pytorch_lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from components.params import TrainingBudget
+from components.tracking import MLflowReporter, PeriodicEvaluation, log_metrics
+from components.training import add_budget_buffers, fit, make_trainer
+
+BATCH = 2
+
+
+class TinyModule(L.LightningModule):
+    """One Linear layer; remembers what it put in ``logged`` at each step, for the assertions."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+        add_budget_buffers(self)
+        self.logged: dict[str, torch.Tensor] = {}
+        self.logged_at: dict[int, dict[str, float]] = {}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.layer(x), y)
+        self.logged = {"train_loss": loss.detach(), "weight_norm": self.layer.weight.detach().norm()}
+        step = int(self.steps) + 1  # the step this batch completes (``Budget`` counts it at batch end)
+        self.logged_at[step] = {name: float(value) for name, value in self.logged.items()}
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def budget(**settings) -> TrainingBudget:
+    """A few steps on the CPU; checkpoints only at the end."""
+    return TrainingBudget(**{"batch_size": BATCH, "checkpoint_every": 10_000, "accelerator": "cpu", **settings})
+
+
+def train(tmp_path: Path, budget: TrainingBudget, callbacks: list[L.Callback]) -> TinyModule:
+    """Train a ``TinyModule`` as the stages do (``make_trainer``, ``fit``) within ``budget``."""
+    torch.manual_seed(0)
+    module = TinyModule()
+    loader = DataLoader(TensorDataset(torch.randn(16, 4), torch.randn(16, 1)), batch_size=BATCH, drop_last=True)
+    checkpoints = tmp_path / "checkpoints"
+    fit(make_trainer(budget, checkpoints, callbacks), module, loader, checkpoints)
+    return module
+
+
+def blank(module: L.LightningModule) -> Image.Image:
+    return Image.new("RGB", (8, 8))
+
+
+def history(run_id: str, name: str) -> list[tuple[int, float]]:
+    points = mlflow.MlflowClient().get_metric_history(run_id, name)
+    return sorted((m.step, m.value) for m in points)
+
+
+def steps(run_id: str, name: str) -> list[int]:
+    return [step for step, _ in history(run_id, name)]
+
+
+@pytest.fixture
+def run_id(mlflow_store: str) -> str:
+    return mlflow.MlflowClient().create_run(mlflow_store).info.run_id
+
+
+def test_reporter_logs_the_modules_metrics_and_throughput_every_log_every_steps(tmp_path, run_id):
+    limits = budget(max_steps=7, log_every=2, image_every=1000)
+    module = train(tmp_path, limits, [MLflowReporter(run_id, limits, blank, "grid")])
+    assert int(module.steps) == 7
+    for name in ("train_loss", "weight_norm"):
+        assert history(run_id, name) == [(s, pytest.approx(module.logged_at[s][name])) for s in (2, 4, 6)]
+    throughput = history(run_id, "train_img_per_s")
+    assert [s for s, _ in throughput] == [2, 4, 6] and all(v > 0 for _, v in throughput)
+
+
+def test_reporter_throughput_leaves_out_time_spent_on_grids_and_evaluations(tmp_path, run_id):
+    limits = budget(max_steps=8, log_every=2, image_every=4)
+
+    def slow_grid(module: L.LightningModule) -> Image.Image:
+        time.sleep(0.5)  # far longer than the tiny model's training steps
+        return blank(module)
+
+    slow_evaluation = PeriodicEvaluation(run_id, 4, lambda: time.sleep(0.5) or {"fid": 1.0})
+    module = train(tmp_path, limits, [MLflowReporter(run_id, limits, slow_grid, "grid"), slow_evaluation])
+    rates = [value for _, value in history(run_id, "train_img_per_s")]
+    # 2 batches of 2 images per window: had the 1 s of grid + evaluation at step 4 counted, the
+    # window after it would show at most 4 img/s.
+    assert len(rates) == 4 and min(rates) > 4 / 0.5
+    assert float(module.train_seconds) < 0.5
+
+
+def test_reporter_logs_an_image_every_image_every_steps(tmp_path, run_id):
+    limits = budget(max_steps=7, log_every=1000, image_every=3)
+    drawn = []
+
+    def grid(module):
+        drawn.append(module)
+        return Image.new("RGB", (8, 8), (40 * len(drawn), 0, 0))
+
+    module = train(tmp_path, limits, [MLflowReporter(run_id, limits, grid, "samples")])
+    assert len(drawn) == 2 and all(drawn_from is module for drawn_from in drawn)
+    names = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "images")]
+    logged = sorted(int(re.search(r"samples\+step\+(\d+)\+", n).group(1)) for n in names if n.endswith(".png"))
+    assert logged == [3, 6]
+
+
+def test_reporter_logs_steps_images_and_training_time_at_the_end(tmp_path, run_id):
+    limits = budget(max_steps=5, log_every=1000, image_every=1000)
+    module = train(tmp_path, limits, [MLflowReporter(run_id, limits, blank, "grid")])
+    assert history(run_id, "steps") == [(5, 5.0)]
+    assert history(run_id, "images_seen") == [(5, 5.0 * BATCH)]
+    ((step, wall),) = history(run_id, "wall_time_s")
+    assert step == 5 and wall == pytest.approx(float(module.train_seconds)) and wall > 0
+    assert not steps(run_id, "train_loss")  # log_every was never reached
+
+
+def test_periodic_evaluation_logs_every_n_steps_and_once_more_at_an_uneven_end(tmp_path, run_id):
+    calls = []
+
+    def evaluate():
+        calls.append(None)
+        time.sleep(0.01)
+        return {"fid": 100.0 / len(calls), "kid_mean": 0.5}
+
+    train(tmp_path, budget(max_steps=7), [PeriodicEvaluation(run_id, 3, evaluate)])
+    assert history(run_id, "fid") == [(3, 100.0), (6, 50.0), (7, pytest.approx(100.0 / 3))]
+    assert steps(run_id, "kid_mean") == steps(run_id, "fid_eval_s") == [3, 6, 7]
+    assert all(seconds >= 0.01 for _, seconds in history(run_id, "fid_eval_s"))
+
+
+def test_periodic_evaluation_does_not_repeat_itself_when_the_last_step_is_a_multiple(tmp_path, run_id):
+    calls = []
+
+    def evaluate():
+        calls.append(None)
+        return {"fid": float(len(calls))}
+
+    train(tmp_path, budget(max_steps=6), [PeriodicEvaluation(run_id, 3, evaluate)])
+    assert len(calls) == 2
+    assert history(run_id, "fid") == [(3, 1.0), (6, 2.0)]
+
+
+class CountingClient(mlflow.MlflowClient):
+    def __init__(self):
+        super().__init__()
+        self.batches = 0
+
+    def log_batch(self, *args, **kwargs):
+        self.batches += 1
+        return super().log_batch(*args, **kwargs)
+
+
+def test_log_metrics_writes_all_metrics_at_the_step_in_one_call(run_id):
+    client = CountingClient()
+    log_metrics(run_id, {"fid": 12.5, "kid_mean": torch.tensor(0.25), "steps": 40}, step=40, client=client)
+    assert client.batches == 1
+    assert {name: history(run_id, name) for name in ("fid", "kid_mean", "steps")} == {
+        "fid": [(40, 12.5)],
+        "kid_mean": [(40, 0.25)],
+        "steps": [(40, 40.0)],
+    }
+
+
+def test_log_metrics_reaches_a_run_that_is_not_active_at_step_zero_by_default(run_id):
+    assert mlflow.active_run() is None
+    log_metrics(run_id, {"flops_per_step": 3e9})
+    assert history(run_id, "flops_per_step") == [(0, 3e9)]
