@@ -12,7 +12,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from components import workspace
 from components.errors import UserError
+from components.runs import first_stage_id
 from flows.evaluate import evaluate_flow
 from flows.ldm import ldm_flow
 from flows.reproduce import reproduce_flow
@@ -109,7 +111,8 @@ def test_sweep_marks_a_failed_factor_redoes_only_it_then_reuses_everything(proje
     from flows.data import data_flow
 
     version = data_flow(params).version
-    poisoned = project / ".latentlab" / "latents" / f"pixels-{version}.safetensors"  # f=1's latent cache
+    pixels = first_stage_id("", version, params.data.resolution)
+    poisoned = project / workspace.latent_cache(pixels)  # f=1's latent cache
     poisoned.parent.mkdir(parents=True, exist_ok=True)
     poisoned.write_bytes(b"not a safetensors file")
     first = sweep_flow(params)
