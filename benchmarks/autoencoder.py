@@ -1,11 +1,14 @@
 """Autoencoder benchmarks (issue: autoencoder stage).
 
     python benchmarks/autoencoder.py throughput   # img/s per f, smoke and default settings, 64 px
-    python benchmarks/autoencoder.py quality      # train every f with the default params, PSNR table
+    python benchmarks/autoencoder.py quality      # every f for the sweep's per-factor budget: PSNR table
+    python benchmarks/autoencoder.py ablation --factor 8 --minutes 1.5   # each recipe choice undone in turn
 
-Run from the repository root with the virtual environment active. ``quality`` trains through
-the real flow (MLflow, registry, reuse), so a second call only reads the finished runs.
-Results are printed as Markdown and written to reports/benchmarks/.
+Run from the repository root with the virtual environment active, after `latentlab data`.
+``quality`` trains through the real flow (MLflow, registry, reuse), so a second call only reads
+the finished runs; ``--minutes`` overrides the sweep's budget. ``ablation`` trains the first
+stage directly (no MLflow) for the same wall time per variant and measures per-image PSNR on
+the val split. Results are printed as Markdown and written to reports/benchmarks/.
 """
 
 from __future__ import annotations
@@ -57,14 +60,68 @@ def throughput(steps: int = 4) -> list[dict]:
     return rows
 
 
-def quality() -> list[dict]:
+# The first stage before issue 12, and each of its choices undone in turn from the current one.
+VARIANTS = {
+    "current defaults": [],
+    "before (all of the below)": [
+        "ae.adam_betas=[0.5, 0.9]",
+        "ae.channels_per_group=1",
+        "ae.kl_weight=0.012288",  # 1e-6 per latent sum vs a per-pixel L1 at 64 px: 1e-6 * 3 * 64 * 64
+        "ae.disc_start=200",
+        "ae.lr=3e-4",
+        "ae.precision=32-true",
+        "ae.channels_last=false",
+    ],
+    "Adam (0.5, 0.9)": ["ae.adam_betas=[0.5, 0.9]"],
+    "1 channel per GroupNorm group": ["ae.channels_per_group=1"],
+    "KL weight in the old units": ["ae.kl_weight=0.012288"],
+    "discriminator from step 200": ["ae.disc_start=200"],
+    "lr 3e-4": ["ae.lr=3e-4"],
+    "fp32, NCHW": ["ae.precision=32-true", "ae.channels_last=false"],
+}
+
+
+def ablation(factor: int, minutes: float) -> list[dict]:
+    import tempfile
+
+    from components.autoencoder_training import train_autoencoder
+    from components.metrics import psnr_ssim
+
+    train, _ = load_split(DATA_DIR, "train")
+    val, _ = load_split(DATA_DIR, "val")
+    rows = []
+    for name, overrides in VARIANTS.items():
+        settings = [f"ae.factor={factor}", f"ae.max_minutes={minutes}", "ae.max_steps=1000000", *overrides]
+        params = load_params("params/default.yaml", settings)
+        with tempfile.TemporaryDirectory() as tmp:
+            module = train_autoencoder(
+                params.ae, train, resolution=params.data.resolution, checkpoint_dir=Path(tmp), seed=params.seed
+            )
+        metrics = psnr_ssim(val, module.reconstruct_uint8(val))
+        rows.append(
+            {
+                "variant": name,
+                "factor": factor,
+                "steps": int(module.steps),
+                "psnr": round(metrics["psnr"], 2),
+                "psnr_pooled": round(metrics["psnr_pooled"], 2),
+                "ssim": round(metrics["ssim"], 3),
+            }
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def quality(minutes: float | None = None) -> list[dict]:
     import mlflow
 
     from flows.autoencoder import autoencoder_flow
 
     rows = []
     for factor in FACTORS:
-        params = load_params("params/default.yaml", [f"ae.factor={factor}"])
+        sweep = load_params("params/default.yaml").sweep
+        budget = [f"ae.max_minutes={minutes or sweep.ae_minutes}", "ae.max_steps=1000000"]
+        params = load_params("params/default.yaml", [f"ae.factor={factor}", *budget])
         result = autoencoder_flow(params)
         run = mlflow.get_run(result.run_id)
         m = run.data.metrics
@@ -74,6 +131,7 @@ def quality() -> list[dict]:
                 "latent_channels": run.data.params.get("ae.latent_channels"),
                 "steps": int(m.get("images_seen", 0)) // params.ae.batch_size,
                 "psnr": round(m["psnr"], 2),
+                "psnr_pooled": round(m.get("psnr_pooled", float("nan")), 2),
                 "ssim": round(m["ssim"], 3),
                 "rfid": round(m["rfid"], 3),
                 "run_id": result.run_id,
@@ -94,9 +152,16 @@ def markdown(rows: list[dict]) -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["throughput", "quality"])
+    parser.add_argument("what", choices=["throughput", "quality", "ablation"])
+    parser.add_argument("--minutes", type=float, default=None, help="training minutes per run")
+    parser.add_argument("--factor", type=int, default=8, help="ablation: which f")
     args = parser.parse_args()
-    rows = throughput() if args.what == "throughput" else quality()
+    if args.what == "throughput":
+        rows = throughput()
+    elif args.what == "quality":
+        rows = quality(args.minutes)
+    else:
+        rows = ablation(args.factor, args.minutes or 1.5)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"autoencoder-{args.what}.json").write_text(json.dumps(rows, indent=2))
     (OUT / f"autoencoder-{args.what}.md").write_text(markdown(rows) + "\n")

@@ -17,7 +17,7 @@ from components.images import to_float, to_pil, to_uint8
 from components.losses import AutoencoderLoss, PerceptualLoss
 from components.metrics import Reference, codebook_usage, psnr_ssim
 from components.params import AEParams
-from components.training import add_budget_buffers, fit, make_trainer
+from components.training import add_budget_buffers, fit, make_trainer, resolve_precision
 
 
 class AutoencoderModule(L.LightningModule):
@@ -39,18 +39,22 @@ class AutoencoderModule(L.LightningModule):
             disc_weight=self.params_.disc_weight,
             disc_layers=2 if resolution <= 32 else 3,
         )
+        if self.params_.channels_last:
+            self.to(memory_format=torch.channels_last)
         add_budget_buffers(self)
         self.logged: dict[str, torch.Tensor] = {}
 
     def configure_optimizers(self):
-        betas = (0.5, 0.9)  # the paper's Adam settings for the first stage
+        betas = tuple(self.params_.adam_betas)
         return (
             torch.optim.Adam(self.stage.parameters(), lr=self.params_.lr, betas=betas),
-            torch.optim.Adam(self.loss.discriminator.parameters(), lr=self.params_.lr, betas=betas),
+            torch.optim.Adam(self.loss.discriminator.parameters(), lr=self.params_.lr, betas=(0.5, 0.9)),
         )
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         x = to_float(batch[0])
+        if self.params_.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         opt_ae, opt_disc = self.optimizers()
         step = int(self.steps)
         out = self.stage.reconstruct(x)
@@ -99,9 +103,9 @@ def train_autoencoder(
     L.seed_everything(seed, verbose=False)
     module = AutoencoderModule(ae.model_dump(mode="json"), resolution)
     loader = DataLoader(TensorDataset(train_images), batch_size=ae.batch_size, shuffle=True, drop_last=True)
-    trainer = make_trainer(ae, checkpoint_dir, list(callbacks))
+    trainer = make_trainer(ae, checkpoint_dir, list(callbacks), resolve_precision(ae.precision, "autoencoder"))
     fit(trainer, module, loader, checkpoint_dir)
-    return module
+    return module.to(memory_format=torch.contiguous_format)  # NHWC is a training layout; files want NCHW
 
 
 def evaluate_autoencoder(module: AutoencoderModule, reference: Reference) -> dict[str, float]:

@@ -25,8 +25,12 @@ from torch import nn
 from components.images import to_float, to_uint8
 from components.params import AEParams, downsampling_levels
 
-# Paper (Table 8 and its reference configs): more latent channels as f grows.
-DEFAULT_LATENT_CHANNELS = {1: 3, 2: 3, 4: 3, 8: 4, 16: 8, 32: 16}
+# Latent channels by f, from the reference configs (Table 8): more channels as f grows, and
+# more for KL than for VQ at f >= 16 (KL f16: 16, f32: 64; VQ f16: 8, f32: 16).
+DEFAULT_LATENT_CHANNELS = {
+    "kl": {2: 3, 4: 3, 8: 4, 16: 16, 32: 64},
+    "vq": {2: 3, 4: 3, 8: 4, 16: 8, 32: 16},
+}
 SCALE_BATCH = 64  # latents of the first batch set the scale, as in the reference code
 NETWORKS = {"kl": AutoencoderKL, "vq": VQModel}
 
@@ -120,7 +124,9 @@ class Autoencoder(FirstStage):
         if self.regularizer == "kl":
             posterior = self.net.encode(x).latent_dist
             image = self.net.decode(posterior.sample()).sample
-            return Reconstruction(image, posterior.kl().sum() / x.shape[0])
+            # KL summed over latent elements, per image pixel value: CompVis sums both the
+            # reconstruction loss and the KL, so dividing by pixels keeps kl_weight in its units.
+            return Reconstruction(image, posterior.kl().sum() / x.numel())
         h = self.net.encode(x).latents
         quantized, loss, (_, _, codes) = self.net.quantize(h)
         image = self.net.decode(quantized, force_not_quantize=True).sample
@@ -138,11 +144,18 @@ class Autoencoder(FirstStage):
         self.net.save_pretrained(directory, safe_serialization=True)
 
 
+def norm_groups(width: int, channels_per_group: int) -> int:
+    """GroupNorm groups for the narrowest width: as many as fit ``channels_per_group`` channels
+    each (at most 32, as CompVis), dividing the width. One channel a group would be an instance
+    norm, which discards each channel's absolute level (an emoji's colour)."""
+    return max(g for g in range(1, 33) if width % g == 0 and width // g >= min(channels_per_group, width))
+
+
 def build_first_stage(ae: AEParams, resolution: int) -> FirstStage:
     """A fresh first stage for ``ae.factor``; f = 1 is pixel space, nothing to train."""
     if ae.factor == 1:
         return FirstStage()
-    channels = ae.latent_channels or DEFAULT_LATENT_CHANNELS[ae.factor]
+    channels = ae.latent_channels or DEFAULT_LATENT_CHANNELS[ae.regularizer][ae.factor]
     widths = tuple(ae.base_channels * m for m in ae.channel_mult[: downsampling_levels(ae.factor) + 1])
     common = dict(
         in_channels=3,
@@ -152,7 +165,7 @@ def build_first_stage(ae: AEParams, resolution: int) -> FirstStage:
         block_out_channels=widths,
         layers_per_block=ae.layers_per_block,
         latent_channels=channels,
-        norm_num_groups=min(32, ae.base_channels),
+        norm_num_groups=norm_groups(ae.base_channels, ae.channels_per_group),
         sample_size=resolution,
         mid_block_add_attention=ae.attention,
         scaling_factor=1.0,  # until fit_scale

@@ -17,7 +17,7 @@ from components.first_stage import Autoencoder, FirstStage
 from components.grids import labeled_grid
 from components.images import to_pil
 from components.params import LDMParams
-from components.training import fit, make_trainer
+from components.training import fit, make_trainer, resolve_precision
 
 
 def sample_grid(
@@ -52,7 +52,9 @@ def train_ldm(
     """Train (or resume) on cached latents; ``callbacks`` report (see ``components.tracking``)."""
     L.seed_everything(seed, verbose=False)
     loader = DataLoader(TensorDataset(latents, cond), batch_size=ldm.batch_size, shuffle=True, drop_last=True)
-    trainer = make_trainer(ldm, checkpoint_dir, list(callbacks))
+    trainer = make_trainer(
+        ldm, checkpoint_dir, list(callbacks), resolve_precision(ldm.precision, "ldm", latents.shape[-1])
+    )
     fit(trainer, module, loader, checkpoint_dir)
     return module
 

@@ -68,7 +68,9 @@ class TrainingBudget(Section):
     log_every: int = Field(10, ge=1)
     image_every: int = Field(500, ge=1, description="steps between image grids")
     checkpoint_every: int = Field(100, ge=1, description="steps between resumable checkpoints")
-    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
+        "auto", description="auto: bf16-mixed where the hardware has bf16 and it pays for this model (measured)"
+    )
     accelerator: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -81,12 +83,15 @@ class AEParams(TrainingBudget):
     layers_per_block: int = Field(1, ge=1)
     attention: bool = Field(True, description="self-attention in the middle block")
     codebook_size: int = Field(256, ge=2, description="VQ codebook entries")
-    kl_weight: float = Field(1e-6, ge=0)
+    kl_weight: float = Field(1e-6, ge=0, description="relative to the per-pixel reconstruction loss, as CompVis")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="the paper's GAN setting: [0.5, 0.9]")
+    channels_per_group: int = Field(4, ge=1, description="GroupNorm channels per group (CompVis: 4 or more)")
+    channels_last: bool = Field(True, description="NHWC memory layout for the convolutions")
     codebook_weight: float = Field(1.0, ge=0)
     perceptual: Literal["auto", "lpips", "ssim"] = Field("auto", description="auto: LPIPS if VGG is on disk")
     perceptual_weight: float = Field(1.0, ge=0)
     lpips_vgg_weights: str | None = Field(None, description="local torchvision vgg16 weights file")
-    disc_start: int = Field(200, ge=0, description="step at which the discriminator starts")
+    disc_start: int = Field(50_001, ge=0, description="step at which the discriminator starts (CompVis: 50,001)")
     disc_weight: float = Field(0.5, ge=0)
 
     @field_validator("factor")
@@ -115,6 +120,12 @@ class LDMParams(TrainingBudget):
     timesteps: int = Field(1000, ge=10)
     beta_start: float = Field(0.0015, gt=0)
     beta_end: float = Field(0.0195, gt=0)
+    prediction: Literal["epsilon", "v_prediction"] = Field(
+        "epsilon", description="the network's target (paper: epsilon)"
+    )
+    snr_gamma: float | None = Field(
+        None, gt=0, description="Min-SNR-gamma loss weighting (Hang et al. 2023: 5); none: plain L2"
+    )
     uncond_prob: float = Field(0.1, ge=0, lt=1, description="label dropout, for classifier-free guidance")
     ema_decay: float = Field(0.999, gt=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
@@ -135,7 +146,9 @@ class EvalParams(Section):
         "auto", description="auto: Inception when weights are given, else the trained domain CNN"
     )
     inception_weights: str | None = Field(None, description="local inception-v3-compat weights (or env var)")
-    reference_split: Literal["train", "val"] = Field("train", description="the paper compares with training images")
+    reference_split: Literal["auto", "train", "val"] = Field(
+        "auto", description="auto: val for the domain extractor (trained on train), train for Inception (the paper)"
+    )
     samples: int = Field(1000, ge=8, description="samples for the headline metrics")
     sampler: Literal["ddim", "ddpm"] = Field("ddim", description="for the headline metrics (the curve is DDIM)")
     sample_steps: int = Field(50, ge=1, description="sampler steps for the headline metrics")
@@ -145,6 +158,8 @@ class EvalParams(Section):
     ddim_steps: list[int] = Field([10, 20, 50, 100, 200], description="FID vs throughput curve (Figure 7)")
     curve_samples: int = Field(250, ge=8, description="samples per point of that curve")
     extractor_steps: int = Field(600, ge=1, description="training steps of the domain extractor")
+    bootstrap_rounds: int = Field(200, ge=0, description="bootstrap rounds for FID/KID intervals (0: none)")
+    confidence: float = Field(0.95, gt=0, lt=1, description="level of those intervals")
 
 
 class SweepParams(Section):

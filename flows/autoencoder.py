@@ -25,11 +25,14 @@ from components.runs import (
     TAG_DATA_VERSION,
     TAG_FID_EXTRACTOR,
     TAG_PERCEPTUAL,
+    TAG_PRECISION,
+    TAG_SEED,
     ReuseOrResume,
     autoencoder_key,
     first_stage_id,
 )
 from components.tracking import MLflowReporter, register_once, use_experiment
+from components.training import resolve_precision
 from flows.data import DataVersion, data_flow
 from flows.extractor import reference
 
@@ -130,9 +133,10 @@ def autoencoder_flow(
     train_images, _ = load_split(workspace.DATA_DIR, "train")
     with recorded.start(
         data_version=data.version,
-        params=params.flat("seed", "data", "ae"),
+        params=params.flat("seed", "data", "ae", "eval"),  # eval: the extractor rFID uses
         run_name=f"ae-f{ae.factor}-{ae.regularizer}",
         factor=ae.factor,
+        tags={TAG_SEED: str(params.seed), TAG_PRECISION: resolve_precision(ae.precision, "autoencoder")},
         parent_run_id=parent_run_id,
     ) as run:
         module = train(params, train_images, val.images[:PREVIEW_IMAGES], run.info.run_id, key)

@@ -32,13 +32,17 @@ from components.runs import (
     TAG_AE_RUN,
     TAG_FID_EXTRACTOR,
     TAG_LATENT_SHAPE,
+    TAG_PRECISION,
+    TAG_REFERENCE_SPLIT,
+    TAG_SEED,
     ReuseOrResume,
     ldm_key,
 )
 from components.tracking import MLflowReporter, PeriodicEvaluation, log_metrics, use_experiment
+from components.training import resolve_precision
 from flows.autoencoder import AutoencoderRun, autoencoder_flow
 from flows.data import DataVersion
-from flows.extractor import reference
+from flows.extractor import reference, reference_split
 
 
 @dataclass(frozen=True)
@@ -163,17 +167,21 @@ def ldm_flow(
         logger.info("Reusing finished LDM run %s", recorded.reusable.info.run_id)
         return LDMRun(recorded.reusable.info.run_id, ae.factor, ae.run_id, ae.data_version, reused=True)
     latent = prepare_latents(params, ae)
-    split = params.eval.reference_split
+    split = reference_split(params)
     real = reference(params, ae.data_version, experiment, split, latent.conditioning.cond[split])
+    shape = latent.stage.latent_shape(params.data.resolution)
     with recorded.start(
         data_version=ae.data_version,
-        params=params.flat("seed", "data", "ae", "ldm"),
+        params=params.flat("seed", "data", "ae", "ldm", "eval"),  # eval: FID during training
         run_name=f"ldm-f{ae.factor}",
         factor=ae.factor,
         tags={
             TAG_AE_RUN: ae.run_id or NO_AUTOENCODER,
-            TAG_LATENT_SHAPE: "x".join(map(str, latent.stage.latent_shape(params.data.resolution))),
+            TAG_LATENT_SHAPE: "x".join(map(str, shape)),
             TAG_FID_EXTRACTOR: real.extractor.tag,
+            TAG_REFERENCE_SPLIT: split,
+            TAG_SEED: str(params.seed),
+            TAG_PRECISION: resolve_precision(params.ldm.precision, "ldm", shape[-1]),
         },
         parent_run_id=parent_run_id,
     ) as run:

@@ -17,6 +17,7 @@ from components.first_stage import build_first_stage, load_first_stage
 from components.losses import AutoencoderLoss, PerceptualLoss
 from components.metrics import codebook_usage
 from components.params import AEParams
+from components.training import resolve_precision
 from flows.autoencoder import autoencoder_flow
 
 TINY = dict(base_channels=8, channel_mult=[1, 1, 2, 2, 2, 2], attention=False)
@@ -40,9 +41,27 @@ def test_latent_shape_follows_factor(factor, regularizer):
     assert (out.codes is not None) == (regularizer == "vq")
 
 
-def test_paper_latent_channels_grow_with_factor():
-    channels = [tiny_stage(f, resolution=64).latent_channels for f in (4, 8, 16, 32)]
-    assert channels == [3, 4, 8, 16]
+def test_latent_channels_follow_the_reference_configs_of_each_regularizer():
+    assert [tiny_stage(f, "kl", resolution=64).latent_channels for f in (4, 8, 16, 32)] == [3, 4, 16, 64]
+    assert [tiny_stage(f, "vq", resolution=64).latent_channels for f in (4, 8, 16, 32)] == [3, 4, 8, 16]
+
+
+def test_kl_is_normalised_like_the_reconstruction_loss_as_compvis_does():
+    """CompVis: loss = sum over pixels of |x - x'| / B + w * sum over latents of KL / B. Per pixel
+    value (what L1's mean is), the KL term is that sum divided by B * C * H * W."""
+    stage = tiny_stage(4, resolution=16)
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    out = stage.reconstruct(x)
+    kl_per_image = stage.net.encode(x).latent_dist.kl().sum() / 3  # CompVis's kl_loss
+    assert float(out.regularization) == pytest.approx(float(kl_per_image) / (3 * 16 * 16), rel=1e-5)
+
+
+def test_group_norm_keeps_at_least_four_channels_per_group():
+    from components.first_stage import norm_groups
+
+    assert [norm_groups(w, 4) for w in (8, 16, 64, 128, 256)] == [2, 4, 16, 32, 32]
+    groups = {m.num_groups for m in tiny_stage(8).modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert groups == {2}  # TINY's base width 8
 
 
 def test_pixel_space_is_identity():
@@ -137,6 +156,8 @@ def test_train_ae_records_registers_and_reuses(project, ae_smoke, smoke_params):
     (version,) = client.search_model_versions("name = 'autoencoder-f4-kl'")
     assert version.run_id == result.run_id
     assert version.tags["latentlab.data_version"] == result.data_version
+    tags = mlflow.get_run(result.run_id).data.tags
+    assert tags["latentlab.seed"] == "0" and tags["latentlab.precision"] == resolve_precision("auto", "autoencoder")
 
     # The exported weights are the trained model: same reconstructions without latentlab's module.
     weights = load_file(
@@ -204,3 +225,16 @@ def test_killed_training_resumes_into_the_same_run(project, repo, ae_smoke):
     steps = [m.step for m in history]
     assert max(steps) == 30
     assert steps.count(2) == 1  # resumed from the checkpoint, not retrained from step 0
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it_and_it_pays(monkeypatch):
+    import components.training as training
+
+    monkeypatch.setattr(training, "bf16_hardware", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_precision("auto", "autoencoder") == "bf16-mixed"
+    assert resolve_precision("auto", "ldm", 8) == "32-true"  # measured slower on a CPU at 8x8 latents
+    assert resolve_precision("auto", "ldm", 16) == "bf16-mixed"  # and faster at 16x16
+    assert resolve_precision("32-true", "autoencoder") == "32-true"
+    monkeypatch.setattr(training, "bf16_hardware", lambda: False)
+    assert resolve_precision("auto", "autoencoder") == "32-true"

@@ -129,6 +129,7 @@ def test_train_ldm_records_exports_and_reuses(project, ldm_smoke, smoke_params):
     assert [r.info.run_id for r in ae_runs] == [run.data.tags["latentlab.ae_run_id"]]
     assert {"train_loss", "train_img_per_s", "flops_per_step", "latent_scale_factor"} <= set(run.data.metrics)
     assert run.data.params["ldm.conditioning"] == "class"
+    assert run.data.tags["latentlab.seed"] == "0" and run.data.tags["latentlab.precision"] in ("32-true", "bf16-mixed")
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
     assert {"samples_final.png", "ldm", "pipeline"} <= artifacts
     grid = Image.open(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="samples_final.png"))
@@ -186,3 +187,28 @@ def test_ldm_checkpoint_resumes_with_ema(project):
     resumed = train_ldm(fresh(), longer, latents, cond, checkpoint_dir=project / "ckpt", seed=0)
     assert int(first.steps) == 4 and int(resumed.steps) == 6
     assert resumed.ema.optimization_step == 6  # EMA state came back from the checkpoint
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_min_snr_weighting_and_v_prediction_follow_their_definitions(prediction):
+    ldm = TINY.model_copy(update={"prediction": prediction, "snr_gamma": 5.0, "uncond_prob": 0.0})
+    module = LatentDiffusionModule(ldm.model_dump(mode="json"), 3, 4, 2, Conditioner("class", 2, 8))
+    latents, cond = torch.randn(6, 3, 4, 4), torch.zeros(6, dtype=torch.long)
+    torch.manual_seed(0)
+    loss = module.loss(latents, cond)
+
+    torch.manual_seed(0)  # the same draws, by hand
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, ldm.timesteps, (6,))
+    torch.rand(6)  # (label dropout's draw)
+    alpha_bar = module.scheduler.alphas_cumprod[t]
+    with torch.no_grad():
+        noisy = alpha_bar.sqrt().view(-1, 1, 1, 1) * latents + (1 - alpha_bar).sqrt().view(-1, 1, 1, 1) * noise
+        prediction_ = module.unet(noisy, t, encoder_hidden_states=module.conditioner(cond)).sample
+    velocity = alpha_bar.sqrt().view(-1, 1, 1, 1) * noise - (1 - alpha_bar).sqrt().view(-1, 1, 1, 1) * latents
+    target = noise if prediction == "epsilon" else velocity
+    snr = alpha_bar / (1 - alpha_bar)
+    weight = snr.clamp(max=5.0) / (snr if prediction == "epsilon" else snr + 1)
+    expected = (((prediction_ - target) ** 2).mean(dim=(1, 2, 3)) * weight).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-4)
+    assert module.sampling_scheduler("ddim").config.prediction_type == prediction
