@@ -10,11 +10,20 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch_fidelity
 from torch.utils.data import Dataset
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_kid import kernel_poly
+from torch_fidelity.utils import (
+    create_feature_extractor,
+    extract_featuresdict_from_input_id,
+    extract_featuresdict_from_input_id_cached,
+    resolve_feature_layer_for_metric,
+)
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from components.errors import UserError
@@ -22,6 +31,7 @@ from components.features import INCEPTION, Extractor, check_inception_weights
 
 MIN_SAMPLES = 2  # FID needs a covariance, KID a pair per subset, precision/recall one neighbour
 PRC_NEIGHBORHOOD = 3  # k of Kynkäänniemi et al. 2019; smaller only when a set has <= 3 images
+KID_REAL = 1000  # reference images in the bootstrap's KID (its kernel grows with the square)
 
 
 class _Images(Dataset):
@@ -51,8 +61,14 @@ def sample_metrics(
     cache_dir: Path | None = None,
     prc: bool = True,
     isc: bool = False,
+    bootstrap: int = 0,
+    confidence: float = 0.95,
+    seed: int = 0,
 ) -> dict[str, float]:
     """FID, KID (and precision/recall, Inception Score) of ``fake`` against ``real``.
+
+    ``bootstrap`` > 0 adds ``confidence`` intervals for FID and KID (``fid_ci_low`` ...) from
+    that many bootstrap rounds over both sets' features (``bootstrap_intervals``).
 
     Both are uint8 [N, 3, H, W] with N >= 2. KID uses subsets of min(1000, N_real, N_fake);
     precision/recall use k = 3 neighbours, fewer only when a set has fewer than 4 images.
@@ -74,10 +90,22 @@ def sample_metrics(
         _check_cache(Path(cache_dir), f"{reference}-{extractor.name}-")
     if extractor.name == INCEPTION and extractor.weights_path is not None:
         check_inception_weights(Path(extractor.weights_path))  # again: the file may have changed since
+    inputs = dict(
+        input1=_Images(fake),
+        input2=_Images(real),
+        feature_extractor=extractor.name,
+        feature_extractor_weights_path=extractor.weights_path,
+        cuda=torch.cuda.is_available(),
+        cache=cached,
+        cache_root=str(cache_dir) if cached else None,
+        input2_cache_name=reference if cached else None,
+        save_cpu_ram=True,  # no loader worker processes for in-memory tensors
+        verbose=False,
+        batch_size=64,
+    )
     try:
         result = torch_fidelity.calculate_metrics(
-            input1=_Images(fake),
-            input2=_Images(real),
+            **inputs,
             fid=True,
             kid=True,
             prc=prc,
@@ -85,15 +113,6 @@ def sample_metrics(
             kid_subset_size=min(1000, len(real), len(fake)),
             prc_neighborhood=min(PRC_NEIGHBORHOOD, len(real) - 1, len(fake) - 1),
             isc_splits=min(10, len(fake)),
-            feature_extractor=extractor.name,
-            feature_extractor_weights_path=extractor.weights_path,
-            cuda=torch.cuda.is_available(),
-            cache=cached,
-            cache_root=str(cache_dir) if cached else None,
-            input2_cache_name=reference if cached else None,
-            save_cpu_ram=True,  # no loader worker processes for in-memory tensors
-            verbose=False,
-            batch_size=64,
         )
     except OSError as error:  # urllib's errors included
         if extractor.name != INCEPTION or extractor.weights_path is not None:
@@ -112,6 +131,81 @@ def sample_metrics(
         out |= {"precision": float(result["precision"]), "recall": float(result["recall"])}
     if isc:
         out |= {"isc_mean": float(result["inception_score_mean"]), "isc_std": float(result["inception_score_std"])}
+    if bootstrap:
+        if cached:
+            _check_cache(Path(cache_dir), f"{reference}-{extractor.name}-")
+        real_features, fake_features = _features(inputs, cached)
+        out |= bootstrap_intervals(real_features, fake_features, rounds=bootstrap, confidence=confidence, seed=seed)
+    return out
+
+
+def _features(inputs: dict, cached: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real and fake sets' FID features, as torch-fidelity computed them (the real set's
+    from its cache when ``cached``)."""
+    layer = resolve_feature_layer_for_metric("fid", **inputs)
+    network = create_feature_extractor(inputs["feature_extractor"], [layer], **inputs)
+    real_features = extract_featuresdict_from_input_id_cached if cached else extract_featuresdict_from_input_id
+    return real_features(2, network, **inputs)[layer], extract_featuresdict_from_input_id(1, network, **inputs)[layer]
+
+
+def fid_of_features(real: np.ndarray, fake: np.ndarray) -> float:
+    """torch-fidelity's Fréchet distance of two feature sets [N, d]."""
+    stats = [fid_features_to_statistics(torch.from_numpy(f)) for f in (real, fake)]
+    return float(fid_statistics_to_metric(*stats, verbose=False)[KEY_METRIC_FID])
+
+
+def kid_of_features(real: np.ndarray, fake: np.ndarray) -> float:
+    """Unbiased MMD^2 with KID's kernel (torch-fidelity's cubic polynomial), on the whole sets;
+    unlike torch-fidelity's subset estimator it allows sets of different sizes."""
+    kernels = _kid_kernels(real, fake)
+    return _weighted_mmd2(*kernels, np.ones(len(real)), np.ones(len(fake)))
+
+
+def _kid_kernels(real: np.ndarray, fake: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    options = {"kid_kernel_poly_degree": 3, "kid_kernel_poly_gamma": None, "kid_kernel_poly_coef0": 1}
+    return tuple(kernel_poly(a, b, **options) for a, b in ((real, real), (fake, fake), (real, fake)))
+
+
+def _weighted_mmd2(k_rr: np.ndarray, k_ff: np.ndarray, k_rf: np.ndarray, c_r: np.ndarray, c_f: np.ndarray) -> float:
+    """Unbiased MMD^2 of sets that hold image i ``c[i]`` times: pairs of copies of one image are
+    left out like the diagonal, so a bootstrap resample is not biased up by its repeats."""
+
+    def within(k: np.ndarray, c: np.ndarray) -> float:
+        return (c @ k @ c - (c**2) @ np.diag(k)) / (c.sum() ** 2 - (c**2).sum())
+
+    return float(within(k_rr, c_r) + within(k_ff, c_f) - 2 * (c_r @ k_rf @ c_f) / (c_r.sum() * c_f.sum()))
+
+
+def bootstrap_intervals(
+    real: torch.Tensor, fake: torch.Tensor, *, rounds: int = 200, confidence: float = 0.95, seed: int = 0
+) -> dict[str, float]:
+    """``confidence`` intervals for FID and KID: both feature sets resampled with replacement
+    ``rounds`` times (KID against a fixed subset of at most ``KID_REAL`` real images).
+
+    Basic (reverse-percentile) bootstrap: [2 t - q_hi, 2 t - q_lo] around the estimate t, so the
+    FID interval also corrects FID's upward bias at small N (resampling repeats images, which
+    biases each round further up by about as much); KID is unbiased, and stays so in each round
+    (``_weighted_mmd2``). A lower bound below 0 is reported as 0.
+    """
+    rng = np.random.default_rng(seed)
+    real_np, fake_np = real.double().numpy(), fake.double().numpy()
+    kernel_real = real_np[rng.choice(len(real_np), min(len(real_np), KID_REAL), replace=False)]
+    kernels = _kid_kernels(kernel_real, fake_np)
+    estimate = {"fid": fid_of_features(real_np, fake_np), "kid": kid_of_features(kernel_real, fake_np)}
+    rounds_of: dict[str, list[float]] = {"fid": [], "kid": []}
+    for _ in range(rounds):
+        picked_fake = rng.integers(0, len(fake_np), len(fake_np))
+        picked_real = rng.integers(0, len(real_np), len(real_np))
+        rounds_of["fid"].append(fid_of_features(real_np[picked_real], fake_np[picked_fake]))
+        c_r = np.bincount(rng.integers(0, len(kernel_real), len(kernel_real)), minlength=len(kernel_real))
+        c_f = np.bincount(picked_fake, minlength=len(fake_np))
+        rounds_of["kid"].append(_weighted_mmd2(*kernels, c_r.astype(float), c_f.astype(float)))
+    tail = (1 - confidence) / 2 * 100
+    out = {}
+    for name, values in rounds_of.items():
+        low_q, high_q = np.percentile(values, [tail, 100 - tail])
+        out[f"{name}_ci_low"] = max(0.0, 2 * estimate[name] - high_q)
+        out[f"{name}_ci_high"] = max(0.0, 2 * estimate[name] - low_q)
     return out
 
 
@@ -162,8 +256,9 @@ class Reference:
         pick = torch.randint(len(self.cond), (n,), generator=torch.Generator().manual_seed(seed))
         return self.cond[pick]
 
-    def score(self, fake: torch.Tensor, full: bool = True) -> dict[str, float]:
-        """FID and KID; ``full`` adds precision/recall and, where the extractor classifies, IS."""
+    def score(self, fake: torch.Tensor, full: bool = True, **intervals: Any) -> dict[str, float]:
+        """FID and KID; ``full`` adds precision/recall and, where the extractor classifies, IS;
+        ``intervals``: ``bootstrap``, ``confidence``, ``seed`` of ``sample_metrics``."""
         return sample_metrics(
             self.images,
             fake,
@@ -172,14 +267,18 @@ class Reference:
             cache_dir=self.cache_dir,
             prc=full,
             isc=full and self.extractor.has_logits,
+            **intervals,
         )
 
 
 def psnr_ssim(original: torch.Tensor, reconstruction: torch.Tensor) -> dict[str, float]:
-    """On [0, 1] images, averaged over the set."""
+    """On [0, 1] images: ``psnr`` is the mean of per-image PSNR (as the paper reports it),
+    ``psnr_pooled`` the PSNR of the set's mean squared error; SSIM averaged over the set."""
     a, b = original.float() / 255, reconstruction.float() / 255
+    per_image = peak_signal_noise_ratio(b, a, data_range=1.0, reduction="none", dim=(1, 2, 3))
     return {
-        "psnr": float(peak_signal_noise_ratio(b, a, data_range=1.0)),
+        "psnr": float(per_image.clamp(max=100).mean()),  # (a perfect image would be infinite)
+        "psnr_pooled": float(peak_signal_noise_ratio(b, a, data_range=1.0)),
         "ssim": float(structural_similarity_index_measure(b, a, data_range=1.0)),
     }
 

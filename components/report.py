@@ -53,10 +53,12 @@ def verdict(summary: SweepSummary) -> str:
         return f"No factor has an evaluate FID yet {budget}, so there is no winner to name."
     ranked = sorted(rows, key=lambda r: r.fid)
     best = ranked[0]
-    parts = [f"Best factor {budget}: **f={best.factor}** with FID {_fmt(best.fid, 3)}."]
+    parts = [f"Best factor {budget}: **f={best.factor}** with FID {_fid(best)}."]
     runner_up = ranked[1] if len(ranked) > 1 else None
     beats = [r for r in ranked[1:] if r is runner_up or r.factor in PAPER_EXTREMES]
-    if beats:
+    if beats and _interval(best):
+        parts.append("; ".join(_significance(best, r) for r in ranked[1:]) + ".")
+    elif beats:
         parts.append("It beats " + "; ".join(_margin(best, r, r is runner_up) for r in beats) + ".")
     else:
         parts.append("It is the only factor with a comparable FID.")
@@ -80,6 +82,30 @@ def verdict(summary: SweepSummary) -> str:
         which = ", ".join(f"f={r.factor}" for r in small)
         parts.append(f"Small sample ({which}): FID at N<5,000 is biased upward; compare KID too.")
     return " ".join(parts)
+
+
+def _interval(row: FactorRow) -> tuple[float, float] | None:
+    """The FID's confidence interval, when the evaluation recorded one."""
+    if row.fid_ci_low is None or row.fid_ci_high is None:
+        return None
+    return row.fid_ci_low, row.fid_ci_high
+
+
+def _fid(row: FactorRow) -> str:
+    """ "10.2 [9.10, 11.4]": the FID and its interval where recorded."""
+    interval = _interval(row)
+    bounds = f" [{_fmt(interval[0], 3)}, {_fmt(interval[1], 3)}]" if interval else ""
+    return _fmt(row.fid, 3) + bounds
+
+
+def _significance(best: FactorRow, other: FactorRow) -> str:
+    """Whether ``best`` beats ``other`` outside both intervals, or the data cannot tell them apart."""
+    a, b = _interval(best), _interval(other)
+    if a and b and a[1] < b[0]:
+        return f"f={best.factor} beats f={other.factor}: FID {_fid(best)} vs {_fid(other)}"
+    if a and b:
+        return f"f={best.factor} vs f={other.factor}: not distinguishable at this budget (FID {_fid(best)} vs {_fid(other)})"
+    return f"f={best.factor} vs f={other.factor}: FID {_fid(best)} vs {_fid(other)} (no interval recorded for f={other.factor})"
 
 
 def _margin(best: FactorRow, other: FactorRow, runner_up: bool) -> str:
@@ -106,10 +132,23 @@ def _shape(all_rows: list[FactorRow], rows: list[FactorRow]) -> str:
     absent = [f for f in PAPER_EXTREMES if f not in {r.factor for r in ext}]
     caveat = f" (f={absent[0]} has no comparable FID, so half the check is open)" if absent else ""
     if max(r.fid for r in mid) < min(r.fid for r in ext):
-        return out + f" Every f in 4..16 with an FID beats {ext_names}, the paper's shape{caveat}."
+        return (
+            out
+            + f" Every f in 4..16 with an FID beats {ext_names}, the paper's shape{caveat}{_shape_certainty(mid, ext)}."
+        )
     if min(r.fid for r in mid) < min(r.fid for r in ext):
         return out + f" Only part of the paper's shape: some f in 4..16 beat {ext_names}, not all{caveat}."
     return out + f" Not the paper's shape: no f in 4..16 beats {ext_names} on FID{caveat}."
+
+
+def _shape_certainty(mid: list[FactorRow], ext: list[FactorRow]) -> str:
+    """Whether the mid-range's win lies outside the intervals (said only where all have one)."""
+    intervals = [_interval(r) for r in mid + ext]
+    if not all(intervals):
+        return ""
+    if max(_interval(r)[1] for r in mid) < min(_interval(r)[0] for r in ext):
+        return ", outside every interval"
+    return "; on point estimates only: the intervals overlap, so not distinguishable at this budget"
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -178,7 +217,7 @@ def _table(rows: list[FactorRow]) -> list[str]:
             _fmt(r.rfid, 3),
             _fmt(r.psnr, 4),
             _fmt(r.ssim, 3),
-            _fmt(r.fid, 3) + (" (small N)" if r.small_sample and r.fid is not None else ""),
+            (_fid(r) if r.fid is not None else DASH) + (" (small N)" if r.small_sample and r.fid is not None else ""),
             kid,
             _fmt(r.precision, 2),
             _fmt(r.recall, 2),
@@ -288,6 +327,12 @@ def _plot_psnr_fid(summary: SweepSummary, path: Path) -> None:
     twin = ax.twinx()
     if fid:
         twin.plot(*zip(*fid, strict=True), marker="s", color="tab:red", label="FID (evaluate)")
+        bars = [(r.factor, r.fid, r.fid - _interval(r)[0], _interval(r)[1] - r.fid) for r in rows if _interval(r)]
+        if bars:
+            f, y, below, above = zip(*bars, strict=True)
+            # (a basic-bootstrap interval corrects FID's small-N bias, so it may lie below the point)
+            errors = [[max(b, 0) for b in below], [max(a, 0) for a in above]]
+            twin.errorbar(f, y, yerr=errors, fmt="none", ecolor="tab:red", capsize=3, alpha=0.7)
     twin.set_ylabel(f"FID [{extractor}]" if extractor else "FID", color="tab:red")
     if factors and min(factors) > 0:
         ax.set_xscale("log", base=2)

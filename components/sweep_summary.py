@@ -25,6 +25,11 @@ from components.runs import (
     read_factor_entries,
 )
 
+EVALUATE_METRICS = (
+    "fid", "fid_ci_low", "fid_ci_high", "kid_mean", "kid_std", "kid_ci_low", "kid_ci_high",
+    "precision", "recall", "sample_img_per_s",
+)  # fmt: skip
+
 
 @dataclass
 class FactorRow:
@@ -37,8 +42,12 @@ class FactorRow:
     psnr: float | None = None
     ssim: float | None = None
     fid: float | None = None
+    fid_ci_low: float | None = None  # the evaluation's bootstrap interval, where recorded
+    fid_ci_high: float | None = None
     kid_mean: float | None = None
     kid_std: float | None = None
+    kid_ci_low: float | None = None
+    kid_ci_high: float | None = None
     precision: float | None = None
     recall: float | None = None
     ldm_img_per_s: float | None = None  # mean of the LDM's train_img_per_s history
@@ -123,7 +132,7 @@ def _row(client: mlflow.MlflowClient, factor: int, child: FactorEntry | None) ->
     if ev is not None:
         m = ev.data.metrics
         row.evaluate_run_id = ev.info.run_id
-        for name in ("fid", "kid_mean", "kid_std", "precision", "recall", "sample_img_per_s"):
+        for name in EVALUATE_METRICS:
             setattr(row, name, m.get(name))
         row.fid_extractor = ev.data.tags.get(TAG_FID_EXTRACTOR)
         row.small_sample = ev.data.tags.get(TAG_SMALL_SAMPLE, "").lower() == "true"

@@ -77,10 +77,16 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
     m = result.metrics
     verb = "Reused evaluation" if result.reused else "Evaluated"
     console.print(
-        f"[bold green]{verb} f={result.factor}[/]: FID {m['fid']:.4g}, KID {m['kid_mean']:.4g}, "
+        f"[bold green]{verb} f={result.factor}[/]: FID {m['fid']:.4g}{_interval(m, 'fid')}, "
+        f"KID {m['kid_mean']:.4g}{_interval(m, 'kid')}, "
         f"precision {m['precision']:.3g}, recall {m['recall']:.3g}, {m['sample_img_per_s']:.3g} samples/s"
     )
     print(result.run_id)
+
+
+def _interval(metrics: dict, name: str) -> str:
+    low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
+    return "" if low is None or high is None else f" [{low:.4g}, {high:.4g}]"
 
 
 def cmd_sweep(params: Params, args: argparse.Namespace) -> None:

@@ -32,6 +32,7 @@ from components.runs import (
     TAG_FACTOR,
     TAG_FID_EXTRACTOR,
     TAG_LDM_RUN,
+    TAG_REFERENCE_SPLIT,
     TAG_SMALL_SAMPLE,
     TAG_SMALL_SAMPLE_NOTE,
     ReuseOrResume,
@@ -41,7 +42,7 @@ from components.runs import (
 )
 from components.tracking import use_experiment
 from flows.data import DataVersion, data_flow
-from flows.extractor import reference
+from flows.extractor import reference, reference_split
 
 COPIED_FROM_AE = ("psnr", "ssim", "rfid")
 GRID_PER_ROW = 8
@@ -83,7 +84,8 @@ def sample(model: TrainedLDM, cond, params: Params, steps: int, sampler: str = "
 def score_samples(model: TrainedLDM, params: Params, real: Reference) -> tuple[dict[str, float], Samples]:
     ev = params.eval
     samples = sample(model, real.conditions(ev.samples, seed=params.seed), params, ev.sample_steps, ev.sampler)
-    metrics = real.score(samples.images, full=True) | {"sample_img_per_s": samples.img_per_s}
+    intervals = {"bootstrap": ev.bootstrap_rounds, "confidence": ev.confidence, "seed": params.seed}
+    metrics = real.score(samples.images, full=True, **intervals) | {"sample_img_per_s": samples.img_per_s}
     return metrics, samples
 
 
@@ -144,7 +146,7 @@ def evaluate_flow(
             f"{data.version}: run `latentlab reproduce {run_id}` to restore that version."
         )
     model = artifacts.load_ldm(run_id, workspace.DATA_DIR, seed=params.seed)
-    split = params.eval.reference_split
+    split = reference_split(params)
     real = reference(params, version, experiment, split, model.conditioning.cond[split])
     note = evaluation.small_sample_note(params.eval.samples)
     if note:
@@ -158,6 +160,7 @@ def evaluate_flow(
             TAG_LDM_RUN: run_id,
             TAG_AE_RUN: ldm_run.data.tags.get(TAG_AE_RUN, ""),
             TAG_FID_EXTRACTOR: real.extractor.tag,
+            TAG_REFERENCE_SPLIT: split,
             TAG_SMALL_SAMPLE: str(note is not None).lower(),
             **({TAG_SMALL_SAMPLE_NOTE: note} if note else {}),
         },
@@ -176,9 +179,11 @@ def evaluate_flow(
         mlflow.log_image(evaluation.plot_curve(points, title), "fid_vs_throughput.png")
         mlflow.log_dict([p.__dict__ for p in points], "ddim_curve.json")
         logger.info(
-            "f=%d: FID %.4g, KID %.4g, precision %.3g, recall %.3g, %.3g samples/s (%s)",
+            "f=%d: FID %.4g [%.4g, %.4g], KID %.4g, precision %.3g, recall %.3g, %.3g samples/s (%s)",
             factor,
             metrics["fid"],
+            metrics.get("fid_ci_low", float("nan")),
+            metrics.get("fid_ci_high", float("nan")),
             metrics["kid_mean"],
             metrics["precision"],
             metrics["recall"],

@@ -81,11 +81,24 @@ def _store(path, write) -> None:
 
 def choose_extractor(params: Params, data_version: str, experiment: str) -> Extractor:
     """``eval.extractor``: auto = Inception when weights are given (param or env), else domain."""
-    weights = params.eval.inception_weights or os.environ.get(INCEPTION_ENV)
-    mode = params.eval.extractor
-    if mode == "inception" or (mode == "auto" and weights):
-        return features.inception_extractor(weights)
+    if uses_inception(params):
+        return features.inception_extractor(params.eval.inception_weights or os.environ.get(INCEPTION_ENV))
     return domain_extractor(params, data_version, experiment)
+
+
+def uses_inception(params: Params) -> bool:
+    """``eval.extractor``: auto = Inception when weights are given (param or env), else domain."""
+    weights = params.eval.inception_weights or os.environ.get(INCEPTION_ENV)
+    return params.eval.extractor == "inception" or (params.eval.extractor == "auto" and bool(weights))
+
+
+def reference_split(params: Params) -> str:
+    """``eval.reference_split``; auto: images the feature network never saw. The domain
+    extractor trains on the train split and would reward memorising it, so it is scored
+    against val; Inception never saw this data, so train, as the paper."""
+    if params.eval.reference_split != "auto":
+        return params.eval.reference_split
+    return "train" if uses_inception(params) else "val"
 
 
 def reference(

@@ -35,8 +35,11 @@ def _run(client, exp, name, stage, parent, factor=None, tags=None, metrics=None,
     return run_id
 
 
-def make_sweep(client, exp: str, tmp: Path, extractors: dict[int, str] | None = None) -> str:
-    """A sweep over f in 1, 4, 8, 32 (f=32 failed, f=1 pixel space); ``extractors`` overrides per f."""
+def make_sweep(
+    client, exp: str, tmp: Path, extractors: dict[int, str] | None = None, intervals: dict | None = None
+) -> str:
+    """A sweep over f in 1, 4, 8, 32 (f=32 failed, f=1 pixel space); ``extractors`` overrides per f;
+    ``intervals``: f -> (fid_ci_low, fid_ci_high) recorded on its evaluation."""
     tmp.mkdir(parents=True, exist_ok=True)
     sweep = client.create_run(
         exp,
@@ -108,6 +111,8 @@ def make_sweep(client, exp: str, tmp: Path, extractors: dict[int, str] | None = 
                 "recall": 0.4,
                 "sample_img_per_s": 5.0 * f,
             }
+            if intervals and f in intervals:
+                ev_metrics |= dict(zip(("fid_ci_low", "fid_ci_high"), intervals[f], strict=True))
             ddim = {
                 "ddim_fid": [(10, fid * 1.5), (20, fid * 1.2), (50, fid)],
                 "ddim_sample_img_per_s": [(10, 50.0 * f), (20, 25.0 * f), (50, 10.0 * f)],
@@ -225,3 +230,26 @@ def test_empty_sweep_does_not_crash(store):
     assert [(r.factor, r.status, r.ae_run_id) for r in summary.rows] == [(4, "running", None)]
     text = report.write_report(summary, tmp / "empty_out").read_text()
     assert "No factor has an evaluate FID yet" in text and "not recorded" in text
+
+
+def test_verdict_says_which_differences_lie_outside_the_intervals(store):
+    client, exp, tmp = store
+    # f=8 (35) vs f=4 (42): overlapping intervals; vs f=1 (80): apart
+    intervals = {8: (30.0, 40.0), 4: (37.5, 47.0), 1: (70.0, 91.0)}
+    summary = sweep_summary.collect(make_sweep(client, exp, tmp / "ci", intervals=intervals), client)
+    text = report.verdict(summary)
+    assert "**f=8** with FID 35.0 [30.0, 40.0]" in text
+    assert "f=8 vs f=4: not distinguishable at this budget (FID 35.0 [30.0, 40.0] vs 42.0 [37.5, 47.0])" in text
+    assert "f=8 beats f=1: FID 35.0 [30.0, 40.0] vs 80.0 [70.0, 91.0]" in text
+    row = _table_rows(report.write_report(summary, tmp / "ci_out").read_text())[8]
+    assert row["FID"].startswith("35.0 [30.0, 40.0]")
+
+
+def test_paper_shape_is_called_certain_only_when_every_interval_is_apart(store):
+    client, exp, tmp = store
+    intervals = {8: (30.0, 40.0), 4: (37.5, 47.0), 1: (70.0, 91.0)}
+    text = report.verdict(sweep_summary.collect(make_sweep(client, exp, tmp / "ci2", intervals=intervals), client))
+    assert "the paper's shape (f=32 has no comparable FID, so half the check is open), outside every interval" in text
+    overlapping = {8: (30.0, 40.0), 4: (37.5, 75.0), 1: (70.0, 91.0)}
+    text = report.verdict(sweep_summary.collect(make_sweep(client, exp, tmp / "ci3", intervals=overlapping), client))
+    assert "on point estimates only: the intervals overlap, so not distinguishable at this budget" in text
