@@ -19,7 +19,7 @@ import pytorch_lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_snr
 from rich.progress import track
 from safetensors.torch import load_file, save_file
 
@@ -59,7 +59,7 @@ def noise_scheduler(ldm: LDMParams) -> DDPMScheduler:
         beta_start=ldm.beta_start,
         beta_end=ldm.beta_end,
         beta_schedule="scaled_linear",
-        prediction_type="epsilon",
+        prediction_type=ldm.prediction,
         clip_sample=False,
     )
 
@@ -80,15 +80,24 @@ class LatentDiffusionModule(L.LightningModule):
         return torch.optim.AdamW(trainable, lr=self.params_.lr, weight_decay=self.params_.weight_decay)
 
     def loss(self, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Epsilon-prediction L2 loss at uniformly drawn timesteps; conditions dropped at
-        ``uncond_prob`` so the same network also learns the unconditional score."""
+        """L2 loss on the noise (``ldm.prediction`` epsilon, the paper's) or the velocity, at
+        uniformly drawn timesteps, optionally Min-SNR-gamma weighted (``ldm.snr_gamma``, as
+        diffusers' training examples); conditions dropped at ``uncond_prob`` so the same network
+        also learns the unconditional score."""
+        p = self.params_
         noise = torch.randn_like(latents)
-        t = torch.randint(0, self.params_.timesteps, (len(latents),), device=latents.device)
-        drop = torch.rand(len(cond), device=cond.device) < self.params_.uncond_prob
+        t = torch.randint(0, p.timesteps, (len(latents),), device=latents.device)
+        drop = torch.rand(len(cond), device=cond.device) < p.uncond_prob
         cond = torch.where(drop, torch.full_like(cond, self.conditioner.null), cond)
         noisy = self.scheduler.add_noise(latents, noise, t)
         prediction = self.unet(noisy, t, encoder_hidden_states=self.conditioner(cond)).sample
-        return F.mse_loss(prediction, noise)
+        target = noise if p.prediction == "epsilon" else self.scheduler.get_velocity(latents, noise, t)
+        if p.snr_gamma is None:
+            return F.mse_loss(prediction, target)
+        snr = compute_snr(self.scheduler, t)
+        weight = torch.clamp(snr, max=p.snr_gamma) / (snr if p.prediction == "epsilon" else snr + 1)
+        per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+        return (per_sample * weight).mean()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(*batch)

@@ -17,7 +17,8 @@ import hashlib
 import os
 import pickle
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -144,6 +145,20 @@ def extractor_from_file(path: str | Path) -> Extractor:
     return Extractor(EXTRACTOR, str(path), f"{EXTRACTOR}:{weights_hash(path)}", has_logits)
 
 
+@contextmanager
+def bit_reproducible() -> Iterator[None]:
+    """One thread and deterministic algorithms inside the block: a multi-threaded CPU reduction
+    sums in an order that varies from run to run, and so do the trained weights' last bits."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+
+
 def train_domain_extractor(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -169,7 +184,9 @@ def train_domain_extractor(
     - Augmentation parameters are drawn per group of 8 images (torchvision v2 transforms share
       them across a batch tensor); per-image draws cost as much as the training step.
     - Deterministic for a seed on CPU: all randomness comes from the seeded global generator, forked
-      so the caller's random state is left as it was.
+      so the caller's random state is left as it was, and training runs single-threaded with
+      deterministic kernels (``bit_reproducible``), so one data version gives one extractor (one
+      weights hash, one FID scale) on every run and every machine of the same CPU kind.
     """
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected uint8 [N, 3, H, W] images, got {images.dtype} {tuple(images.shape)}")
@@ -184,7 +201,7 @@ def train_domain_extractor(
     )
     counts = torch.bincount(labels, minlength=classes).clamp(min=1).float()
     weights = (1.0 / counts)[labels]
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), bit_reproducible():
         torch.manual_seed(seed)
         net = SmallCNN(classes)
         optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)

@@ -100,7 +100,11 @@ def reproduce_flow(
     original = run_of_stage(run_id, STAGES, "latentlab reproduce")
     stage, tags = original.data.tags[TAG_STAGE], original.data.tags
     check_code(tags.get(TAG_GIT_COMMIT, "unknown"), allow_code_change)
-    run_params = params_from_run(original.data.params, keep=params, sections=("eval", "sweep", "reproduce"))
+    # The run's own eval section where it recorded one: the same feature extractor then scores
+    # the reproduction (runs recorded before it was logged take the caller's).
+    recorded_eval = any(name.startswith("eval.") for name in original.data.params)
+    kept = ("sweep", "reproduce") if recorded_eval else ("eval", "sweep", "reproduce")
+    run_params = params_from_run(original.data.params, keep=params, sections=kept)
     version = tags[TAG_DATA_VERSION]
     root = Path.cwd()
     remote = run_params.data.remote

@@ -219,6 +219,17 @@ def test_reproduce_restores_the_data_version_and_matches(project, tiny, git):
         reproduce_flow(params, original.run_id)
 
 
+def test_reproduce_of_an_ldm_run_scores_with_the_runs_own_extractor_and_matches(project, tiny):
+    original = ldm_flow(tiny("ae.factor=4"))
+    extractor = mlflow.get_run(original.run_id).data.tags["latentlab.fid_extractor"]
+    # The caller's evaluation settings differ (a longer-trained extractor): the run's own are used.
+    result = reproduce_flow(tiny("ae.factor=4", "eval.extractor_steps=25"), original.run_id)
+    assert result.within_tolerance, result.comparisons
+    assert {"fid", "kid_mean", "train_loss"} <= {c.metric for c in result.comparisons}
+    assert mlflow.get_run(result.new_run_id).data.tags["latentlab.fid_extractor"] == extractor
+    assert len([r for r in runs("evaluate") if r.data.tags.get("latentlab.role") == "feature-extractor"]) == 1
+
+
 def test_a_missing_data_version_is_a_clear_error(tmp_path):
     from components import dvc
 
