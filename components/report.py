@@ -205,11 +205,7 @@ COLUMNS = (
 def _table(rows: list[FactorRow]) -> list[str]:
     out = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        kid = (
-            DASH
-            if r.kid_mean is None
-            else _fmt(r.kid_mean, 3) + ("" if r.kid_std is None else f" ± {_fmt(r.kid_std, 2)}")
-        )
+        kid = DASH if r.kid_mean is None else _fmt(r.kid_mean, 3) + _kid_spread(r)
         cells = [
             str(r.factor),
             _cell(r.status if len(r.status) <= 60 else r.status[:59] + "…"),
@@ -232,6 +228,13 @@ def _table(rows: list[FactorRow]) -> list[str]:
         ]
         out.append("| " + " | ".join(cells) + " |")
     return out
+
+
+def _kid_spread(row: FactorRow) -> str:
+    """KID's bootstrap interval where recorded, else torch-fidelity's std over subsets."""
+    if row.kid_ci_low is not None and row.kid_ci_high is not None:
+        return f" [{_fmt(row.kid_ci_low, 2)}, {_fmt(row.kid_ci_high, 2)}]"
+    return "" if row.kid_std is None else f" ± {_fmt(row.kid_std, 2)}"
 
 
 def _cell(text: str) -> str:

@@ -113,6 +113,7 @@ def make_sweep(
             }
             if intervals and f in intervals:
                 ev_metrics |= dict(zip(("fid_ci_low", "fid_ci_high"), intervals[f], strict=True))
+                ev_metrics |= {"kid_ci_low": kid * 0.5, "kid_ci_high": kid * 1.5}
             ddim = {
                 "ddim_fid": [(10, fid * 1.5), (20, fid * 1.2), (50, fid)],
                 "ddim_sample_img_per_s": [(10, 50.0 * f), (20, 25.0 * f), (50, 10.0 * f)],
@@ -242,7 +243,7 @@ def test_verdict_says_which_differences_lie_outside_the_intervals(store):
     assert "f=8 vs f=4: not distinguishable at this budget (FID 35.0 [30.0, 40.0] vs 42.0 [37.5, 47.0])" in text
     assert "f=8 beats f=1: FID 35.0 [30.0, 40.0] vs 80.0 [70.0, 91.0]" in text
     row = _table_rows(report.write_report(summary, tmp / "ci_out").read_text())[8]
-    assert row["FID"].startswith("35.0 [30.0, 40.0]")
+    assert row["FID"].startswith("35.0 [30.0, 40.0]") and row["KID"] == "0.0200 [0.010, 0.030]"
 
 
 def test_paper_shape_is_called_certain_only_when_every_interval_is_apart(store):
