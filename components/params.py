@@ -176,6 +176,11 @@ class SweepParams(Section):
     ae_minutes: float = Field(3, gt=0, description="autoencoder training minutes per factor (budget=time)")
     ldm_minutes: float = Field(3, gt=0, description="LDM training minutes per factor (budget=time)")
     workers: int = Field(1, ge=1, description="factors trained at once (threads; 1 on a small CPU)")
+    seeds: int = Field(
+        1,
+        ge=1,
+        description="training seeds per factor (seed, seed+1, ...), each its own runs; the report adds mean ± std",
+    )
 
     @field_validator("factors")
     @classmethod
@@ -212,11 +217,13 @@ class Params(Section):
             )
         return self
 
-    def for_factor(self, factor: int) -> Params:
-        """These parameters with ``ae.factor`` set and the sweep's budget as the stages' budgets:
-        equal steps (no wall-time cap) or equal wall time (no step cap)."""
+    def for_factor(self, factor: int, repeat: int = 0) -> Params:
+        """These parameters with ``ae.factor`` set, the seed of ``repeat`` (``seed + repeat``) and
+        the sweep's budget as the stages' budgets: equal steps (no wall-time cap) or equal wall
+        time (no step cap)."""
         tree = self.model_dump()
         tree["ae"]["factor"] = factor
+        tree["seed"] = self.seed + repeat
         for stage in ("ae", "ldm"):
             if self.sweep.budget == "steps":
                 tree[stage] |= {"max_steps": getattr(self.sweep, f"{stage}_steps"), "max_minutes": None}

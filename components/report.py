@@ -67,6 +67,8 @@ def verdict(summary: SweepSummary) -> str:
     if kid_best is not None and kid_best is not best:
         parts.append(f"By KID the best is f={kid_best.factor} ({_fmt(kid_best.kid_mean, 3)}).")
     parts.append(_shape(summary.rows, rows))
+    if any(r.repeats for r in rows):
+        parts.append(_across_seeds(rows))
     if extractor:
         parts.append(f"FID features: `{extractor}`.")
     else:
@@ -82,6 +84,41 @@ def verdict(summary: SweepSummary) -> str:
         which = ", ".join(f"f={r.factor}" for r in small)
         parts.append(f"Small sample ({which}): FID at N<5,000 is biased upward; compare KID too.")
     return " ".join(parts)
+
+
+def _across_seeds(rows: list[FactorRow]) -> str:
+    """Which f has the lowest mean FID over the sweep's seeds, and how often each seed agrees."""
+    means = {r.factor: _mean_std([x.fid for x in r.all_seeds]) for r in rows}
+    best = min((f for f in means if means[f]), key=lambda f: means[f][0])
+    mean, std, n = means[best]
+    wins = Counter(_best_per_seed(rows))
+    agree = f"f={best} has the lowest FID in {wins[best]} of {sum(wins.values())} seeds"
+    others = ", ".join(f"f={f} in {k}" for f, k in sorted(wins.items()) if f != best)
+    return f"Across {n} seeds the lowest mean FID is f={best} ({_fmt(mean, 3)} ± {_fmt(std, 2)}); {agree}" + (
+        f" ({others})." if others else "."
+    )
+
+
+def _best_per_seed(rows: list[FactorRow]) -> list[int]:
+    """For each seed index, the factor with the lowest FID at that seed."""
+    out = []
+    for i in range(max(len(r.all_seeds) for r in rows)):
+        scored = [
+            (r.all_seeds[i].fid, r.factor) for r in rows if len(r.all_seeds) > i and r.all_seeds[i].fid is not None
+        ]
+        if scored:
+            out.append(min(scored)[1])
+    return out
+
+
+def _mean_std(values: list[float | None]) -> tuple[float, float, int] | None:
+    """Mean, sample standard deviation (0 for one value) and count of the recorded values."""
+    known = [v for v in values if v is not None and math.isfinite(v)]
+    if not known:
+        return None
+    mean = sum(known) / len(known)
+    var = sum((v - mean) ** 2 for v in known) / (len(known) - 1) if len(known) > 1 else 0.0
+    return mean, math.sqrt(var), len(known)
 
 
 def _interval(row: FactorRow) -> tuple[float, float] | None:
@@ -171,6 +208,7 @@ def write_report(summary: SweepSummary, out_dir: Path) -> Path:
         "",
         *_table(summary.rows),
         "",
+        *_seeds_table(summary.rows),
         "## Verdict",
         "",
         verdict(summary),
@@ -228,6 +266,28 @@ def _table(rows: list[FactorRow]) -> list[str]:
         ]
         out.append("| " + " | ".join(cells) + " |")
     return out
+
+
+SEED_COLUMNS = (("FID", "fid", 3), ("KID", "kid_mean", 3), ("PSNR", "psnr", 4), ("rFID", "rfid", 3))
+
+
+def _seeds_table(rows: list[FactorRow]) -> list[str]:
+    """Mean ± std over the sweep's seeds (``sweep.seeds`` > 1): how much of a difference between
+    factors a different seed alone would make. Empty for a single-seed sweep."""
+    if not any(r.repeats for r in rows):
+        return []
+    header = ["f", "seeds", *(f"{name} mean ± std" for name, _, _ in SEED_COLUMNS), "per seed FID"]
+    out = ["## Across seeds", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [str(r.factor), ", ".join(DASH if x.seed is None else str(x.seed) for x in r.all_seeds)]
+        for _, attr, digits in SEED_COLUMNS:
+            spread = _mean_std([getattr(x, attr) for x in r.all_seeds])
+            cells.append(
+                DASH if spread is None else f"{_fmt(spread[0], digits)} ± {_fmt(spread[1], 2)} (n={spread[2]})"
+            )
+        cells.append(", ".join(_fmt(x.fid, 3) for x in r.all_seeds))
+        out.append("| " + " | ".join(cells) + " |")
+    return [*out, ""]
 
 
 def _kid_spread(row: FactorRow) -> str:

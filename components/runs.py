@@ -138,8 +138,9 @@ def evaluation_key(params: Params, ldm_run_id: str) -> str:
 
 
 def extractor_key(params: Params, data_version: str) -> str:
-    """The domain feature extractor, trained once per data version."""
-    return run_key("extractor", data_version, params.seed, params.eval.extractor_steps, code_hash(*EXTRACTOR_CODE))
+    """The domain feature extractor, trained once per data version (not per training seed: every
+    seed of a sweep must be scored by the same network)."""
+    return run_key("extractor", data_version, params.eval.extractor_steps, code_hash(*EXTRACTOR_CODE))
 
 
 def sweep_key(params: Params, data_version: str) -> str:
@@ -291,28 +292,48 @@ class FactorEntry:
         return self.status == FINISHED
 
 
-def factor_tag(factor: int) -> str:
-    return f"{FACTOR_TAG_PREFIX}{factor}"
+def seeded_name(name: str, seed: int) -> str:
+    """A run name that tells a sweep's repeats apart in the UI: ``ldm-f8``, ``ldm-f8-seed1``."""
+    return name if seed == 0 else f"{name}-seed{seed}"
 
 
-def write_factor_entry(sweep_run_id: str, factor: int, entry: FactorEntry) -> None:
-    mlflow.MlflowClient().set_tag(sweep_run_id, factor_tag(factor), json.dumps(asdict(entry)))
+def factor_tag(factor: int, repeat: int = 0) -> str:
+    """``latentlab.sweep.f8``; with ``sweep.seeds`` > 1, repeat r (seed = seed + r) is ``...f8.r<r>``."""
+    return f"{FACTOR_TAG_PREFIX}{factor}" + (f".r{repeat}" if repeat else "")
 
 
-def read_factor_entries(tags: dict[str, str]) -> dict[int, FactorEntry]:
-    """Every factor a sweep run recorded; a damaged tag reads as an unfinished entry that says so
-    (a sweep then redoes that factor; a report shows it)."""
+def write_factor_entry(sweep_run_id: str, factor: int, entry: FactorEntry, repeat: int = 0) -> None:
+    mlflow.MlflowClient().set_tag(sweep_run_id, factor_tag(factor, repeat), json.dumps(asdict(entry)))
+
+
+def read_sweep_entries(tags: dict[str, str]) -> dict[tuple[int, int], FactorEntry]:
+    """Every (factor, repeat) a sweep run recorded; a damaged tag reads as an unfinished entry
+    that says so (a sweep then redoes it; a report shows it)."""
     entries = {}
     for name, value in tags.items():
-        suffix = name.removeprefix(FACTOR_TAG_PREFIX)
-        if name == suffix or not (suffix.isascii() and suffix.isdigit()):
+        cell = _cell(name.removeprefix(FACTOR_TAG_PREFIX)) if name.startswith(FACTOR_TAG_PREFIX) else None
+        if cell is None:
             continue
         try:
             fields = json.loads(value)
-            entries[int(suffix)] = FactorEntry(
+            entries[cell] = FactorEntry(
                 **{k: str(fields.get(k) or "") for k in ("ae", "ldm", "evaluate")},
                 status=str(fields.get("status") or "unknown"),
             )
         except (ValueError, TypeError, AttributeError):
-            entries[int(suffix)] = FactorEntry(status=f"unreadable tag: {value!r}")
+            entries[cell] = FactorEntry(status=f"unreadable tag: {value!r}")
     return entries
+
+
+def read_factor_entries(tags: dict[str, str], repeat: int = 0) -> dict[int, FactorEntry]:
+    """Each factor's entry for one repeat (the first seed unless told)."""
+    return {f: entry for (f, r), entry in read_sweep_entries(tags).items() if r == repeat}
+
+
+def _cell(suffix: str) -> tuple[int, int] | None:
+    """ "8" -> (8, 0), "8.r2" -> (8, 2); anything else is not a factor tag."""
+    factor, _, repeat = suffix.partition(".r")
+    digits = [factor, repeat or "0"]
+    if not all(d.isascii() and d.isdigit() for d in digits):
+        return None
+    return int(factor), int(repeat or 0)

@@ -20,9 +20,10 @@ from components.runs import (
     TAG_DATA_VERSION,
     TAG_FID_EXTRACTOR,
     TAG_LATENT_SHAPE,
+    TAG_SEED,
     TAG_SMALL_SAMPLE,
     FactorEntry,
-    read_factor_entries,
+    read_sweep_entries,
 )
 
 EVALUATE_METRICS = (
@@ -65,6 +66,13 @@ class FactorRow:
     ldm_fid_extractor: str | None = None
     ddim: list[tuple[int, float, float]] = field(default_factory=list)  # (DDIM steps, fid, sample img/s)
     samples: Image.Image | None = None  # the LDM's samples_final.png
+    seed: int | None = None  # the training seed (tag latentlab.seed of its LDM run)
+    repeats: list[FactorRow] = field(default_factory=list)  # the same f at the sweep's other seeds
+
+    @property
+    def all_seeds(self) -> list[FactorRow]:
+        """This row and its repeats: one per training seed."""
+        return [self, *self.repeats]
 
 
 @dataclass
@@ -86,9 +94,12 @@ def collect(sweep_run_id: str, client: mlflow.MlflowClient | None = None) -> Swe
     client = client or mlflow.MlflowClient()
     sweep = client.get_run(sweep_run_id)
     tags = sweep.data.tags
-    children = read_factor_entries(tags)
-    factors = set(children) | set(_factors_param(sweep.data.params.get("sweep.factors")))
-    rows = [_row(client, f, children.get(f)) for f in sorted(factors)]
+    entries = read_sweep_entries(tags)
+    factors = {f for f, _ in entries} | set(_factors_param(sweep.data.params.get("sweep.factors")))
+    rows = [_row(client, f, entries.get((f, 0))) for f in sorted(factors)]
+    for row in rows:
+        repeats = sorted(r for f, r in entries if f == row.factor and r > 0)
+        row.repeats = [_row(client, row.factor, entries[(row.factor, r)], images=False) for r in repeats]
     return SweepSummary(
         run_id=sweep_run_id,
         run_name=sweep.info.run_name or sweep_run_id,
@@ -105,7 +116,7 @@ def _factors_param(value: str | None) -> list[int]:
         return []
 
 
-def _row(client: mlflow.MlflowClient, factor: int, child: FactorEntry | None) -> FactorRow:
+def _row(client: mlflow.MlflowClient, factor: int, child: FactorEntry | None, images: bool = True) -> FactorRow:
     row = FactorRow(factor)
     if child is None:
         return row  # planned in sweep.factors, never started
@@ -127,7 +138,8 @@ def _row(client: mlflow.MlflowClient, factor: int, child: FactorEntry | None) ->
         row.flops_per_step = m.get("flops_per_step")
         row.fid_by_step = sorted(_history(client, ldm.info.run_id, "fid").items())
         row.ldm_fid_extractor = ldm.data.tags.get(TAG_FID_EXTRACTOR)
-        row.samples = _image(client, ldm.info.run_id, "samples_final.png")
+        row.samples = _image(client, ldm.info.run_id, "samples_final.png") if images else None
+        row.seed = int(ldm.data.tags[TAG_SEED]) if ldm.data.tags.get(TAG_SEED, "").isdigit() else None
         wall.append(m.get("wall_time_s"))
     if ev is not None:
         m = ev.data.metrics

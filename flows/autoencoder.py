@@ -30,6 +30,7 @@ from components.runs import (
     ReuseOrResume,
     autoencoder_key,
     first_stage_id,
+    seeded_name,
 )
 from components.tracking import MLflowReporter, register_once, use_experiment
 from components.training import resolve_precision
@@ -134,7 +135,7 @@ def autoencoder_flow(
     with recorded.start(
         data_version=data.version,
         params=params.flat("seed", "data", "ae", "eval"),  # eval: the extractor rFID uses
-        run_name=f"ae-f{ae.factor}-{ae.regularizer}",
+        run_name=seeded_name(f"ae-f{ae.factor}-{ae.regularizer}", params.seed),
         factor=ae.factor,
         tags={TAG_SEED: str(params.seed), TAG_PRECISION: resolve_precision(ae.precision, "autoencoder")},
         parent_run_id=parent_run_id,

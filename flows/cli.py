@@ -95,8 +95,8 @@ def cmd_sweep(params: Params, args: argparse.Namespace) -> None:
     result = sweep_flow(params, experiment=args.experiment)
     verb = "Reused finished sweep" if result.reused else "Sweep"
     console.print(f"[bold green]{verb} {result.run_id}[/]: report {result.report}")
-    for factor in result.failed:
-        console.print(f"  [red]f={factor}[/]: {result.factors[factor].status} (rerun the sweep to retry it)")
+    for name, entry in result.failed.items():
+        console.print(f"  [red]{name}[/]: {entry.status} (rerun the sweep to retry it)")
     print(result.run_id)
     if result.failed:
         raise SystemExit(1)

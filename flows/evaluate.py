@@ -39,6 +39,7 @@ from components.runs import (
     autoencoder_run_of,
     evaluation_key,
     run_of_stage,
+    seeded_name,
 )
 from components.tracking import use_experiment
 from flows.data import DataVersion, data_flow
@@ -154,7 +155,7 @@ def evaluate_flow(
     with recorded.start(
         data_version=version,
         params=params.flat(),
-        run_name=f"eval-f{factor}",
+        run_name=seeded_name(f"eval-f{factor}", params.seed),
         factor=factor,
         tags={
             TAG_LDM_RUN: run_id,

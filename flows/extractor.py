@@ -51,7 +51,7 @@ def domain_extractor(params: Params, data_version: str, experiment: str) -> Extr
     )
     with recorded.start(
         data_version=data_version,
-        params={"eval.extractor_steps": params.eval.extractor_steps, "seed": params.seed},
+        params={"eval.extractor_steps": params.eval.extractor_steps},
         run_name=f"extractor-{data_version[:8]}",
         tags={TAG_ROLE: "feature-extractor"},
         parent_run_id=active.info.run_id if (active := mlflow.active_run()) else None,
@@ -60,8 +60,7 @@ def domain_extractor(params: Params, data_version: str, experiment: str) -> Extr
             images,
             labels,
             len(classes),
-            seed=params.seed,
-            steps=params.eval.extractor_steps,
+            steps=params.eval.extractor_steps,  # seed 0 always: one network per data version
             log=lambda step, metrics: log_metrics(run.info.run_id, metrics, step),
         )
         _store(local, lambda partial: save_file(state, partial))

@@ -37,6 +37,7 @@ from components.runs import (
     TAG_SEED,
     ReuseOrResume,
     ldm_key,
+    seeded_name,
 )
 from components.tracking import MLflowReporter, PeriodicEvaluation, log_metrics, use_experiment
 from components.training import resolve_precision
@@ -173,7 +174,7 @@ def ldm_flow(
     with recorded.start(
         data_version=ae.data_version,
         params=params.flat("seed", "data", "ae", "ldm", "eval"),  # eval: FID during training
-        run_name=f"ldm-f{ae.factor}",
+        run_name=seeded_name(f"ldm-f{ae.factor}", params.seed),
         factor=ae.factor,
         tags={
             TAG_AE_RUN: ae.run_id or NO_AUTOENCODER,

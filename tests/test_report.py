@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def make_sweep(
                 "ldm",
                 sweep,
                 f,
-                {"latentlab.latent_shape": shape},
+                {"latentlab.latent_shape": shape, "latentlab.seed": "0"},
                 ldm_metrics,
                 ldm_hist,
                 samples,
@@ -254,3 +255,30 @@ def test_paper_shape_is_called_certain_only_when_every_interval_is_apart(store):
     overlapping = {8: (30.0, 40.0), 4: (37.5, 75.0), 1: (70.0, 91.0)}
     text = report.verdict(sweep_summary.collect(make_sweep(client, exp, tmp / "ci3", intervals=overlapping), client))
     assert "on point estimates only: the intervals overlap, so not distinguishable at this budget" in text
+
+
+def test_seeds_give_mean_and_std_and_a_verdict_across_them(store):
+    client, exp, tmp = store
+    sweep = make_sweep(client, exp, tmp / "seeds")
+    # seed 0 is NUMBERS (f=4: 42, f=8: 35); seed 2 alone ranks f=4 first
+    more = {4: {1: 44.0, 2: 30.0}, 8: {1: 37.0, 2: 39.0}}
+    for f, by_seed in more.items():
+        for seed, fid in by_seed.items():
+            ldm = _run(client, exp, f"ldm-f{f}-seed{seed}", "ldm", sweep, f, {"latentlab.seed": str(seed)})
+            ev = _run(client, exp, f"eval-f{f}-seed{seed}", "evaluate", sweep, f, {"latentlab.fid_extractor": EXTRACTOR},
+                      {"fid": fid, "kid_mean": fid / 1000})  # fmt: skip
+            entry = {"ae": "", "ldm": ldm, "evaluate": ev, "status": "finished"}
+            client.set_tag(sweep, f"latentlab.sweep.f{f}.r{seed}", json.dumps(entry))
+    summary = sweep_summary.collect(sweep, client)
+    four, eight = summary.rows[1], summary.rows[2]
+    assert [r.seed for r in eight.all_seeds] == [0, 1, 2] and [r.fid for r in four.all_seeds] == [42.0, 44.0, 30.0]
+    assert summary.rows[0].repeats == []  # f=1 ran with one seed only
+
+    text = report.verdict(summary)
+    assert f"Across 3 seeds the lowest mean FID is f=8 (37.0 ± {statistics.stdev([35, 37, 39]):.1f})" in text
+    assert "f=8 has the lowest FID in 2 of 3 seeds (f=4 in 1)" in text
+    lines = report.write_report(summary, tmp / "seeds_out").read_text().splitlines()
+    table = lines[lines.index("## Across seeds") + 2 :]
+    four_row = next(line for line in table if line.startswith("| 4 |"))
+    fid_spread = f"{statistics.mean([42, 44, 30]):.1f} ± {statistics.stdev([42, 44, 30]):.1f} (n=3)"
+    assert "| 0, 1, 2 |" in four_row and fid_spread in four_row and "42.0, 44.0, 30.0" in four_row

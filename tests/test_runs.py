@@ -245,6 +245,22 @@ def test_factor_entries_round_trip_through_a_runs_tags(mlflow_store):
     assert json.loads(tags[runs.factor_tag(4)])["ldm"] == "ldm4"
 
 
+def test_repeats_of_a_factor_have_their_own_tags_and_read_back_by_repeat(mlflow_store):
+    sweep = record(mlflow_store, stage="sweep", status="RUNNING")
+    first, second = runs.FactorEntry(ldm="ldm8", status=runs.FINISHED), runs.FactorEntry(ldm="ldm8b")
+    runs.write_factor_entry(sweep, 8, first)
+    runs.write_factor_entry(sweep, 8, second, repeat=2)
+    runs.write_factor_entry(sweep, 4, runs.FactorEntry(), repeat=1)
+    tags = mlflow.get_run(sweep).data.tags
+    assert runs.factor_tag(8, 2) == "latentlab.sweep.f8.r2" and runs.factor_tag(8) == "latentlab.sweep.f8"
+    assert runs.read_sweep_entries(tags) == {(8, 0): first, (8, 2): second, (4, 1): runs.FactorEntry()}
+    assert runs.read_factor_entries(tags) == {8: first}  # the first seed's, as before repeats existed
+    assert runs.read_factor_entries(tags, repeat=2) == {8: second}
+    for malformed in ("8.r", "8.rx", "8.2", "8.r2.r3"):
+        mlflow.MlflowClient().set_tag(sweep, runs.FACTOR_TAG_PREFIX + malformed, "{}")
+    assert len(runs.read_sweep_entries(mlflow.get_run(sweep).data.tags)) == 3
+
+
 def test_a_damaged_factor_tag_reads_as_an_unfinished_entry_that_says_so(mlflow_store):
     sweep = record(mlflow_store, stage="sweep", status="RUNNING")
     client = mlflow.MlflowClient()

@@ -116,7 +116,7 @@ def test_sweep_marks_a_failed_factor_redoes_only_it_then_reuses_everything(proje
     poisoned.parent.mkdir(parents=True, exist_ok=True)
     poisoned.write_bytes(b"not a safetensors file")
     first = sweep_flow(params)
-    assert first.failed == [1]
+    assert list(first.failed) == ["f=1"]
     tags = mlflow.get_run(first.run_id).data.tags
     assert json.loads(tags["latentlab.sweep.f1"])["status"].startswith("failed")
     finished_f4 = json.loads(tags["latentlab.sweep.f4"])
@@ -154,6 +154,23 @@ def test_sweep_marks_a_failed_factor_redoes_only_it_then_reuses_everything(proje
     assert again.reused and again.run_id == result.run_id
     assert time.perf_counter() - started < 30
     assert {stage: len(runs(stage)) for stage in counts} == counts
+
+
+@pytest.mark.slow
+def test_sweep_repeats_each_factor_per_seed_and_reports_the_spread(project, tiny):
+    result = sweep_flow(tiny("sweep.factors=[4]", "sweep.seeds=2"))
+    assert not result.failed and set(result.entries) == {(4, 0), (4, 1)}
+    sweep = mlflow.get_run(result.run_id)
+    entries = [json.loads(sweep.data.tags[name]) for name in ("latentlab.sweep.f4", "latentlab.sweep.f4.r1")]
+    ldms = [mlflow.get_run(entry["ldm"]) for entry in entries]
+    assert [r.data.tags["latentlab.seed"] for r in ldms] == ["0", "1"]
+    assert [r.info.run_name for r in ldms] == ["ldm-f4", "ldm-f4-seed1"]
+    evaluations = [mlflow.get_run(entry["evaluate"]) for entry in entries]
+    extractors = {r.data.tags["latentlab.fid_extractor"] for r in evaluations}
+    assert len(extractors) == 1  # every seed is scored by the same network
+    assert evaluations[0].data.metrics["fid"] != evaluations[1].data.metrics["fid"]
+    text = (project / "reports" / sweep.info.run_name / "report.md").read_text()
+    assert "## Across seeds" in text and "Across 2 seeds the lowest mean FID is f=4" in text
 
 
 @pytest.mark.slow
