@@ -78,10 +78,13 @@ VARIANTS = {
     "discriminator from step 200": ["ae.disc_start=200"],
     "lr 3e-4": ["ae.lr=3e-4"],
     "fp32, NCHW": ["ae.precision=32-true", "ae.channels_last=false"],
+    "cosine lr decay over the budget": ["ae.lr_schedule=cosine"],
+    "batch 16": ["ae.batch_size=16"],
+    "lr 2e-3": ["ae.lr=2e-3"],
 }
 
 
-def ablation(factor: int, minutes: float) -> list[dict]:
+def ablation(factor: int, minutes: float, variants: list[str] | None = None) -> list[dict]:
     import tempfile
 
     from components.autoencoder_training import train_autoencoder
@@ -91,6 +94,8 @@ def ablation(factor: int, minutes: float) -> list[dict]:
     val, _ = load_split(DATA_DIR, "val")
     rows = []
     for name, overrides in VARIANTS.items():
+        if variants and name not in variants:
+            continue
         settings = [f"ae.factor={factor}", f"ae.max_minutes={minutes}", "ae.max_steps=1000000", *overrides]
         params = load_params("params/default.yaml", settings)
         with tempfile.TemporaryDirectory() as tmp:
@@ -155,14 +160,16 @@ if __name__ == "__main__":
     parser.add_argument("what", choices=["throughput", "quality", "ablation"])
     parser.add_argument("--minutes", type=float, default=None, help="training minutes per run")
     parser.add_argument("--factor", type=int, default=8, help="ablation: which f")
+    parser.add_argument("--variants", nargs="*", help="ablation: only these (names as in VARIANTS)")
     args = parser.parse_args()
     if args.what == "throughput":
         rows = throughput()
     elif args.what == "quality":
         rows = quality(args.minutes)
     else:
-        rows = ablation(args.factor, args.minutes or 1.5)
+        rows = ablation(args.factor, args.minutes or 1.5, args.variants)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"autoencoder-{args.what}.json").write_text(json.dumps(rows, indent=2))
-    (OUT / f"autoencoder-{args.what}.md").write_text(markdown(rows) + "\n")
+    name = args.what if args.what != "ablation" or not args.variants else f"ablation-f{args.factor}"
+    (OUT / f"autoencoder-{name}.json").write_text(json.dumps(rows, indent=2))
+    (OUT / f"autoencoder-{name}.md").write_text(markdown(rows) + "\n")
     print(markdown(rows))

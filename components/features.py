@@ -228,6 +228,19 @@ def train_domain_extractor(
     return {name: tensor.detach().clone().contiguous() for name, tensor in net.state_dict().items()}
 
 
+@torch.no_grad()
+def held_out_accuracy(state: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy of a trained extractor's classifier on images it did not train on."""
+    net = SmallCNN(state["head.weight"].shape[0])
+    net.load_state_dict(state)
+    net.eval()
+    right = sum(
+        int((net.head(net(to_float(x))).argmax(1) == y).sum())
+        for x, y in zip(images.split(256), labels.split(256), strict=True)
+    )
+    return right / max(len(labels), 1)
+
+
 # --- inception-v3-compat -----------------------------------------------------------------------
 
 

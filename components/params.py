@@ -68,6 +68,12 @@ class TrainingBudget(Section):
     log_every: int = Field(10, ge=1)
     image_every: int = Field(500, ge=1, description="steps between image grids")
     checkpoint_every: int = Field(100, ge=1, description="steps between resumable checkpoints")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine: decay the learning rate to 0 over the budget (steps or minutes)"
+    )
+    checkpoint_minutes: float = Field(
+        0, ge=0, description="and at least this many minutes between them (a save costs ~0.2 s: not every few steps)"
+    )
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
         "auto", description="auto: bf16-mixed where the hardware has bf16 and it pays for this model (measured)"
     )

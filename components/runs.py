@@ -80,7 +80,7 @@ EVALUATION_CODE = ("components/evaluation.py", "components/metrics.py", "compone
 EXTRACTOR_CODE = ("components/features.py",)
 ALL_CODE = ("components", "flows")
 # Settings that change how training reports, not what it learns.
-REPORTING_ONLY = {"log_every", "image_every", "checkpoint_every", "accelerator"}
+REPORTING_ONLY = {"log_every", "image_every", "checkpoint_every", "checkpoint_minutes", "accelerator"}
 LDM_REPORTING_ONLY = REPORTING_ONLY | {"fid_every", "fid_samples", "fid_sample_steps", "samples_per_class"}
 
 

@@ -41,9 +41,8 @@ def domain_extractor(params: Params, data_version: str, experiment: str) -> Extr
         fetched = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{ARTIFACT_DIR}/{local.name}")
         _store(local, lambda partial: shutil.copyfile(fetched, partial))
         return features.extractor_from_file(local)
-    images, records = load_split(workspace.DATA_DIR, "train")
     classes = read_manifest(workspace.DATA_DIR)["classes"]
-    labels = torch.tensor([classes.index(r.label) for r in records])
+    (images, labels), (val_images, val_labels) = (_labelled(split, classes) for split in ("train", "val"))
     get_run_logger().info(
         "Training the domain feature extractor on %d images, %d classes (once per data version)",
         len(images),
@@ -63,11 +62,20 @@ def domain_extractor(params: Params, data_version: str, experiment: str) -> Extr
             steps=params.eval.extractor_steps,  # seed 0 always: one network per data version
             log=lambda step, metrics: log_metrics(run.info.run_id, metrics, step),
         )
+        accuracy = features.held_out_accuracy(state, val_images, val_labels)
+        log_metrics(run.info.run_id, {"extractor_val_acc": accuracy}, params.eval.extractor_steps)
+        get_run_logger().info("Domain extractor: %.1f %% held-out accuracy on %d classes", 100 * accuracy, len(classes))
         _store(local, lambda partial: save_file(state, partial))
         mlflow.log_artifact(str(local), ARTIFACT_DIR)
         extractor = features.extractor_from_file(local)
         mlflow.set_tag(TAG_FID_EXTRACTOR, extractor.tag)
     return extractor
+
+
+def _labelled(split: str, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split's images and the index of each one's class (-1 for a class the manifest lacks)."""
+    images, records = load_split(workspace.DATA_DIR, split)
+    return images, torch.tensor([classes.index(r.label) if r.label in classes else -1 for r in records])
 
 
 def _store(path, write) -> None:

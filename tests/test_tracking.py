@@ -178,3 +178,24 @@ def test_log_metrics_reaches_a_run_that_is_not_active_at_step_zero_by_default(ru
     assert mlflow.active_run() is None
     log_metrics(run_id, {"flops_per_step": 3e9})
     assert history(run_id, "flops_per_step") == [(0, 3e9)]
+
+
+class SaveCounter(L.Callback):
+    """Counts ``last.ckpt`` writes by watching its modification time after every batch."""
+
+    def __init__(self, path: Path):
+        self.path, self.saves, self._seen = path, [], None
+
+    def on_train_batch_end(self, trainer, module, *_):
+        stamp = self.path.stat().st_mtime_ns if self.path.exists() else None
+        if stamp != self._seen:
+            self.saves.append(int(module.steps))
+            self._seen = stamp
+
+
+@pytest.mark.parametrize(("minutes", "expected"), [(0, [2, 4, 6]), (60, [])])
+def test_checkpoints_every_n_steps_but_at_most_one_per_checkpoint_minutes(tmp_path, minutes, expected):
+    counter = SaveCounter(tmp_path / "checkpoints" / "last.ckpt")
+    train(tmp_path, budget(max_steps=7, checkpoint_every=2, checkpoint_minutes=minutes), [counter])
+    assert counter.saves == expected
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()  # the end is always saved
