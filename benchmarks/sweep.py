@@ -4,7 +4,8 @@
 
 Reads MLflow only. Training = the children's ``wall_time_s`` (batches only); sampling = the
 evaluate runs' sample counts over their measured img/s (headline and DDIM curve) plus the LDM
-runs' FID-during-training time (``fid_eval_s``). The rest of the sweep run's wall time is
+runs' FID-during-training time (``fid_eval_s``) and sample-grid time (``grid_s``, where
+recorded). The rest of the sweep run's wall time is
 overhead: data, feature extraction for metrics, latent encoding, grids, checkpoints, MLflow,
 Prefect. Writes reports/benchmarks/sweep-<run>.json.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 import mlflow
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from components.runs import TAG_BUDGET, read_factor_entries  # noqa: E402
+from components.runs import TAG_BUDGET, read_sweep_entries  # noqa: E402
 from components.tracking import tracking_uri  # noqa: E402
 
 
@@ -28,12 +29,13 @@ def main(sweep_run_id: str) -> dict:
     sweep = client.get_run(sweep_run_id)
     total = (sweep.info.end_time - sweep.info.start_time) / 1000
     training = sampling = 0.0
-    for entry in read_factor_entries(sweep.data.tags).values():
+    for entry in read_sweep_entries(sweep.data.tags).values():  # every factor and seed
         for run_id in (entry.ae, entry.ldm):
             if run_id:
-                run = client.get_run(run_id)
-                training += run.data.metrics.get("wall_time_s", 0.0)
-                sampling += sum(m.value for m in client.get_metric_history(run_id, "fid_eval_s"))
+                training += client.get_run(run_id).data.metrics.get("wall_time_s", 0.0)
+        if entry.ldm:  # FID during training; sample grids (an autoencoder's are reconstructions)
+            for name in ("fid_eval_s", "grid_s"):
+                sampling += sum(m.value for m in client.get_metric_history(entry.ldm, name))
         if entry.evaluate:
             run = client.get_run(entry.evaluate)
             params, metrics = run.data.params, run.data.metrics

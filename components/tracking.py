@@ -101,6 +101,7 @@ class MLflowReporter(L.Callback):
     """Logs ``module.logged`` every ``log_every`` steps (with images/s) and ``grid(module)``
     every ``image_every`` steps, to one MLflow run by id.
 
+    ``grid_s`` records how long each grid took to draw (sampling, for the sweep's time account).
     Images/s counts the training batches only (``module.train_seconds``, which
     ``training.Budget`` keeps): grids, FID evaluations and checkpoints are not training, and
     counting them would make a factor with expensive evaluations look slower than it trains."""
@@ -127,7 +128,10 @@ class MLflowReporter(L.Callback):
             log_metrics(self.run_id, metrics, step, self.client)
             self._since, self._images = float(module.train_seconds), 0
         if step % self.budget.image_every == 0:
-            self.client.log_image(self.run_id, self.grid(module), key=self.grid_name, step=step)
+            started = time.perf_counter()
+            image = self.grid(module)
+            log_metrics(self.run_id, {"grid_s": time.perf_counter() - started}, step, self.client)
+            self.client.log_image(self.run_id, image, key=self.grid_name, step=step)
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         """What the sweep compares budgets by: steps, images and training seconds."""

@@ -8,6 +8,7 @@ is all that ``evaluate`` needs besides the dataset.
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,9 +137,10 @@ def train(params: Params, data: LatentData, run_id: str, key: str, real: Referen
 def publish(module: LatentDiffusionModule, data: LatentData, params: Params, ae: AutoencoderRun) -> None:
     """Final sample grid, the model (``ldm/``) and, on an autoencoder, a diffusers pipeline."""
     rows, classes = data.conditioning.grid_rows, data.conditioning.classes
-    mlflow.log_image(
-        ldm_training.sample_grid(module, data.stage, rows, params.ldm.samples_per_class), "samples_final.png"
-    )
+    started = time.perf_counter()
+    grid = ldm_training.sample_grid(module, data.stage, rows, params.ldm.samples_per_class)
+    mlflow.log_metric("grid_s", time.perf_counter() - started, step=int(module.steps))
+    mlflow.log_image(grid, "samples_final.png")
     mlflow.log_metric("latent_scale_factor", data.stage.scale)
     artifacts.publish_ldm(
         module, factor=ae.factor, autoencoder_run_id=ae.run_id, data_version=ae.data_version, classes=classes
