@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytorch_lightning as L
 import torch
+from pytorch_lightning.callbacks import TQDMProgressBar
 
 from components.params import TrainingBudget
 
 LAST = "last.ckpt"
+PROGRESS_EVERY = 25  # steps between progress bar redraws
 
 
 class Budget(L.Callback):
@@ -140,6 +142,8 @@ def make_trainer(
         callbacks=[
             limits,
             *schedule,
+            # Lightning's default redraws every step: 4-5 ms, 7 % of a 70 ms step at f = 32 (measured)
+            TQDMProgressBar(refresh_rate=PROGRESS_EVERY),
             PeriodicCheckpoint(checkpoint_dir, budget.checkpoint_every, budget.checkpoint_minutes * 60),
             *callbacks,
         ],

@@ -113,7 +113,8 @@ def train(params: Params, data: LatentData, run_id: str, key: str, real: Referen
         params.ldm.model_dump(mode="json"), channels, size, len(conditioning.classes), conditioning.conditioner
     )
     batch = params.ldm.batch_size
-    flops = ldm_training.flops_per_step(module, z[:batch], cond[:batch])
+    # FLOPs are linear in the batch: counting one sample costs 1/batch of the time (f=1: seconds)
+    flops = ldm_training.flops_per_step(module, z[:1], cond[:1]) * batch
     log_metrics(run_id, {"flops_per_step": flops, "unet_params": sum(p.numel() for p in module.unet.parameters())})
 
     def grid(module: LatentDiffusionModule):
