@@ -18,9 +18,11 @@ def data_state_file() -> Path:
     return STATE_DIR / "data-state.json"
 
 
-def checkpoint_dir(stage: str, key: str) -> Path:
-    """Resumable Lightning checkpoints of one training run, by its run key."""
-    return STATE_DIR / "checkpoints" / f"{stage}-{key}"
+def checkpoint_dir(stage: str, run_id: str) -> Path:
+    """Resumable Lightning checkpoints of one training run, by its MLflow run id: an interrupted
+    run is reopened under the same id and resumes; a fresh run of the same key (``reproduce``)
+    starts from scratch rather than from the original's last checkpoint."""
+    return STATE_DIR / "checkpoints" / f"{stage}-{run_id}"
 
 
 def latent_cache(first_stage_id: str) -> Path:

@@ -61,7 +61,7 @@ def model_name(params: Params) -> str:
 
 @task(cache_policy=NO_CACHE)
 def train(
-    params: Params, train_images: torch.Tensor, preview: torch.Tensor, run_id: str, key: str
+    params: Params, train_images: torch.Tensor, preview: torch.Tensor, run_id: str
 ) -> AutoencoderModule:
     def grid(module: AutoencoderModule):
         return ae_training.reconstruction_grid(module, preview)
@@ -70,7 +70,7 @@ def train(
         params.ae,
         train_images,
         resolution=params.data.resolution,
-        checkpoint_dir=workspace.checkpoint_dir("ae", key),
+        checkpoint_dir=workspace.checkpoint_dir("ae", run_id),
         seed=params.seed,
         callbacks=[MLflowReporter(run_id, params.ae, grid, "reconstructions")],
     )
@@ -140,7 +140,7 @@ def autoencoder_flow(
         tags={TAG_SEED: str(params.seed), TAG_PRECISION: resolve_precision(ae.precision, "autoencoder")},
         parent_run_id=parent_run_id,
     ) as run:
-        module = train(params, train_images, val.images[:PREVIEW_IMAGES], run.info.run_id, key)
+        module = train(params, train_images, val.images[:PREVIEW_IMAGES], run.info.run_id)
         mlflow.set_tag(TAG_PERCEPTUAL, module.perceptual.name)
         evaluate(module, val)
         publish(module, params, train_images, run.info.run_id, data.version)

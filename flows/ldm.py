@@ -105,7 +105,7 @@ def fid_during_training(
 
 
 @task(cache_policy=NO_CACHE)
-def train(params: Params, data: LatentData, run_id: str, key: str, real: Reference) -> LatentDiffusionModule:
+def train(params: Params, data: LatentData, run_id: str, real: Reference) -> LatentDiffusionModule:
     z, cond, conditioning = data.latents["train"], data.conditioning.cond["train"], data.conditioning
     channels, size, _ = data.stage.latent_shape(params.data.resolution)
     torch.manual_seed(params.seed)  # the UNet's init: reproducible whatever ran before in this process
@@ -125,7 +125,7 @@ def train(params: Params, data: LatentData, run_id: str, key: str, real: Referen
         params.ldm,
         z,
         cond,
-        checkpoint_dir=workspace.checkpoint_dir("ldm", key),
+        checkpoint_dir=workspace.checkpoint_dir("ldm", run_id),
         seed=params.seed,
         callbacks=[
             MLflowReporter(run_id, params.ldm, grid, "samples"),
@@ -189,6 +189,6 @@ def ldm_flow(
         },
         parent_run_id=parent_run_id,
     ) as run:
-        module = train(params, latent, run.info.run_id, key, real)
+        module = train(params, latent, run.info.run_id, real)
         publish(module, latent, params, ae)
     return LDMRun(run.info.run_id, ae.factor, ae.run_id, ae.data_version, reused=False)
