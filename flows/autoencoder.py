@@ -60,9 +60,7 @@ def model_name(params: Params) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def train(
-    params: Params, train_images: torch.Tensor, preview: torch.Tensor, run_id: str
-) -> AutoencoderModule:
+def train(params: Params, train_images: torch.Tensor, preview: torch.Tensor, run_id: str) -> AutoencoderModule:
     def grid(module: AutoencoderModule):
         return ae_training.reconstruction_grid(module, preview)
 
