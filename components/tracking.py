@@ -15,6 +15,7 @@ from typing import Any
 
 import mlflow
 import pytorch_lightning as L
+import torch
 from PIL import Image
 
 from components.params import TrainingBudget
@@ -129,7 +130,8 @@ class MLflowReporter(L.Callback):
             self._since, self._images = float(module.train_seconds), 0
         if step % self.budget.image_every == 0:
             started = time.perf_counter()
-            image = self.grid(module)
+            with torch.random.fork_rng(devices=[]):  # a grid must not move training's random stream
+                image = self.grid(module)
             log_metrics(self.run_id, {"grid_s": time.perf_counter() - started}, step, self.client)
             self.client.log_image(self.run_id, image, key=self.grid_name, step=step)
 
@@ -146,7 +148,12 @@ class MLflowReporter(L.Callback):
 
 class PeriodicEvaluation(L.Callback):
     """Logs ``evaluate()``'s metrics every ``every`` steps and at the end, at the training step
-    (FID during training: the paper's Figure 6). Not timed by ``training.Budget``."""
+    (FID during training: the paper's Figure 6). Not timed by ``training.Budget``.
+
+    The evaluation runs on a fork of the global random state: how much randomness it draws
+    depends on things outside the run (a DataLoader draws a seed when torch-fidelity computes
+    reference features that are not cached yet), and it must not change the noise and timesteps
+    training draws next, or a reproduction would train differently from the original."""
 
     def __init__(self, run_id: str, every: int, evaluate: Callable[[], dict[str, float]]):
         self.run_id, self.every, self.evaluate = run_id, every, evaluate
@@ -163,7 +170,8 @@ class PeriodicEvaluation(L.Callback):
 
     def record(self, step: int) -> None:
         started = time.perf_counter()
-        values = dict(self.evaluate())
+        with torch.random.fork_rng(devices=[]):  # see ``isolated``
+            values = dict(self.evaluate())
         values["fid_eval_s"] = time.perf_counter() - started
         log_metrics(self.run_id, values, step, self.client)
         self._last = step
