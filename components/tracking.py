@@ -170,7 +170,7 @@ class PeriodicEvaluation(L.Callback):
 
     def record(self, step: int) -> None:
         started = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):  # see ``isolated``
+        with torch.random.fork_rng(devices=[]):  # why: the class docstring
             values = dict(self.evaluate())
         values["fid_eval_s"] = time.perf_counter() - started
         log_metrics(self.run_id, values, step, self.client)

@@ -2,7 +2,8 @@
 MLflow is ``components.tracking``'s callbacks, which a stage passes in).
 
 Checkpoints are written atomically to ``<dir>/last.ckpt`` every N steps (at most one per
-``checkpoint_minutes``) and at the end, so a killed run resumes from its last checkpoint (``fit(..., ckpt_path=last, weights_only=True)``).
+``checkpoint_minutes``) and at the end, so a killed run resumes from its last checkpoint
+(``fit(..., ckpt_path=last, weights_only=True)``).
 """
 
 from __future__ import annotations

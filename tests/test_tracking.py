@@ -3,6 +3,7 @@ model trained for a few steps with the stages' own trainer, into a real (SQLite)
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from pathlib import Path
@@ -199,3 +200,18 @@ def test_checkpoints_every_n_steps_but_at_most_one_per_checkpoint_minutes(tmp_pa
     train(tmp_path, budget(max_steps=7, checkpoint_every=2, checkpoint_minutes=minutes), [counter])
     assert counter.saves == expected
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()  # the end is always saved
+
+
+class LearningRates(L.Callback):
+    def __init__(self):
+        self.seen: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, *_):
+        self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_cosine_schedule_decays_the_learning_rate_over_the_budget(tmp_path):
+    rates = LearningRates()
+    train(tmp_path, budget(max_steps=8, lr_schedule="cosine"), [rates])
+    expected = [0.1 * 0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]  # SGD lr 0.1, at each batch's start
+    assert rates.seen == pytest.approx(expected)
