@@ -81,6 +81,10 @@ VARIANTS = {
     "cosine lr decay over the budget": ["ae.lr_schedule=cosine"],
     "batch 16": ["ae.batch_size=16"],
     "lr 2e-3": ["ae.lr=2e-3"],
+    "cosine, lr 2e-3": ["ae.lr_schedule=cosine", "ae.lr=2e-3"],
+    "batch 4": ["ae.batch_size=4"],
+    "wider deep levels [1,2,4,4,8,8]": ["ae.channel_mult=[1, 2, 4, 4, 8, 8]"],
+    "wider deep levels, cosine": ["ae.channel_mult=[1, 2, 4, 4, 8, 8]", "ae.lr_schedule=cosine"],
 }
 
 
