@@ -6,9 +6,10 @@ data version or the run it builds on, the parameters that shape it, and the code
 it). Settings that only change how a run reports (log intervals, grid sizes) are left out, so
 changing them reuses the trained model. Every key of every stage is decided in this module.
 
-Before a stage works it asks ``ReuseOrResume.find``: a finished run with its key is reused, a
-run with its key that crashed or was killed is reopened and resumed (its checkpoints are keyed
-by the same key), otherwise a new run starts. Every run carries the contract's tags
+Before a stage works it claims its key (``ReuseOrResume.claim``): a finished run with its key is
+reused, a run with its key that crashed or was killed is reopened and resumed (its checkpoints
+are keyed by its run id), otherwise a new run starts; a run still being written by another live
+process is waited for (``components.ownership``), never written twice. Every run carries the contract's tags
 (``stage_run``); a sweep records which runs answer for each factor in ``FactorEntry`` tags.
 """
 
@@ -16,7 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any
 import mlflow
 from mlflow.entities import Run
 
+from components import ownership
 from components.errors import UserError
 from components.params import Params
 from components.tracking import git_state, redact
@@ -163,9 +166,10 @@ def stage_run(
     parent_run_id: str | None = None,
     resume_run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run with the contract's tags and the flattened, redacted ``params``.
+    """An MLflow run with the contract's tags and the flattened, redacted ``params``, marked as
+    this process's while it is open (``components.ownership``).
 
-    ``resume_run_id`` reopens a run that crashed, so a retried stage keeps one run.
+        ``resume_run_id`` reopens a run that crashed, so a retried stage keeps one run.
     """
     commit, dirty = git_state()
     contract_tags = {
@@ -176,13 +180,16 @@ def stage_run(
     }
     if factor is not None:
         contract_tags[TAG_FACTOR] = str(factor)
-    with mlflow.start_run(
-        run_id=resume_run_id,
-        run_name=None if resume_run_id else run_name,
-        parent_run_id=parent_run_id,
-        nested=parent_run_id is not None,
-        tags={**contract_tags, **(tags or {})},
-    ) as run:
+    with (
+        mlflow.start_run(
+            run_id=resume_run_id,
+            run_name=None if resume_run_id else run_name,
+            parent_run_id=parent_run_id,
+            nested=parent_run_id is not None,
+            tags={**contract_tags, **(tags or {})},
+        ) as run,
+        ownership.heartbeat(run.info.run_id),
+    ):
         if resume_run_id is None:  # a resumed run keeps the params it was started with
             mlflow.log_params({key: redact(value) for key, value in params.items()})
         yield run
@@ -221,6 +228,34 @@ class ReuseOrResume:
         tag = {TAG_RUN_KEY: key}
         reusable = latest_run(experiment_id, stage, **tag)
         return cls(stage, key, reusable, latest_run(experiment_id, stage, finished=False, **tag))
+
+    @classmethod
+    @contextmanager
+    def claim(
+        cls,
+        experiment_id: str,
+        stage: str,
+        key: str,
+        *,
+        fresh: bool = False,
+        log: Callable[[str], None] = lambda message: None,
+    ) -> Iterator[ReuseOrResume]:
+        """``find``, with the key held for the block: no other process on this machine claims it
+        meanwhile, and while an unfinished run of the key has a live writer elsewhere, this waits
+        for it to finish (then reuses it) or to die (then resumes it)."""
+        with ownership.key_lock(f"{stage}-{key}", log):
+            logged = 0.0
+            while True:
+                recorded = cls.find(experiment_id, stage, key, fresh=fresh)
+                busy = recorded.resumable if recorded.reusable is None and recorded.resumable else None
+                writer = ownership.live_writer(busy) if busy else None
+                if writer is None:
+                    break
+                if time.monotonic() - logged > ownership.WAIT_LOG_SECONDS:
+                    log(f"{stage} run {busy.info.run_id} is being written by {writer}; waiting for it")
+                    logged = time.monotonic()
+                time.sleep(2.0)
+            yield recorded
 
     @contextmanager
     def start(

@@ -18,13 +18,16 @@ import pytorch_lightning as L
 import torch
 from PIL import Image
 
+from components import ownership
+from components.errors import UserError
 from components.params import TrainingBudget
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACT_DIR = "mlartifacts"
 DEFAULT_EXPERIMENT = "latentlab"
 
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+# user:password@ (the password may hold "/" and "@": up to the last "@"), or a bare token@
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?:[^/:@\s]+:\S*|[^/@\s]+)@", re.IGNORECASE)
 
 
 def tracking_uri() -> str:
@@ -35,6 +38,33 @@ def tracking_uri() -> str:
 
 def _default_uri() -> str:
     return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+
+
+def check_store(uri: str | None = None) -> None:
+    """Fail in seconds, naming the fix, when the tracking store cannot be used: a server that
+    does not answer (MLflow itself would retry for minutes) or a database file that is not one."""
+    uri = uri or tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+        except requests.RequestException as exc:
+            raise UserError(
+                f"The MLflow tracking server {redact(uri)} does not answer ({type(exc).__name__}): start it "
+                "(see the README), or unset MLFLOW_TRACKING_URI to use mlflow.db in this directory."
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        header = b""
+        if path.is_file():
+            with path.open("rb") as handle:
+                header = handle.read(16)
+        if header and header != b"SQLite format 3\x00":
+            raise UserError(
+                f"{path} is not an SQLite database, so it cannot be the MLflow store: move it aside "
+                "(a new one is created) or point MLFLOW_TRACKING_URI at the store you meant."
+            )
 
 
 def use_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
@@ -53,7 +83,20 @@ def use_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
             mlflow.create_experiment(name, artifact_location=location)
         experiment = mlflow.get_experiment_by_name(name)
     mlflow.set_experiment(experiment_id=experiment.experiment_id)
+    if (uri, experiment.experiment_id) not in _tidied:  # once a process: runs killed since the last command
+        _tidied.add((uri, experiment.experiment_id))
+        ownership.close_orphans(experiment.experiment_id)
     return experiment.experiment_id
+
+
+_tidied: set[tuple[str, str]] = set()
+
+
+def close_all_orphans() -> None:
+    """``ownership.close_orphans`` in every experiment of the store."""
+    mlflow.set_tracking_uri(tracking_uri())
+    for experiment in mlflow.search_experiments():
+        ownership.close_orphans(experiment.experiment_id)
 
 
 def redact(value: Any) -> Any:

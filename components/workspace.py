@@ -6,11 +6,28 @@ moves state elsewhere) finds them all in one place.
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 DATA_DIR = Path("data")
 STATE_DIR = Path(".latentlab")
 REPORTS_DIR = Path("reports")
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """``write(temporary)`` then rename it to ``path``: a crash never leaves half a file there,
+    and two processes writing the same file never write into one temporary (unique names)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    try:
+        write(partial)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
 
 
 def data_state_file() -> Path:
@@ -43,6 +60,17 @@ def extractor_file(key: str) -> Path:
 def fidelity_cache() -> Path:
     """torch-fidelity's cache of reference-set features."""
     return STATE_DIR / "fidelity-cache"
+
+
+def report_dir(sweep_run_id: str) -> Path:
+    """One sweep's report, named by its run id: never by its run name, which anyone can edit in
+    the MLflow UI (to ``../..`` or an absolute path)."""
+    return REPORTS_DIR / f"sweep-{sweep_run_id}"
+
+
+def lock_file(name: str) -> Path:
+    """This machine's lock on one run key (``components.ownership.key_lock``)."""
+    return STATE_DIR / "locks" / f"{name}.lock"
 
 
 def reproduce_dir(run_id: str) -> Path:

@@ -33,7 +33,7 @@ from components.runs import (
     seeded_name,
 )
 from components.tracking import MLflowReporter, register_once, use_experiment
-from components.training import resolve_precision
+from components.training import check_one_batch, resolve_precision
 from flows.data import DataVersion, data_flow
 from flows.extractor import reference
 
@@ -122,24 +122,25 @@ def autoencoder_flow(
         logger.info("f=%d is pixel space: no first stage to train", ae.factor)
         return result("", reused=True)
     key = autoencoder_key(params, data.version)
-    recorded = ReuseOrResume.find(use_experiment(experiment), "autoencoder", key, fresh=fresh)
-    if recorded.reusable is not None:
-        logger.info("Reusing finished autoencoder run %s (%s)", recorded.reusable.info.run_id, model_name(params))
-        return result(recorded.reusable.info.run_id, reused=True)
-    if recorded.resumable is not None:
-        logger.info("Resuming interrupted autoencoder run %s", recorded.resumable.info.run_id)
-    val = reference(params, data.version, experiment, "val")  # (may train the extractor: its own run)
-    train_images, _ = load_split(workspace.DATA_DIR, "train")
-    with recorded.start(
-        data_version=data.version,
-        params=params.flat("seed", "data", "ae", "eval"),  # eval: the extractor rFID uses
-        run_name=seeded_name(f"ae-f{ae.factor}-{ae.regularizer}", params.seed),
-        factor=ae.factor,
-        tags={TAG_SEED: str(params.seed), TAG_PRECISION: resolve_precision(ae.precision, "autoencoder")},
-        parent_run_id=parent_run_id,
-    ) as run:
-        module = train(params, train_images, val.images[:PREVIEW_IMAGES], run.info.run_id)
-        mlflow.set_tag(TAG_PERCEPTUAL, module.perceptual.name)
-        evaluate(module, val)
-        publish(module, params, train_images, run.info.run_id, data.version)
-    return result(run.info.run_id, reused=False)
+    with ReuseOrResume.claim(use_experiment(experiment), "autoencoder", key, fresh=fresh, log=logger.info) as recorded:
+        if recorded.reusable is not None:
+            logger.info("Reusing finished autoencoder run %s (%s)", recorded.reusable.info.run_id, model_name(params))
+            return result(recorded.reusable.info.run_id, reused=True)
+        if recorded.resumable is not None:
+            logger.info("Resuming interrupted autoencoder run %s", recorded.resumable.info.run_id)
+        val = reference(params, data.version, experiment, "val")  # (may train the extractor: its own run)
+        train_images, _ = load_split(workspace.DATA_DIR, "train")
+        check_one_batch(len(train_images), ae.batch_size, "ae")
+        with recorded.start(
+            data_version=data.version,
+            params=params.flat("seed", "data", "ae", "eval"),  # eval: the extractor rFID uses
+            run_name=seeded_name(f"ae-f{ae.factor}-{ae.regularizer}", params.seed),
+            factor=ae.factor,
+            tags={TAG_SEED: str(params.seed), TAG_PRECISION: resolve_precision(ae.precision, "autoencoder")},
+            parent_run_id=parent_run_id,
+        ) as run:
+            module = train(params, train_images, val.images[:PREVIEW_IMAGES], run.info.run_id)
+            mlflow.set_tag(TAG_PERCEPTUAL, module.perceptual.name)
+            evaluate(module, val)
+            publish(module, params, train_images, run.info.run_id, data.version)
+        return result(run.info.run_id, reused=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -129,13 +130,26 @@ def cmd_reproduce(params: Params, args: argparse.Namespace) -> None:
 
 
 def cmd_ui(params: Params, args: argparse.Namespace) -> None:
+    import signal
+    import socket
     import subprocess
 
-    from components.tracking import tracking_uri
+    from components.tracking import close_all_orphans, tracking_uri
 
     uri = tracking_uri()
     if not uri.startswith("sqlite:") and "://" in uri and not uri.startswith("file:"):
         raise UserError(f"MLFLOW_TRACKING_URI is the server {uri}: open it in a browser; `ui` serves local stores.")
+    with socket.socket() as probe:
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as exc:
+            raise UserError(f"Cannot serve on {args.host}:{args.port} ({exc.strerror}): pass another --port.") from None
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(
+            f"[bold yellow]Warning:[/] the MLflow UI has no authentication; on {args.host} anyone who can "
+            "reach this machine can read, change and delete your runs."
+        )
+    close_all_orphans()  # so RUNNING in the UI means running
     console.print(f"MLflow UI on http://{args.host}:{args.port} for {uri} (Ctrl-C to stop)")
     command = [
         sys.executable,
@@ -149,7 +163,22 @@ def cmd_ui(params: Params, args: argparse.Namespace) -> None:
         "--port",
         str(args.port),
     ]
-    raise SystemExit(subprocess.call(command))
+    # Its own process group, so that stopping `ui` (Ctrl-C or SIGTERM) stops the server's workers too.
+    server = subprocess.Popen(command, start_new_session=True)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        raise SystemExit(server.wait())
+    except KeyboardInterrupt:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        raise SystemExit(0) from None
+
+
+def _raise_interrupt(*_) -> None:
+    raise KeyboardInterrupt
 
 
 def cmd_serve(params: Params, args: argparse.Namespace) -> None:
@@ -229,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         params = load_params(args.params or _default_params(), args.set)
+        if args.command not in ("ui", "serve"):
+            from components.tracking import check_store
+
+            check_store()  # before Prefect starts: a store that cannot be used fails in seconds
         _quiet_user_errors()
         args.handler(params, args)
     except UserError as exc:

@@ -14,7 +14,7 @@ from PIL import Image
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from components import dvc
+from components import dvc, ownership
 from components.dataset import build_dataset, is_current, read_manifest, read_records, remember_build
 from components.grids import labeled_grid
 from components.params import DataParams, Params, flatten
@@ -72,20 +72,23 @@ def version_data(params: DataParams, root: Path, build: str, rebuilt: bool) -> s
 @task(cache_policy=NO_CACHE)
 def record_data_run(params: DataParams, root: Path, version: str, manifest: dict, experiment: str) -> str:
     """One MLflow ``data`` run per version: counts, parameters, bad-file report, sample grid."""
-    recorded = ReuseOrResume.find(use_experiment(experiment), "data", data_run_key(version))
-    if recorded.reusable is not None:
-        return recorded.reusable.info.run_id
-    counts = manifest["counts"]
-    with recorded.start(
-        data_version=version, params=flatten({"data": params.model_dump(mode="json")}), run_name=f"data-{version[:8]}"
-    ) as run:
-        mlflow.log_metrics({f"n_{split}": counts[split] for split in ("total", "train", "val", "skipped")})
-        mlflow.log_metric("n_classes", len(manifest["classes"]))
-        for label, per_split in counts["per_class"].items():
-            mlflow.log_metric(f"class_count/{_slug(label)}", per_split["train"] + per_split["val"])
-        mlflow.log_dict(manifest, "manifest.json")
-        mlflow.log_image(_sample_grid(root / DATA_DIR, params.grid_per_class), "samples_per_class.png")
-        return run.info.run_id
+    key = data_run_key(version)
+    with ReuseOrResume.claim(use_experiment(experiment), "data", key, log=get_run_logger().info) as recorded:
+        if recorded.reusable is not None:
+            return recorded.reusable.info.run_id
+        counts = manifest["counts"]
+        with recorded.start(
+            data_version=version,
+            params=flatten({"data": params.model_dump(mode="json")}),
+            run_name=f"data-{version[:8]}",
+        ) as run:
+            mlflow.log_metrics({f"n_{split}": counts[split] for split in ("total", "train", "val", "skipped")})
+            mlflow.log_metric("n_classes", len(manifest["classes"]))
+            for label, per_split in counts["per_class"].items():
+                mlflow.log_metric(f"class_count/{_slug(label)}", per_split["train"] + per_split["val"])
+            mlflow.log_dict(manifest, "manifest.json")
+            mlflow.log_image(_sample_grid(root / DATA_DIR, params.grid_per_class), "samples_per_class.png")
+            return run.info.run_id
 
 
 def _sample_grid(data_dir: Path, per_class: int) -> Image.Image:
@@ -106,7 +109,8 @@ def data_flow(params: Params, experiment: str = "latentlab", root: Path = Path("
     """Prepare, version and record the dataset that ``params.data`` describes."""
     root = Path(root).resolve()
     dvc.ensure_repo(root)
-    manifest, build, rebuilt = prepare_data(params.data, root)
-    version = version_data(params.data, root, build, rebuilt)
+    with ownership.key_lock("data-build", get_run_logger().info):  # one builder of data/ at a time
+        manifest, build, rebuilt = prepare_data(params.data, root)
+        version = version_data(params.data, root, build, rebuilt)
     run_id = record_data_run(params.data, root, version, manifest, experiment)
     return DataVersion(version, run_id, manifest)

@@ -135,60 +135,61 @@ def evaluate_flow(
     ldm_run = finished_ldm_run(run_id)
     params = params_from_run(ldm_run.data.params, keep=params, sections=("eval", "sweep", "reproduce"))
     factor = int(ldm_run.data.tags[TAG_FACTOR])
-    recorded = ReuseOrResume.find(experiment_id, "evaluate", evaluation_key(params, run_id))
-    if (done := recorded.reusable) is not None:
-        logger.info("Reusing finished evaluation %s of LDM run %s", done.info.run_id, run_id)
-        return EvalRun(done.info.run_id, factor, run_id, done.data.metrics, reused=True)
-    version = ldm_run.data.tags[TAG_DATA_VERSION]
-    data = data or data_flow(params, experiment)
-    if data.version != version:
-        raise UserError(
-            f"LDM run {run_id} was trained on data version {version}, but these data parameters give "
-            f"{data.version}: run `latentlab reproduce {run_id}` to restore that version."
-        )
-    model = artifacts.load_ldm(run_id, workspace.DATA_DIR, seed=params.seed)
-    split = reference_split(params)
-    real = reference(params, version, experiment, split, model.conditioning.cond[split])
-    note = evaluation.small_sample_note(params.eval.samples)
-    if note:
-        logger.warning("%s.", note)
-    with recorded.start(
-        data_version=version,
-        params=params.flat(),
-        run_name=seeded_name(f"eval-f{factor}", params.seed),
-        factor=factor,
-        tags={
-            TAG_LDM_RUN: run_id,
-            TAG_AE_RUN: ldm_run.data.tags.get(TAG_AE_RUN, ""),
-            TAG_FID_EXTRACTOR: real.extractor.tag,
-            TAG_REFERENCE_SPLIT: split,
-            TAG_SMALL_SAMPLE: str(note is not None).lower(),
-            **({TAG_SMALL_SAMPLE_NOTE: note} if note else {}),
-        },
-        parent_run_id=parent_run_id,
-    ) as run:
-        metrics, samples = score_samples(model, params, real)
-        metrics |= linked_metrics(ldm_run)
-        mlflow.log_metrics(metrics)
-        mlflow.log_image(samples_grid(samples, model), "samples.png")
-        points = throughput_curve(model, params, real)
-        for p in points:
-            mlflow.log_metrics(
-                {"ddim_fid": p.fid, "ddim_kid_mean": p.kid_mean, "ddim_sample_img_per_s": p.img_per_s}, step=p.steps
+    key = evaluation_key(params, run_id)
+    with ReuseOrResume.claim(experiment_id, "evaluate", key, log=logger.info) as recorded:
+        if (done := recorded.reusable) is not None:
+            logger.info("Reusing finished evaluation %s of LDM run %s", done.info.run_id, run_id)
+            return EvalRun(done.info.run_id, factor, run_id, done.data.metrics, reused=True)
+        version = ldm_run.data.tags[TAG_DATA_VERSION]
+        data = data or data_flow(params, experiment)
+        if data.version != version:
+            raise UserError(
+                f"LDM run {run_id} was trained on data version {version}, but these data parameters give "
+                f"{data.version}: run `latentlab reproduce {run_id}` to restore that version."
             )
-        title = f"f={factor}: FID vs sampling throughput ({real.extractor.tag})"
-        mlflow.log_image(evaluation.plot_curve(points, title), "fid_vs_throughput.png")
-        mlflow.log_dict([p.__dict__ for p in points], "ddim_curve.json")
-        logger.info(
-            "f=%d: FID %.4g [%.4g, %.4g], KID %.4g, precision %.3g, recall %.3g, %.3g samples/s (%s)",
-            factor,
-            metrics["fid"],
-            metrics.get("fid_ci_low", float("nan")),
-            metrics.get("fid_ci_high", float("nan")),
-            metrics["kid_mean"],
-            metrics["precision"],
-            metrics["recall"],
-            metrics["sample_img_per_s"],
-            real.extractor.tag,
-        )
-    return EvalRun(run.info.run_id, factor, run_id, metrics, reused=False)
+        model = artifacts.load_ldm(run_id, workspace.DATA_DIR, seed=params.seed)
+        split = reference_split(params)
+        real = reference(params, version, experiment, split, model.conditioning.cond[split])
+        note = evaluation.small_sample_note(params.eval.samples)
+        if note:
+            logger.warning("%s.", note)
+        with recorded.start(
+            data_version=version,
+            params=params.flat(),
+            run_name=seeded_name(f"eval-f{factor}", params.seed),
+            factor=factor,
+            tags={
+                TAG_LDM_RUN: run_id,
+                TAG_AE_RUN: ldm_run.data.tags.get(TAG_AE_RUN, ""),
+                TAG_FID_EXTRACTOR: real.extractor.tag,
+                TAG_REFERENCE_SPLIT: split,
+                TAG_SMALL_SAMPLE: str(note is not None).lower(),
+                **({TAG_SMALL_SAMPLE_NOTE: note} if note else {}),
+            },
+            parent_run_id=parent_run_id,
+        ) as run:
+            metrics, samples = score_samples(model, params, real)
+            metrics |= linked_metrics(ldm_run)
+            mlflow.log_metrics(metrics)
+            mlflow.log_image(samples_grid(samples, model), "samples.png")
+            points = throughput_curve(model, params, real)
+            for p in points:
+                mlflow.log_metrics(
+                    {"ddim_fid": p.fid, "ddim_kid_mean": p.kid_mean, "ddim_sample_img_per_s": p.img_per_s}, step=p.steps
+                )
+            title = f"f={factor}: FID vs sampling throughput ({real.extractor.tag})"
+            mlflow.log_image(evaluation.plot_curve(points, title), "fid_vs_throughput.png")
+            mlflow.log_dict([p.__dict__ for p in points], "ddim_curve.json")
+            logger.info(
+                "f=%d: FID %.4g [%.4g, %.4g], KID %.4g, precision %.3g, recall %.3g, %.3g samples/s (%s)",
+                factor,
+                metrics["fid"],
+                metrics.get("fid_ci_low", float("nan")),
+                metrics.get("fid_ci_high", float("nan")),
+                metrics["kid_mean"],
+                metrics["precision"],
+                metrics["recall"],
+                metrics["sample_img_per_s"],
+                real.extractor.tag,
+            )
+        return EvalRun(run.info.run_id, factor, run_id, metrics, reused=False)

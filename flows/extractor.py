@@ -14,6 +14,7 @@ import mlflow
 import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import components.features as features
@@ -34,56 +35,53 @@ def domain_extractor(params: Params, data_version: str, experiment: str) -> Extr
     key = extractor_key(params, data_version)
     local = workspace.extractor_file(key)
     if local.exists():
-        return features.extractor_from_file(local)
-    recorded = ReuseOrResume.find(use_experiment(experiment), "evaluate", key)
-    if recorded.reusable is not None:
-        run_id = recorded.reusable.info.run_id
-        fetched = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{ARTIFACT_DIR}/{local.name}")
-        _store(local, lambda partial: shutil.copyfile(fetched, partial))
-        return features.extractor_from_file(local)
-    classes = read_manifest(workspace.DATA_DIR)["classes"]
-    (images, labels), (val_images, val_labels) = (_labelled(split, classes) for split in ("train", "val"))
-    get_run_logger().info(
-        "Training the domain feature extractor on %d images, %d classes (once per data version)",
-        len(images),
-        len(classes),
-    )
-    with recorded.start(
-        data_version=data_version,
-        params={"eval.extractor_steps": params.eval.extractor_steps},
-        run_name=f"extractor-{data_version[:8]}",
-        tags={TAG_ROLE: "feature-extractor"},
-        parent_run_id=active.info.run_id if (active := mlflow.active_run()) else None,
-    ) as run:
-        state = features.train_domain_extractor(
-            images,
-            labels,
+        try:
+            return features.extractor_from_file(local)
+        except SafetensorError:
+            get_run_logger().warning("The extractor copy %s is damaged; fetching it again", local)
+    with ReuseOrResume.claim(use_experiment(experiment), "evaluate", key, log=get_run_logger().info) as recorded:
+        if recorded.reusable is not None:
+            run_id = recorded.reusable.info.run_id
+            fetched = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{ARTIFACT_DIR}/{local.name}")
+            workspace.write_atomically(local, lambda partial: shutil.copyfile(fetched, partial))
+            return features.extractor_from_file(local)
+        classes = read_manifest(workspace.DATA_DIR)["classes"]
+        (images, labels), (val_images, val_labels) = (_labelled(split, classes) for split in ("train", "val"))
+        get_run_logger().info(
+            "Training the domain feature extractor on %d images, %d classes (once per data version)",
+            len(images),
             len(classes),
-            steps=params.eval.extractor_steps,  # seed 0 always: one network per data version
-            log=lambda step, metrics: log_metrics(run.info.run_id, metrics, step),
         )
-        accuracy = features.held_out_accuracy(state, val_images, val_labels)
-        log_metrics(run.info.run_id, {"extractor_val_acc": accuracy}, params.eval.extractor_steps)
-        get_run_logger().info("Domain extractor: %.1f %% held-out accuracy on %d classes", 100 * accuracy, len(classes))
-        _store(local, lambda partial: save_file(state, partial))
-        mlflow.log_artifact(str(local), ARTIFACT_DIR)
-        extractor = features.extractor_from_file(local)
-        mlflow.set_tag(TAG_FID_EXTRACTOR, extractor.tag)
-    return extractor
+        with recorded.start(
+            data_version=data_version,
+            params={"eval.extractor_steps": params.eval.extractor_steps},
+            run_name=f"extractor-{data_version[:8]}",
+            tags={TAG_ROLE: "feature-extractor"},
+            parent_run_id=active.info.run_id if (active := mlflow.active_run()) else None,
+        ) as run:
+            state = features.train_domain_extractor(
+                images,
+                labels,
+                len(classes),
+                steps=params.eval.extractor_steps,  # seed 0 always: one network per data version
+                log=lambda step, metrics: log_metrics(run.info.run_id, metrics, step),
+            )
+            accuracy = features.held_out_accuracy(state, val_images, val_labels)
+            log_metrics(run.info.run_id, {"extractor_val_acc": accuracy}, params.eval.extractor_steps)
+            get_run_logger().info(
+                "Domain extractor: %.1f %% held-out accuracy on %d classes", 100 * accuracy, len(classes)
+            )
+            workspace.write_atomically(local, lambda partial: save_file(state, partial))
+            mlflow.log_artifact(str(local), ARTIFACT_DIR)
+            extractor = features.extractor_from_file(local)
+            mlflow.set_tag(TAG_FID_EXTRACTOR, extractor.tag)
+        return extractor
 
 
 def _labelled(split: str, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """A split's images and the index of each one's class (-1 for a class the manifest lacks)."""
     images, records = load_split(workspace.DATA_DIR, split)
     return images, torch.tensor([classes.index(r.label) if r.label in classes else -1 for r in records])
-
-
-def _store(path, write) -> None:
-    """Write ``path`` through a temporary name, so a crash never leaves half a file there."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    write(partial)
-    partial.replace(path)
 
 
 def choose_extractor(params: Params, data_version: str, experiment: str) -> Extractor:

@@ -41,7 +41,7 @@ from components.runs import (
     seeded_name,
 )
 from components.tracking import MLflowReporter, PeriodicEvaluation, log_metrics, use_experiment
-from components.training import resolve_precision
+from components.training import check_one_batch, resolve_precision
 from flows.autoencoder import AutoencoderRun, autoencoder_flow
 from flows.data import DataVersion
 from flows.extractor import reference, reference_split
@@ -166,29 +166,30 @@ def ldm_flow(
     logger = get_run_logger()
     ae = autoencoder_flow(params, experiment, parent_run_id, data)
     key = ldm_key(params, ae.first_stage_id)
-    recorded = ReuseOrResume.find(use_experiment(experiment), "ldm", key, fresh=fresh)
-    if recorded.reusable is not None:
-        logger.info("Reusing finished LDM run %s", recorded.reusable.info.run_id)
-        return LDMRun(recorded.reusable.info.run_id, ae.factor, ae.run_id, ae.data_version, reused=True)
-    latent = prepare_latents(params, ae)
-    split = reference_split(params)
-    real = reference(params, ae.data_version, experiment, split, latent.conditioning.cond[split])
-    shape = latent.stage.latent_shape(params.data.resolution)
-    with recorded.start(
-        data_version=ae.data_version,
-        params=params.flat("seed", "data", "ae", "ldm", "eval"),  # eval: FID during training
-        run_name=seeded_name(f"ldm-f{ae.factor}", params.seed),
-        factor=ae.factor,
-        tags={
-            TAG_AE_RUN: ae.run_id or NO_AUTOENCODER,
-            TAG_LATENT_SHAPE: "x".join(map(str, shape)),
-            TAG_FID_EXTRACTOR: real.extractor.tag,
-            TAG_REFERENCE_SPLIT: split,
-            TAG_SEED: str(params.seed),
-            TAG_PRECISION: resolve_precision(params.ldm.precision, "ldm", shape[-1]),
-        },
-        parent_run_id=parent_run_id,
-    ) as run:
-        module = train(params, latent, run.info.run_id, real)
-        publish(module, latent, params, ae)
-    return LDMRun(run.info.run_id, ae.factor, ae.run_id, ae.data_version, reused=False)
+    with ReuseOrResume.claim(use_experiment(experiment), "ldm", key, fresh=fresh, log=logger.info) as recorded:
+        if recorded.reusable is not None:
+            logger.info("Reusing finished LDM run %s", recorded.reusable.info.run_id)
+            return LDMRun(recorded.reusable.info.run_id, ae.factor, ae.run_id, ae.data_version, reused=True)
+        latent = prepare_latents(params, ae)
+        check_one_batch(len(latent.latents["train"]), params.ldm.batch_size, "ldm")
+        split = reference_split(params)
+        real = reference(params, ae.data_version, experiment, split, latent.conditioning.cond[split])
+        shape = latent.stage.latent_shape(params.data.resolution)
+        with recorded.start(
+            data_version=ae.data_version,
+            params=params.flat("seed", "data", "ae", "ldm", "eval"),  # eval: FID during training
+            run_name=seeded_name(f"ldm-f{ae.factor}", params.seed),
+            factor=ae.factor,
+            tags={
+                TAG_AE_RUN: ae.run_id or NO_AUTOENCODER,
+                TAG_LATENT_SHAPE: "x".join(map(str, shape)),
+                TAG_FID_EXTRACTOR: real.extractor.tag,
+                TAG_REFERENCE_SPLIT: split,
+                TAG_SEED: str(params.seed),
+                TAG_PRECISION: resolve_precision(params.ldm.precision, "ldm", shape[-1]),
+            },
+            parent_run_id=parent_run_id,
+        ) as run:
+            module = train(params, latent, run.info.run_id, real)
+            publish(module, latent, params, ae)
+        return LDMRun(run.info.run_id, ae.factor, ae.run_id, ae.data_version, reused=False)

@@ -1,6 +1,6 @@
 """The sweep report, from MLflow alone: table, Figures 6/7, PSNR/FID vs f, samples, verdict.
 
-Written to ``reports/<sweep run name>/`` and logged to the sweep run under ``report/``;
+Written to ``reports/sweep-<sweep run id>/`` and logged to the sweep run under ``report/``;
 ``latentlab report --run SWEEP_RUN_ID`` regenerates it at any time.
 """
 
@@ -10,20 +10,20 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from components import workspace
 from components.report import log_report, write_report
 from components.runs import run_of_stage
 from components.sweep_summary import collect
 from components.tracking import use_experiment
-from components.workspace import REPORTS_DIR
 
 
 @flow(name="report")
 def report_flow(sweep_run_id: str, experiment: str = "latentlab", log: bool = True) -> Path:
     """Build the report of sweep run ``sweep_run_id``; return the path of its report.md."""
     use_experiment(experiment)
-    run = run_of_stage(sweep_run_id, ("sweep",), "latentlab report --run")
+    run_of_stage(sweep_run_id, ("sweep",), "latentlab report --run")  # a clear error if it is not one
     summary = collect(sweep_run_id)
-    out_dir = REPORTS_DIR / (run.info.run_name or sweep_run_id)
+    out_dir = workspace.report_dir(sweep_run_id)
     path = write_report(summary, out_dir)
     if log:
         log_report(sweep_run_id, out_dir)

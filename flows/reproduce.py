@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 from prefect import flow, get_run_logger
 
-from components import dvc, workspace
+from components import dvc, ownership, workspace
 from components.dataset import read_manifest
 from components.errors import UserError
 from components.params import Params, params_from_run
@@ -63,7 +63,7 @@ class Reproduction:
 
     @property
     def within_tolerance(self) -> bool:
-        return all(c.relative <= self.tolerance for c in self.comparisons)
+        return bool(self.comparisons) and all(c.relative <= self.tolerance for c in self.comparisons)
 
 
 def check_code(commit: str, allow_code_change: bool) -> None:
@@ -100,6 +100,11 @@ def reproduce_flow(
     original = run_of_stage(run_id, STAGES, "latentlab reproduce")
     stage, tags = original.data.tags[TAG_STAGE], original.data.tags
     check_code(tags.get(TAG_GIT_COMMIT, "unknown"), allow_code_change)
+    if not set(params.reproduce.metrics) & set(original.data.metrics):
+        raise UserError(
+            f"Run {run_id} recorded none of reproduce.metrics ({', '.join(params.reproduce.metrics)}), so there is "
+            f"nothing to compare: pick from what it has, e.g. --set 'reproduce.metrics=[{', '.join(sorted(original.data.metrics)[:3])}]'."
+        )
     # The run's own eval section where it recorded one: the same feature extractor then scores
     # the reproduction (runs recorded before it was logged take the caller's).
     recorded_eval = any(name.startswith("eval.") for name in original.data.params)
@@ -109,34 +114,40 @@ def reproduce_flow(
     root = Path.cwd()
     remote = run_params.data.remote
     remote = remote if "://" in remote else str((root / remote).resolve())
-    checkout = root / workspace.reproduce_dir(run_id)
-    logger.info("Restoring data version %s into %s", version, checkout)
-    data_dir = dvc.restore(
-        version, checkout, cache_dir=root / ".dvc" / "cache", remote=remote, endpoint=run_params.data.remote_endpoint
-    )
-    data = DataVersion(version, "", read_manifest(data_dir))
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()  # keep this store after the chdir below
-    with (
-        stage_run(
-            "reproduce",
-            data_version=version,
-            params=run_params.flat(),
-            run_name=f"reproduce-{original.info.run_name}",
-            factor=int(tags[TAG_FACTOR]) if TAG_FACTOR in tags else None,
-            tags={TAG_REPRODUCES: run_id, TAG_REPRODUCED_STAGE: stage},
-        ) as run,
-        contextlib.chdir(checkout),
-    ):
-        if stage == "autoencoder":
-            new_run_id = autoencoder_flow(run_params, experiment, run.info.run_id, data, fresh=True).run_id
-        else:
-            new_run_id = ldm_flow(run_params, experiment, run.info.run_id, data, fresh=True).run_id
-        comparisons = compare(original, new_run_id, params.reproduce.metrics)
-        result = Reproduction(run.info.run_id, run_id, new_run_id, comparisons, params.reproduce.tolerance)
-        for c in comparisons:
-            mlflow.log_metrics(
-                {f"original/{c.metric}": c.original, c.metric: c.reproduced, f"rel_diff/{c.metric}": c.relative}
-            )
-        mlflow.set_tag(TAG_WITHIN_TOLERANCE, str(result.within_tolerance).lower())
-        mlflow.set_tag(TAG_REPRODUCED_RUN, new_run_id)
+    # One reproduction of a run at a time on this machine: they would share its checkout folder.
+    with ownership.key_lock(f"reproduce-{run_id}", logger.info):
+        checkout = root / workspace.reproduce_dir(run_id)
+        logger.info("Restoring data version %s into %s", version, checkout)
+        data_dir = dvc.restore(
+            version,
+            checkout,
+            cache_dir=root / ".dvc" / "cache",
+            remote=remote,
+            endpoint=run_params.data.remote_endpoint,
+        )
+        data = DataVersion(version, "", read_manifest(data_dir))
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()  # keep this store after the chdir below
+        with (
+            stage_run(
+                "reproduce",
+                data_version=version,
+                params=run_params.flat(),
+                run_name=f"reproduce-{original.info.run_name}",
+                factor=int(tags[TAG_FACTOR]) if TAG_FACTOR in tags else None,
+                tags={TAG_REPRODUCES: run_id, TAG_REPRODUCED_STAGE: stage},
+            ) as run,
+            contextlib.chdir(checkout),
+        ):
+            if stage == "autoencoder":
+                new_run_id = autoencoder_flow(run_params, experiment, run.info.run_id, data, fresh=True).run_id
+            else:
+                new_run_id = ldm_flow(run_params, experiment, run.info.run_id, data, fresh=True).run_id
+            comparisons = compare(original, new_run_id, params.reproduce.metrics)
+            result = Reproduction(run.info.run_id, run_id, new_run_id, comparisons, params.reproduce.tolerance)
+            for c in comparisons:
+                mlflow.log_metrics(
+                    {f"original/{c.metric}": c.original, c.metric: c.reproduced, f"rel_diff/{c.metric}": c.relative}
+                )
+            mlflow.set_tag(TAG_WITHIN_TOLERANCE, str(result.within_tolerance).lower())
+            mlflow.set_tag(TAG_REPRODUCED_RUN, new_run_id)
     return result

@@ -82,33 +82,34 @@ def sweep_flow(params: Params, experiment: str = "latentlab") -> SweepRun:
     cells = [(f, r) for r in range(params.sweep.seeds) for f in params.sweep.factors]  # every f, then again
     per_cell = {(f, r): params.for_factor(f, r) for f, r in cells}  # all valid before any work
     data = data_flow(params, experiment)
-    recorded = ReuseOrResume.find(use_experiment(experiment), "sweep", sweep_key(params, data.version))
-    previous = recorded.resumable or recorded.reusable
-    done = read_sweep_entries(previous.data.tags) if previous else {}
-    todo = [cell for cell in cells if not (cell in done and done[cell].finished)]
-    if previous and not todo and previous.info.status == "FINISHED":
-        logger.info("Sweep %s already finished with these parameters: nothing to do", previous.info.run_id)
-        report = report_flow(previous.info.run_id, experiment, log=False)
-        return SweepRun(previous.info.run_id, done, report, reused=True)
-    choose_extractor(params, data.version, experiment)  # once, before factors race to train it
-    if previous:
-        logger.info("Resuming sweep %s: %s left", previous.info.run_id, ", ".join(map(_name, todo)))
-    with recorded.start(
-        data_version=data.version,
-        params=params.flat(),
-        run_name=f"sweep-{recorded.key[:6]}",
-        tags={TAG_BUDGET: params.budget_description()},
-        reopen=previous,
-    ) as run:
-        sweep_run_id = run.info.run_id
-        for factor, repeat in todo:
-            write_factor_entry(sweep_run_id, factor, FactorEntry(), repeat)
-        results = run_factors(todo, per_cell, experiment, sweep_run_id, data, params.sweep.workers)
-        entries = {**done, **results}
-        for cell, entry in sorted(entries.items()):
-            logger.info("%s: %s", _name(cell), entry.status)
-        report = report_flow(sweep_run_id, experiment)
-    return SweepRun(sweep_run_id, entries, report, reused=False)
+    key = sweep_key(params, data.version)
+    with ReuseOrResume.claim(use_experiment(experiment), "sweep", key, log=logger.info) as recorded:
+        previous = recorded.resumable or recorded.reusable
+        done = read_sweep_entries(previous.data.tags) if previous else {}
+        todo = [cell for cell in cells if not (cell in done and done[cell].finished)]
+        if previous and not todo and previous.info.status == "FINISHED":
+            logger.info("Sweep %s already finished with these parameters: nothing to do", previous.info.run_id)
+            report = report_flow(previous.info.run_id, experiment, log=False)
+            return SweepRun(previous.info.run_id, done, report, reused=True)
+        choose_extractor(params, data.version, experiment)  # once, before factors race to train it
+        if previous:
+            logger.info("Resuming sweep %s: %s left", previous.info.run_id, ", ".join(map(_name, todo)))
+        with recorded.start(
+            data_version=data.version,
+            params=params.flat(),
+            run_name=f"sweep-{recorded.key[:6]}",
+            tags={TAG_BUDGET: params.budget_description()},
+            reopen=previous,
+        ) as run:
+            sweep_run_id = run.info.run_id
+            for factor, repeat in todo:
+                write_factor_entry(sweep_run_id, factor, FactorEntry(), repeat)
+            results = run_factors(todo, per_cell, experiment, sweep_run_id, data, params.sweep.workers)
+            entries = {**done, **results}
+            for cell, entry in sorted(entries.items()):
+                logger.info("%s: %s", _name(cell), entry.status)
+            report = report_flow(sweep_run_id, experiment)
+        return SweepRun(sweep_run_id, entries, report, reused=False)
 
 
 def run_factors(

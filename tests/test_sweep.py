@@ -140,7 +140,7 @@ def test_sweep_marks_a_failed_factor_redoes_only_it_then_reuses_everything(proje
         assert ldm.data.metrics["steps"] == 4
     assert json.loads(sweep.data.tags["latentlab.sweep.f1"])["ae"] == ""  # pixel space
 
-    report = project / "reports" / sweep.info.run_name
+    report = project / "reports" / f"sweep-{sweep.info.run_id}"
     text = (report / "report.md").read_text()
     assert "| 1 |" in text and "| 4 |" in text and "Verdict" in text
     assert all((report / name).stat().st_size > 0 for name in ("fid_vs_step.png", "fid_vs_throughput.png"))
@@ -169,7 +169,7 @@ def test_sweep_repeats_each_factor_per_seed_and_reports_the_spread(project, tiny
     extractors = {r.data.tags["latentlab.fid_extractor"] for r in evaluations}
     assert len(extractors) == 1  # every seed is scored by the same network
     assert evaluations[0].data.metrics["fid"] != evaluations[1].data.metrics["fid"]
-    text = (project / "reports" / sweep.info.run_name / "report.md").read_text()
+    text = (project / "reports" / f"sweep-{sweep.info.run_id}" / "report.md").read_text()
     assert "## Across seeds" in text and "Across 2 seeds the lowest mean FID is f=4" in text
 
 
@@ -200,6 +200,30 @@ def test_stopped_sweep_resumes_without_duplicates(project, repo, tiny_sweep):
         "ldm-f1",
         "ldm-f4",
     ]
+
+
+@pytest.mark.slow
+def test_two_sweeps_started_together_in_one_directory_write_every_run_once(project, repo, tiny_sweep):
+    command = [str(Path(sys.executable).with_name("latentlab")), "sweep", "--params", str(repo / "params/smoke.yaml")]
+    for setting in [*tiny_sweep, "sweep.factors=[4]"]:
+        command += ["--set", setting]
+    first = subprocess.Popen(command, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(1.0)
+    second = subprocess.Popen(command, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    outputs = [process.communicate(timeout=600)[0] for process in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    by_stage = {stage: runs(stage) for stage in ("data", "sweep", "autoencoder", "ldm", "evaluate")}
+    assert {stage: len(found) for stage, found in by_stage.items()} == {
+        "data": 1,
+        "sweep": 1,
+        "autoencoder": 1,
+        "ldm": 1,
+        "evaluate": 2,  # eval-f4 and the domain extractor's run
+    }
+    assert all(run.info.status == "FINISHED" for found in by_stage.values() for run in found)
+    client = mlflow.MlflowClient()
+    for model in client.search_registered_models():
+        assert len(client.search_model_versions(f"name = '{model.name}'")) == 1, model.name
 
 
 def _safe_runs(stage: str, name: str) -> list:
