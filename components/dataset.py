@@ -29,7 +29,7 @@ from rich.progress import track
 
 from components.errors import UserError
 from components.sources import BadFile, Item
-from components.workspace import data_state_file
+from components.workspace import data_state_file, write_atomically
 
 MANIFEST = "manifest.json"
 METADATA = "metadata.csv"
@@ -154,13 +154,15 @@ def is_current(root: Path, fingerprint: str, version: str | None) -> bool:
     state = Path(root) / data_state_file()
     if version is None or not state.exists():
         return False
-    return json.loads(state.read_text()) == {"fingerprint": fingerprint, "version": version}
+    try:
+        return json.loads(state.read_text()) == {"fingerprint": fingerprint, "version": version}
+    except (ValueError, UnicodeDecodeError):  # damaged (a crash before writes were atomic): rebuild
+        return False
 
 
 def remember_build(root: Path, fingerprint: str, version: str) -> None:
-    state = Path(root) / data_state_file()
-    state.parent.mkdir(exist_ok=True)
-    state.write_text(json.dumps({"fingerprint": fingerprint, "version": version}))
+    content = json.dumps({"fingerprint": fingerprint, "version": version})
+    write_atomically(Path(root) / data_state_file(), lambda partial: partial.write_text(content))
 
 
 def _manifest(records: list[Record], bad: list[BadFile], description: dict[str, Any]) -> dict[str, Any]:

@@ -9,19 +9,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from components.first_stage import FirstStage
+from components.workspace import write_atomically
 
 
 def cached_latents(cache_file: Path, stage: FirstStage, splits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Scaled latents per split (uint8 images in ``splits``), from ``cache_file`` or encoded now."""
     cache_file = Path(cache_file)
     if cache_file.exists():
-        return load_file(cache_file)
+        try:
+            cached = load_file(cache_file)
+            if set(cached) == set(splits) and all(len(cached[k]) == len(v) for k, v in splits.items()):
+                return cached
+        except SafetensorError:
+            pass  # damaged (written before writes were atomic, or by a failing disk): encode again
     latents = {name: stage.encode_images(images, progress=True).contiguous() for name, images in splits.items()}
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache_file.with_suffix(".partial")
-    save_file(latents, partial)
-    partial.replace(cache_file)
+    write_atomically(cache_file, lambda partial: save_file(latents, partial))
     return latents

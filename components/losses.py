@@ -8,12 +8,16 @@ weights; ``perceptual_name`` says which one a run used.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional.image import structural_similarity_index_measure
+
+from components.errors import UserError
+from components.workspace import write_atomically
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16, as LPIPS uses
 
@@ -49,11 +53,22 @@ def vgg_weights_available(path: str | None) -> Path | None:
 
 
 def _install_in_hub_cache(weights: Path | None) -> None:
-    """torchvision loads VGG16 only from torch's hub cache: link a configured file there."""
+    """torchvision loads VGG16 only from torch's hub cache, and unpickles it in full. So a file the
+    user names is never linked there: its bytes are copied there only after they loaded with
+    ``weights_only=True`` (tensors and plain containers, nothing that runs code)."""
     cached = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
-    if weights is not None and not cached.exists():
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.symlink_to(weights.resolve())
+    if weights is None or weights.resolve() == cached.resolve():
+        return
+    content = weights.read_bytes()
+    try:
+        torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - whatever it is, it is not a plain state dict
+        raise UserError(
+            f"ae.lpips_vgg_weights={weights} is not a plain weights file ({type(exc).__name__}): "
+            f"use torchvision's {VGG16_FILE}."
+        ) from None
+    cached.unlink(missing_ok=True)  # (older versions linked the named file here)
+    write_atomically(cached, lambda partial: partial.write_bytes(content))
 
 
 class PerceptualLoss(nn.Module):

@@ -146,6 +146,24 @@ class LDMParams(TrainingBudget):
     fid_samples: int = Field(64, ge=8, description="samples per FID evaluation during training")
     fid_sample_steps: int = Field(10, ge=1, description="DDIM steps of those samples")
 
+    @field_validator("widths")
+    @classmethod
+    def _widths_fit_group_norm(cls, v: list[int]) -> list[int]:
+        groups = min(32, v[0]) if v and v[0] > 0 else 1
+        if not v or any(w < 1 or w % groups for w in v):
+            raise ValueError(
+                f"every width must be a positive multiple of {groups}, the UNet's GroupNorm groups "
+                "(min(32, first width)), e.g. [64, 128, 128]"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _steps_fit_the_schedule(self) -> LDMParams:
+        for name in ("sample_steps", "fid_sample_steps"):
+            if getattr(self, name) > self.timesteps:
+                raise ValueError(f"{name}={getattr(self, name)} exceeds timesteps={self.timesteps}: pick at most that")
+        return self
+
 
 class EvalParams(Section):
     """Sample quality of a finished LDM run: FID, KID, precision/recall against real images."""
@@ -223,6 +241,10 @@ class Params(Section):
                 f"ae.factor={self.ae.factor} is larger than data.resolution="
                 f"{self.data.resolution}: pick a factor of at most the image size"
             )
+        steps = {"eval.sample_steps": [self.eval.sample_steps], "eval.ddim_steps": self.eval.ddim_steps}
+        for name, values in steps.items():
+            if not values or any(not 1 <= v <= self.ldm.timesteps for v in values):
+                raise ValueError(f"{name} {values}: sampler steps must lie in 1..ldm.timesteps ({self.ldm.timesteps})")
         return self
 
     def for_factor(self, factor: int, repeat: int = 0) -> Params:
@@ -297,7 +319,13 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise UserError(f"--set {key}: {part} is a value, not a section.")
-    node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or "not YAML"
+        raise UserError(
+            f"--set {assignment!r}: the value is not valid YAML ({problem}); quote it, e.g. --set '{key}=\"{raw}\"'."
+        ) from None
 
 
 def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Params:
@@ -308,9 +336,13 @@ def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise UserError(f"Parameter file {path} does not exist: pass --params with a YAML file.")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}  # -sig: a BOM is not a key
         except yaml.YAMLError as exc:
             raise UserError(f"Parameter file {path} is not valid YAML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise UserError(
+                f"Parameter file {path} is not UTF-8 (byte offset {exc.start}): save it as UTF-8."
+            ) from None
         if not isinstance(tree, dict):
             raise UserError(f"Parameter file {path} must hold a mapping of sections (data:, ae:, ...).")
     for assignment in overrides:

@@ -11,6 +11,7 @@ import hashlib
 import importlib.metadata
 import importlib.resources
 import json
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -196,6 +197,7 @@ def folder_items(root: Path) -> tuple[list[Item], list[BadFile]]:
     captions = _read_captions(root)
     items: list[Item] = []
     bad: list[BadFile] = []
+    named: dict[str, str] = {}  # item id -> the file that took it
     for path in sorted(p for p in root.rglob("*") if not p.is_dir()):
         rel = path.relative_to(root)
         if any(part.startswith(".") for part in rel.parts) or rel == Path(CAPTIONS_FILE):
@@ -203,9 +205,17 @@ def folder_items(root: Path) -> tuple[list[Item], list[BadFile]]:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             bad.append(BadFile(str(rel), f"not an image (suffix {path.suffix or 'none'!r})"))
             continue
+        if not path.exists():
+            bad.append(BadFile(str(rel), f"a link to {os.readlink(path)}, which does not exist"))
+            continue
+        name = rel.with_suffix("").as_posix()
+        if name in named:  # a.png and a.jpg would both become a.png in data/
+            bad.append(BadFile(str(rel), f"same name as {named[name]} (rename one of them)"))
+            continue
+        named[name] = rel.as_posix()
         label = rel.parts[0] if len(rel.parts) > 1 else UNLABELED
         caption = captions.get(rel.as_posix(), label)
-        items.append(Item(rel.with_suffix("").as_posix(), rel.as_posix(), label, caption, _file_loader(path)))
+        items.append(Item(name, rel.as_posix(), label, caption, _file_loader(path)))
     return items, bad
 
 
@@ -223,8 +233,13 @@ def _read_captions(root: Path) -> dict[str, str]:
     path = root / CAPTIONS_FILE
     if not path.exists():
         return {}
-    with path.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a BOM is no part of a column name
+            rows = list(csv.DictReader(handle))
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path} is not UTF-8 (byte {exc.object[exc.start]:#x} at offset {exc.start}): save it as UTF-8."
+        ) from None
     if rows and not {"file", "caption"} <= set(rows[0]):
         raise UserError(f"{path} needs the columns file,caption (found {', '.join(rows[0])}).")
     return {Path(row["file"]).as_posix(): row["caption"] for row in rows}
@@ -242,6 +257,8 @@ def _file_loader(path: Path) -> Callable[[], Image.Image]:
             raise ValueError("unreadable: permission denied") from None
         except UnidentifiedImageError:
             raise ValueError("not an image: the file's content is no known image format") from None
+        except Image.DecompressionBombError as exc:  # Pillow's guard: it would take gigabytes to decode
+            raise ValueError(f"too large to decode safely ({exc})") from None
         except (OSError, SyntaxError) as exc:
             raise ValueError(f"corrupt or truncated image ({exc})") from None
 

@@ -17,6 +17,7 @@ import pytorch_lightning as L
 import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
 
+from components.errors import UserError
 from components.params import TrainingBudget
 
 LAST = "last.ckpt"
@@ -39,6 +40,11 @@ class Budget(L.Callback):
 
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         add_budget_buffers(module)  # before Lightning restores a checkpoint into the module
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # Resumed from the final checkpoint (killed between training and publishing): no extra batch.
+        if self.progress(module) >= 1.0:
+            trainer.should_stop = True
 
     def on_train_batch_start(self, *_) -> None:
         self._started = time.perf_counter()
@@ -101,6 +107,16 @@ class PeriodicCheckpoint(L.Callback):
         trainer.save_checkpoint(partial, weights_only=False)  # full state, to resume
         os.replace(partial, self.path)  # never a half-written last.ckpt
         self._saved = time.monotonic()
+
+
+def check_one_batch(images: int, batch_size: int, section: str) -> None:
+    """Refuse a train split smaller than one batch: batches drop the remainder, so it would
+    train zero steps and still finish (and register) a model."""
+    if images < batch_size:
+        raise UserError(
+            f"The train split has {images} images, fewer than {section}.batch_size={batch_size}, so nothing "
+            f"would train: lower it (--set {section}.batch_size={max(1, images)}) or add images."
+        )
 
 
 def bf16_hardware() -> bool:

@@ -107,6 +107,31 @@ def test_offline_perceptual_term_is_ssim_based():
     assert perceptual(-x, x) > 0.5
 
 
+class RunsCode:
+    """A pickle that runs code when it is loaded in full (what ``weights_only=True`` refuses)."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_named_vgg_weights_are_never_unpickled_in_full(tmp_path, monkeypatch):
+    from components.errors import UserError
+    from components.losses import VGG16_FILE, _install_in_hub_cache
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    evil = tmp_path / "evil.pth"
+    torch.save({"features.0.weight": RunsCode()}, evil)
+    with pytest.raises(UserError, match="not a plain weights file"):
+        _install_in_hub_cache(evil)
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "hub").exists()
+    plain = tmp_path / "vgg.pth"
+    torch.save({"features.0.weight": torch.ones(2)}, plain)
+    _install_in_hub_cache(plain)
+    cached = tmp_path / "hub" / "checkpoints" / VGG16_FILE
+    assert not cached.is_symlink() and cached.read_bytes() == plain.read_bytes()  # a checked copy
+
+
 def test_training_reduces_reconstruction_error():
     torch.manual_seed(0)
     ae = AEParams(factor=4, disc_start=10_000, lr=2e-3, **TINY)

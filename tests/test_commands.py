@@ -21,7 +21,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ui_serves_this_projects_runs_on_loopback(project):
+def listeners(port: int) -> str:
+    return subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+
+
+def test_ui_serves_this_projects_runs_on_loopback(project, cli):
     experiment_id = use_experiment("latentlab")
     with mlflow.start_run(run_name="visible"):
         mlflow.log_metric("fid", 1.5)
@@ -51,11 +55,22 @@ def test_ui_serves_this_projects_runs_on_loopback(project):
                 time.sleep(1)
         assert body is not None, "the UI did not come up"
         assert [r["info"]["run_name"] for r in body["runs"]] == ["visible"]
-        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        listening = listeners(port)
         assert listening and all("127.0.0.1:" in line for line in listening.splitlines())
+
+        second = cli(project, "ui", "--port", str(port))  # the port is taken: say so, exit non-zero
+        assert second.returncode == 2 and "pass another --port" in " ".join(second.stderr.split())
+
+        process.send_signal(signal.SIGTERM)  # to `ui` alone: it must stop its server too
+        assert process.wait(timeout=30) == 0
+        deadline = time.time() + 15
+        while listeners(port) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not listeners(port), "the MLflow server outlived `latentlab ui`"
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
 
 
 def test_serve_without_a_prefect_server_says_how_to_start_one(project, repo, cli):
@@ -67,3 +82,20 @@ def test_serve_without_a_prefect_server_says_how_to_start_one(project, repo, cli
     assert done.returncode == 2
     message = " ".join(done.stderr.split())  # (rich wraps long lines)
     assert "prefect server start" in message and "PREFECT_API_URL" in message and "Traceback" not in message
+
+
+def test_an_unusable_tracking_store_fails_at_once_naming_the_fix(project, repo, cli, monkeypatch):
+    garbage = b"not a database\n" * 100
+    (project / "mlflow.db").write_bytes(garbage)
+    done = cli(project, "train-ae", "--params", str(repo / "params/smoke.yaml"))
+    message = " ".join(done.stderr.split())
+    assert done.returncode == 2 and "is not an SQLite database" in message and "move it aside" in message
+    assert "Traceback" not in done.stderr
+    assert (project / "mlflow.db").read_bytes() == garbage  # nothing written into it
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nobody listens
+    started = time.monotonic()
+    done = cli(project, "sweep", "--params", str(repo / "params/smoke.yaml"))
+    message = " ".join(done.stderr.split())
+    assert done.returncode == 2 and "does not answer" in message and "Traceback" not in done.stderr
+    assert time.monotonic() - started < 60  # not MLflow's minutes of retries

@@ -53,8 +53,9 @@ def test_folder_is_versioned_reported_and_recorded(project, tmp_path, write_fold
     assert {"manifest.json", "samples_per_class.png"} <= artifacts
     assert run.info.artifact_uri.startswith((project / "mlartifacts").as_uri()), run.info.artifact_uri
 
-    # Again: nothing changes, no second run.
+    # Again: nothing changes, no second run, even when the state file was left damaged.
     before = (project / "data.dvc").read_bytes()
+    (project / ".latentlab" / "data-state.json").write_text('{"fingerpr')
     again = data_flow(folder_params(images))
     assert again.version == result.version and again.run_id == result.run_id
     assert (project / "data.dvc").read_bytes() == before

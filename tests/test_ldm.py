@@ -6,6 +6,7 @@ import mlflow
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from components.conditioning import Conditioner, TextEncoder
 from components.diffusion import LatentDiffusionModule, build_unet, noise_scheduler, read_config
@@ -65,6 +66,17 @@ def test_latent_cache_holds_the_scaled_latents_and_is_reused(tmp_path):
     stage.encode = refuse
     again = cached_latents(tmp_path / "z.safetensors", stage, images)
     assert torch.equal(again["train"], latents["train"])
+
+
+def test_a_damaged_latent_cache_is_encoded_again(tmp_path):
+    stage = build_first_stage(AEParams(factor=4, base_channels=8, channel_mult=[1, 1, 2], attention=False), 16)
+    images = {"train": (torch.rand(8, 3, 16, 16) * 255).to(torch.uint8)}
+    cache = tmp_path / "z.safetensors"
+    expected = cached_latents(cache, stage, images)
+    cache.write_bytes(cache.read_bytes()[:100])  # truncated, as by a crash mid-write
+    assert torch.equal(cached_latents(cache, stage, images)["train"], expected["train"])
+    assert torch.equal(load_file(cache)["train"], expected["train"])  # and rewritten whole
+    assert [p.name for p in tmp_path.iterdir()] == ["z.safetensors"]  # no temporary left behind
 
 
 def test_saved_ldm_loads_from_its_directory_alone(tmp_path):

@@ -40,6 +40,11 @@ def test_flat_uses_dotted_names():
         ("data.resolutoin=64", "data.resolutoin"),
         ("nonsense.key=1", "nonsense"),
         ("data.source=folder", "data.path"),
+        ("ldm.widths=[48, 100]", "multiple of 32"),
+        ("ldm.widths=[]", "ldm.widths"),
+        ("ldm.sample_steps=2000", "exceeds timesteps=1000"),
+        ("eval.ddim_steps=[0, 10]", "eval.ddim_steps"),
+        ("eval.sample_steps=5000", "eval.sample_steps"),
     ],
 )
 def test_invalid_values_name_the_key(repo, override, named):
@@ -53,7 +58,9 @@ def test_factor_larger_than_image_is_refused():
         load_params(None, ["data.resolution=16", "ae.factor=32"])
 
 
-@pytest.mark.parametrize("override", ["ae.factor", "=3", "ae.factor.deeper=1"])
+@pytest.mark.parametrize(
+    "override", ["ae.factor", "=3", "ae.factor.deeper=1", "ae.channel_mult=[1, 2", "data.path=a: b"]
+)
 def test_malformed_set_is_refused(override):
     with pytest.raises(UserError):
         load_params(None, [override])
@@ -66,6 +73,11 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(UserError, match="mapping"):
         load_params(bad)
+    bad.write_bytes("ae:\n  regularizer: kl # caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_params(bad)
+    bad.write_text("ae:\n  factor: 4\n", encoding="utf-8-sig")  # a BOM, as some editors write
+    assert load_params(bad).ae.factor == 4
 
 
 def test_cli_rejects_bad_factor_without_traceback(tmp_path, repo, cli):

@@ -3,6 +3,7 @@ import pytest
 from PIL import Image
 
 from components.dataset import split_of, to_square_rgb
+from components.errors import UserError
 from components.params import DataParams
 from components.sources import folder_items, limit_per_class, load_source, openmoji_items, unicode_names
 
@@ -91,6 +92,31 @@ def test_folder_labels_captions_and_bad_files(tmp_path, write_folder):
     assert "empty" in reasons["dogs/empty.png"]
     assert "not an image" in reasons["cats/corrupt.png"]
     assert "truncated" in reasons["cats/truncated.png"]
+
+
+def test_folder_inputs_that_cannot_become_data_are_named_not_raised(tmp_path, monkeypatch):
+    (tmp_path / "cats").mkdir()
+    for name in ("a.png", "a.jpg", "huge.png"):
+        Image.new("RGB", (100, 100), "red").save(tmp_path / "cats" / name)
+    (tmp_path / "cats" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)  # 100 x 100 is then a decompression bomb
+    items, bad = folder_items(tmp_path)
+    reasons = {b.path: b.reason for b in bad}
+    assert "same name as cats/a.jpg" in reasons["cats/a.png"]  # not both: one would overwrite the other
+    assert "does not exist" in reasons["cats/gone.png"]
+    with pytest.raises(ValueError, match="too large to decode safely"):
+        next(item for item in items if item.origin == "cats/huge.png").load()
+
+
+def test_captions_must_be_utf8_and_may_start_with_a_bom(tmp_path):
+    (tmp_path / "cats").mkdir()
+    Image.new("RGB", (40, 40)).save(tmp_path / "cats" / "c.png")
+    (tmp_path / "captions.csv").write_text("file,caption\ncats/c.png,caf\u00e9 au lait\n", encoding="utf-8-sig")
+    (item,), _ = folder_items(tmp_path)
+    assert item.caption == "caf\u00e9 au lait"
+    (tmp_path / "captions.csv").write_text("file,caption\ncats/c.png,caf\u00e9\n", encoding="latin-1")
+    with pytest.raises(UserError, match=r"captions.csv is not UTF-8 \(byte 0xe9 .*save it as UTF-8"):
+        folder_items(tmp_path)
 
 
 def test_fingerprint_follows_folder_content(tmp_path, write_folder):

@@ -202,6 +202,13 @@ def test_checkpoints_every_n_steps_but_at_most_one_per_checkpoint_minutes(tmp_pa
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()  # the end is always saved
 
 
+def test_a_run_resumed_after_its_budget_ran_out_trains_no_further_batch(tmp_path):
+    first = train(tmp_path, budget(max_steps=5), [])
+    again = train(tmp_path, budget(max_steps=5), [])  # killed after training, before publishing: rerun
+    assert int(first.steps) == int(again.steps) == 5
+    assert torch.equal(again.layer.weight, first.layer.weight)
+
+
 class LearningRates(L.Callback):
     def __init__(self):
         self.seen: list[float] = []
@@ -215,3 +222,20 @@ def test_cosine_schedule_decays_the_learning_rate_over_the_budget(tmp_path):
     train(tmp_path, budget(max_steps=8, lr_schedule="cosine"), [rates])
     expected = [0.1 * 0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]  # SGD lr 0.1, at each batch's start
     assert rates.seen == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("s3://AKIA:se/cr@t@minio:9000/bucket", "s3://***@minio:9000/bucket"),
+        ("http://user:p%40ss@host/x", "http://***@host/x"),
+        ("https://token@host/api", "https://***@host/api"),
+        ("remote s3://k:s@h/b and http://u:v@w/z", "remote s3://***@h/b and http://***@w/z"),
+        ("http://127.0.0.1:5000/api", "http://127.0.0.1:5000/api"),  # nothing to hide
+        ("s3://bucket/data@v2/x", "s3://bucket/data@v2/x"),
+    ],
+)
+def test_credentials_in_urls_are_redacted_whatever_the_password_holds(text, expected):
+    from components.tracking import redact
+
+    assert redact(text) == expected
