@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -57,6 +59,20 @@ def add(root: Path, target: str = "data") -> str:
 
 def push(root: Path, target: str = "data") -> None:
     dvc(root, "push", "--remote", REMOTE_NAME, f"{target}.dvc")
+
+
+def unreachable(url: str, endpoint: str | None, timeout: float = 3.0) -> str | None:
+    """Why the remote at ``endpoint`` cannot be reached within ``timeout`` seconds (DVC itself
+    would retry for minutes), or None. Only an explicit endpoint (MinIO, a local S3) is probed."""
+    if "://" not in url or not endpoint:
+        return None
+    parsed = urlsplit(endpoint)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{parsed.hostname}:{port} does not answer ({exc.strerror or type(exc).__name__})"
+    return None
 
 
 def version(root: Path, dvc_file: str = "data.dvc") -> str | None:

@@ -241,6 +241,11 @@ class Params(Section):
                 f"ae.factor={self.ae.factor} is larger than data.resolution="
                 f"{self.data.resolution}: pick a factor of at most the image size"
             )
+        if self.data.resolution < 16 and self.ae.disc_weight > 0 and self.ae.disc_start < self.ae.max_steps:
+            raise ValueError(
+                f"data.resolution={self.data.resolution} is too small for the patch discriminator, which starts "
+                f"at ae.disc_start={self.ae.disc_start}: it needs 16 px; set ae.disc_weight=0 or a larger resolution"
+            )
         steps = {"eval.sample_steps": [self.eval.sample_steps], "eval.ddim_steps": self.eval.ddim_steps}
         for name, values in steps.items():
             if not values or any(not 1 <= v <= self.ldm.timesteps for v in values):

@@ -294,12 +294,30 @@ def run_of_stage(run_id: str, stages: tuple[str, ...], command: str) -> Run:
             f"No MLflow run {run_id!r} in {mlflow.get_tracking_uri()}: `{command}` needs the id of "
             f"a run of stage {' or '.join(stages)} (see `latentlab ui`), or MLFLOW_TRACKING_URI set to the store that has it."
         ) from None
+    if run.info.lifecycle_stage == "deleted":
+        raise UserError(
+            f"Run {run_id} was deleted: restore it (`mlflow runs restore --run-id {run_id}`, or the UI's "
+            "trash) or pass another run."
+        )
     stage = run.data.tags.get(TAG_STAGE)
     if stage not in stages:
         raise UserError(
             f"Run {run_id} is a {stage or 'non-latentlab'} run: `{command}` needs a run of stage {' or '.join(stages)}."
         )
+    missing = [tag for tag in REQUIRED_TAGS.get(stage, ()) if tag not in run.data.tags]
+    if missing:
+        raise UserError(
+            f"Run {run_id} lacks the tag{'s' * (len(missing) > 1)} {', '.join(missing)} that every {stage} run "
+            "carries (removed by hand?): set it back in the MLflow UI or pass another run."
+        )
     return run
+
+
+# What a command reads from a run of each stage it accepts (``run_of_stage``).
+REQUIRED_TAGS = {
+    "autoencoder": (TAG_DATA_VERSION, TAG_FACTOR),
+    "ldm": (TAG_DATA_VERSION, TAG_FACTOR, TAG_AE_RUN),
+}
 
 
 def autoencoder_run_of(run: Run) -> str:

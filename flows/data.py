@@ -20,7 +20,7 @@ from components.grids import labeled_grid
 from components.params import DataParams, Params, flatten
 from components.runs import ReuseOrResume, data_build_key, data_run_key
 from components.sources import load_source
-from components.tracking import use_experiment
+from components.tracking import redact, use_experiment
 from components.workspace import DATA_DIR
 
 
@@ -64,8 +64,18 @@ def version_data(params: DataParams, root: Path, build: str, rebuilt: bool) -> s
     version = dvc.add(root, target) if rebuilt else dvc.version(root)
     remember_build(root, build, version)
     dvc.use_remote(root, params.remote, params.remote_endpoint)
+    problem = dvc.unreachable(params.remote, params.remote_endpoint)
+    if problem:  # the version is in the local DVC cache: everything on this machine goes on
+        get_run_logger().warning(
+            "Data version %s NOT pushed: the remote %s is unreachable (%s). Run `dvc push -r %s` when it is back.",
+            version,
+            redact(params.remote),
+            problem,
+            dvc.REMOTE_NAME,
+        )
+        return version
     dvc.push(root, target)
-    get_run_logger().info("Data version %s pushed to %s", version, params.remote)
+    get_run_logger().info("Data version %s pushed to %s", version, redact(params.remote))
     return version
 
 

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 
 import boto3
 import mlflow
@@ -139,6 +140,20 @@ def test_s3_remote(project, tmp_path, monkeypatch, write_folder):
         assert result.version
     finally:
         server.stop()
+
+
+def test_an_unreachable_remote_leaves_the_version_local_and_the_work_going(project, tmp_path, write_folder):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    images = tmp_path / "images"
+    write_folder(images)
+    params = folder_params(images, "data.remote=s3://datasets/x", f"data.remote_endpoint=http://127.0.0.1:{port}")
+    result = data_flow(params)
+    assert result.version == yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
+    assert (project / ".dvc" / "cache").is_dir()  # the version is kept locally, to push later
+    (run,) = data_runs(project)
+    assert run.data.tags["latentlab.data_version"] == result.version
 
 
 def test_cli_reports_bad_files_by_name(project, tmp_path, repo, cli, write_folder):

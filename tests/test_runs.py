@@ -299,3 +299,21 @@ def test_autoencoder_run_of_reads_the_tag_and_gives_nothing_for_pixel_space(mlfl
     tags = {runs.TAG_STAGE: "ldm"} | ({runs.TAG_AE_RUN: tag} if tag is not None else {})
     run_id = client.create_run(mlflow_store, tags=tags).info.run_id
     assert runs.autoencoder_run_of(mlflow.get_run(run_id)) == expected
+
+
+def test_a_deleted_run_or_one_missing_its_tags_is_refused_by_name(mlflow_store):
+    client = mlflow.MlflowClient()
+    tags = {runs.TAG_DATA_VERSION: "v1", runs.TAG_FACTOR: "8", runs.TAG_AE_RUN: "abc"}
+    whole = record(mlflow_store, "ldm")
+    for name, value in tags.items():
+        client.set_tag(whole, name, value)
+    assert runs.run_of_stage(whole, ("ldm",), "latentlab evaluate --run").info.run_id == whole
+
+    stripped = record(mlflow_store, "ldm")
+    client.set_tag(stripped, runs.TAG_FACTOR, "8")
+    with pytest.raises(runs.UserError, match=r"lacks the tags latentlab.data_version, latentlab.ae_run_id"):
+        runs.run_of_stage(stripped, ("ldm",), "latentlab evaluate --run")
+
+    client.delete_run(whole)
+    with pytest.raises(runs.UserError, match=f"Run {whole} was deleted: restore it"):
+        runs.run_of_stage(whole, ("ldm",), "latentlab evaluate --run")

@@ -112,9 +112,8 @@ def test_sweep_marks_a_failed_factor_redoes_only_it_then_reuses_everything(proje
 
     version = data_flow(params).version
     pixels = first_stage_id("", version, params.data.resolution)
-    poisoned = project / workspace.latent_cache(pixels)  # f=1's latent cache
-    poisoned.parent.mkdir(parents=True, exist_ok=True)
-    poisoned.write_bytes(b"not a safetensors file")
+    poisoned = project / workspace.latent_cache(pixels)  # f=1's latent cache: a folder in its place
+    poisoned.mkdir(parents=True)  # (a damaged file would be encoded again; this cannot be replaced)
     first = sweep_flow(params)
     assert list(first.failed) == ["f=1"]
     tags = mlflow.get_run(first.run_id).data.tags
@@ -122,7 +121,7 @@ def test_sweep_marks_a_failed_factor_redoes_only_it_then_reuses_everything(proje
     finished_f4 = json.loads(tags["latentlab.sweep.f4"])
     assert finished_f4["status"] == "finished"
 
-    poisoned.unlink()
+    poisoned.rmdir()
     result = sweep_flow(params)
     assert not result.failed and result.run_id == first.run_id
     sweep = mlflow.get_run(result.run_id)
