@@ -149,3 +149,67 @@ def test_claim_waits_for_a_live_writer_elsewhere_then_reuses_its_run(mlflow_stor
     mlflow.MlflowClient().set_terminated(run_id, "FINISHED")  # the other host finishes
     waiting.join(timeout=30)
     assert outcome == {"reused": run_id}
+
+
+@pytest.mark.slow
+def test_two_directories_against_one_mlflow_server_train_a_model_once(tmp_path, repo, ae_smoke):
+    """Two projects (no shared lock files) on one real `mlflow server`: the second sees the
+    first's autoencoder run being written by a live owner, waits, and reuses it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+        + ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
+        + ["--artifacts-destination", (tmp_path / "server-artifacts").as_uri()],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                client.search_experiments()
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(1)
+        command = [
+            str(Path(sys.executable).with_name("latentlab")),
+            "train-ae",
+            "--params",
+            str(repo / "params/smoke.yaml"),
+        ]
+        for setting in [*ae_smoke, "ae.max_steps=300"]:
+            command += ["--set", setting]
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+        (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+
+        def start(folder: str) -> subprocess.Popen:
+            out = subprocess.PIPE
+            return subprocess.Popen(
+                command, cwd=tmp_path / folder, env=env, stdout=out, stderr=subprocess.STDOUT, text=True
+            )
+
+        def autoencoder_runs() -> list:
+            try:
+                return client.search_runs(
+                    [e.experiment_id for e in client.search_experiments()], f"tags.`{TAG_STAGE}` = 'autoencoder'"
+                )
+            except Exception:  # noqa: BLE001 - the experiment may not exist yet
+                return []
+
+        first = start("a")
+        while not autoencoder_runs() and time.time() < deadline + 300:
+            time.sleep(0.5)
+        second = start("b")  # the first's run is open now: the second must not write it or another
+        outputs = [process.communicate(timeout=600)[0] for process in (first, second)]
+        assert [first.returncode, second.returncode] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+        (run,) = autoencoder_runs()
+        assert run.info.status == "FINISHED" and run.info.run_id in outputs[1]  # the second printed it: reused
+        assert len(client.search_model_versions("name = 'autoencoder-f4-kl'")) == 1
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
