@@ -99,7 +99,7 @@ def train_autoencoder(
     seed: int,
     callbacks: Sequence[L.Callback] = (),
 ) -> AutoencoderModule:
-    """Train (or resume) a first stage on uint8 images; ``callbacks`` report (``components.tracking``)."""
+    """Train (or resume) a first stage on uint8 images; ``callbacks`` report (``components.mlflow_callbacks``)."""
     L.seed_everything(seed, verbose=False)
     module = AutoencoderModule(ae.model_dump(mode="json"), resolution)
     loader = DataLoader(TensorDataset(train_images), batch_size=ae.batch_size, shuffle=True, drop_last=True)

@@ -49,7 +49,7 @@ def train_ldm(
     seed: int,
     callbacks: list[L.Callback] = (),
 ) -> LatentDiffusionModule:
-    """Train (or resume) on cached latents; ``callbacks`` report (see ``components.tracking``)."""
+    """Train (or resume) on cached latents; ``callbacks`` report (see ``components.mlflow_callbacks``)."""
     L.seed_everything(seed, verbose=False)
     loader = DataLoader(TensorDataset(latents, cond), batch_size=ldm.batch_size, shuffle=True, drop_last=True)
     trainer = make_trainer(

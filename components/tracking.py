@@ -1,5 +1,6 @@
-"""MLflow plumbing: where runs go, how metrics reach them, and the Lightning callbacks that
-report training to a run. (What a run *is* and how it is found again: ``components.runs``.)
+"""MLflow plumbing: where runs go, whether the store can be used, how metrics reach them. (What
+a run *is* and how it is found again: ``components.runs``; the Lightning callbacks that report
+training: ``components.mlflow_callbacks``.)
 """
 
 from __future__ import annotations
@@ -8,19 +9,14 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import pytorch_lightning as L
-import torch
-from PIL import Image
 
 from components import ownership
 from components.errors import UserError
-from components.params import TrainingBudget
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACT_DIR = "mlartifacts"
@@ -136,85 +132,3 @@ def log_metrics(
     now = int(time.time() * 1000)
     batch = [mlflow.entities.Metric(key, float(value), now, step) for key, value in metrics.items()]
     (client or mlflow.MlflowClient()).log_batch(run_id, metrics=batch)
-
-
-# --- Lightning callbacks that report to a run ---------------------------------------------------
-
-
-class MLflowReporter(L.Callback):
-    """Logs ``module.logged`` every ``log_every`` steps (with images/s) and ``grid(module)``
-    every ``image_every`` steps, to one MLflow run by id.
-
-    ``grid_s`` records how long each grid took to draw (sampling, for the sweep's time account).
-    Images/s counts the training batches only (``module.train_seconds``, which
-    ``training.Budget`` keeps): grids, FID evaluations and checkpoints are not training, and
-    counting them would make a factor with expensive evaluations look slower than it trains."""
-
-    def __init__(
-        self, run_id: str, budget: TrainingBudget, grid: Callable[[L.LightningModule], Image.Image], grid_name: str
-    ):
-        self.run_id, self.budget, self.grid, self.grid_name = run_id, budget, grid, grid_name
-        self.client = mlflow.MlflowClient()
-        self._since = 0.0  # module.train_seconds at the last log
-        self._images = 0
-
-    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self._since = float(module.train_seconds)  # a resumed run continues its count
-
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, *_) -> None:
-        step = int(module.steps)
-        self._images += len(batch[0])
-        if step % self.budget.log_every == 0:
-            elapsed = float(module.train_seconds) - self._since
-            metrics = {name: float(value) for name, value in module.logged.items()}
-            metrics["train_img_per_s"] = self._images / max(elapsed, 1e-9)
-            metrics["images_seen"] = step * self.budget.batch_size
-            log_metrics(self.run_id, metrics, step, self.client)
-            self._since, self._images = float(module.train_seconds), 0
-        if step % self.budget.image_every == 0:
-            started = time.perf_counter()
-            with torch.random.fork_rng(devices=[]):  # a grid must not move training's random stream
-                image = self.grid(module)
-            log_metrics(self.run_id, {"grid_s": time.perf_counter() - started}, step, self.client)
-            self.client.log_image(self.run_id, image, key=self.grid_name, step=step)
-
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        """What the sweep compares budgets by: steps, images and training seconds."""
-        step = int(module.steps)
-        totals = {
-            "steps": step,
-            "images_seen": step * self.budget.batch_size,
-            "wall_time_s": float(module.train_seconds),
-        }
-        log_metrics(self.run_id, totals, step, self.client)
-
-
-class PeriodicEvaluation(L.Callback):
-    """Logs ``evaluate()``'s metrics every ``every`` steps and at the end, at the training step
-    (FID during training: the paper's Figure 6). Not timed by ``training.Budget``.
-
-    The evaluation runs on a fork of the global random state: how much randomness it draws
-    depends on things outside the run (a DataLoader draws a seed when torch-fidelity computes
-    reference features that are not cached yet), and it must not change the noise and timesteps
-    training draws next, or a reproduction would train differently from the original."""
-
-    def __init__(self, run_id: str, every: int, evaluate: Callable[[], dict[str, float]]):
-        self.run_id, self.every, self.evaluate = run_id, every, evaluate
-        self.client = mlflow.MlflowClient()
-        self._last = -1
-
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_) -> None:
-        if int(module.steps) % self.every == 0:
-            self.record(int(module.steps))
-
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if int(module.steps) != self._last:
-            self.record(int(module.steps))
-
-    def record(self, step: int) -> None:
-        started = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):  # why: the class docstring
-            values = dict(self.evaluate())
-        values["fid_eval_s"] = time.perf_counter() - started
-        log_metrics(self.run_id, values, step, self.client)
-        self._last = step

@@ -1,5 +1,5 @@
 """Lightning plumbing shared by the training stages: budgets and checkpoints (reporting to
-MLflow is ``components.tracking``'s callbacks, which a stage passes in).
+MLflow is ``components.mlflow_callbacks``, which a stage passes in).
 
 Checkpoints are written atomically to ``<dir>/last.ckpt`` every N steps (at most one per
 ``checkpoint_minutes``) and at the end, so a killed run resumes from its last checkpoint

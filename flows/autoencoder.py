@@ -20,6 +20,7 @@ from components.autoencoder_training import AutoencoderModule
 from components.dataset import load_split
 from components.first_stage import build_first_stage
 from components.metrics import Reference
+from components.mlflow_callbacks import MLflowReporter
 from components.params import Params
 from components.runs import (
     TAG_DATA_VERSION,
@@ -32,7 +33,7 @@ from components.runs import (
     first_stage_id,
     seeded_name,
 )
-from components.tracking import MLflowReporter, register_once, use_experiment
+from components.tracking import register_once, use_experiment
 from components.training import check_one_batch, resolve_precision
 from flows.data import DataVersion, data_flow
 from flows.extractor import reference

@@ -27,6 +27,7 @@ from components.evaluation import generate
 from components.first_stage import FirstStage
 from components.latents import cached_latents
 from components.metrics import Reference
+from components.mlflow_callbacks import MLflowReporter, PeriodicEvaluation
 from components.params import Params
 from components.runs import (
     NO_AUTOENCODER,
@@ -40,7 +41,7 @@ from components.runs import (
     ldm_key,
     seeded_name,
 )
-from components.tracking import MLflowReporter, PeriodicEvaluation, log_metrics, use_experiment
+from components.tracking import log_metrics, use_experiment
 from components.training import check_one_batch, resolve_precision
 from flows.autoencoder import AutoencoderRun, autoencoder_flow
 from flows.data import DataVersion

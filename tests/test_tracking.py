@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
+from components.mlflow_callbacks import MLflowReporter, PeriodicEvaluation
 from components.params import TrainingBudget
-from components.tracking import MLflowReporter, PeriodicEvaluation, log_metrics
+from components.tracking import log_metrics
 from components.training import add_budget_buffers, fit, make_trainer
 
 BATCH = 2
