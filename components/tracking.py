@@ -20,6 +20,7 @@ from components.errors import UserError
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACT_DIR = "mlartifacts"
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 DEFAULT_EXPERIMENT = "latentlab"
 
 # user:password@ (the password may hold "/" and "@": up to the last "@"), or a bare token@
@@ -78,6 +79,8 @@ def use_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
         with suppress(mlflow.exceptions.MlflowException):  # lost a race with another process
             mlflow.create_experiment(name, artifact_location=location)
         experiment = mlflow.get_experiment_by_name(name)
+    if experiment.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:  # else MLflow 3 opens on its GenAI pages
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
     mlflow.set_experiment(experiment_id=experiment.experiment_id)
     if (uri, experiment.experiment_id) not in _tidied:  # once a process: runs killed since the last command
         _tidied.add((uri, experiment.experiment_id))

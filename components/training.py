@@ -8,9 +8,11 @@ Checkpoints are written atomically to ``<dir>/last.ckpt`` every N steps (at most
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as L
@@ -21,6 +23,13 @@ from components.errors import UserError
 from components.params import TrainingBudget
 
 LAST = "last.ckpt"
+
+# Noise on every training that says nothing about it: Lightning's advertisement for its cloud
+# logger, and a deprecation inside Lightning's own use of torch's pytree.
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+    lambda record: not record.getMessage().startswith("💡 Tip")
+)
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 PROGRESS_EVERY = 25  # steps between progress bar redraws
 
 

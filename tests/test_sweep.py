@@ -225,6 +225,52 @@ def test_two_sweeps_started_together_in_one_directory_write_every_run_once(proje
         assert len(client.search_model_versions(f"name = '{model.name}'")) == 1, model.name
 
 
+def _running(stage: str, name_prefix: str) -> bool:
+    return any(r.info.status == "RUNNING" and r.info.run_name.startswith(name_prefix) for r in _all_runs(stage))
+
+
+# Where a sweep can be killed, each recognised from outside as it happens.
+KILL_POINTS = {
+    "data build": lambda project: (project / workspace.lock_file("data-build")).exists(),  # render, dvc add, push
+    "extractor training": lambda project: _running("evaluate", "extractor-"),
+    "LDM training": lambda project: bool(list(project.glob(".latentlab/checkpoints/ldm-*/last.ckpt"))),
+    "evaluation": lambda project: _running("evaluate", "eval-f4"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_a_sweep_killed_at_any_point_reruns_to_each_run_once_and_none_left_running(project, repo, tiny_sweep, point):
+    command = [str(Path(sys.executable).with_name("latentlab")), "sweep", "--params", str(repo / "params/smoke.yaml")]
+    for setting in [*tiny_sweep, "sweep.factors=[4]", "ldm.checkpoint_every=1"]:
+        command += ["--set", setting]
+    process = subprocess.Popen(
+        command, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 400
+    while not KILL_POINTS[point](project) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, f"the sweep ended before its {point} was seen"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    done = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    every = [run for stage in ("data", "sweep", "autoencoder", "ldm", "evaluate") for run in _all_runs(stage)]
+    assert [r.info.run_name for r in every if r.info.status != "FINISHED"] == []  # resumed, none orphaned
+    keys = [(r.data.tags["latentlab.stage"], r.data.tags["latentlab.run_key"]) for r in every]
+    assert len(keys) == len(set(keys))  # one run per key: nothing trained or evaluated twice
+    (ldm,) = _all_runs("ldm")
+    assert ldm.data.metrics["steps"] == 4  # the budget a clean run records, not one batch more
+
+
+def _all_runs(stage: str) -> list:
+    try:
+        return runs(stage)
+    except Exception:  # noqa: BLE001 (the database may not exist yet)
+        return []
+
+
 def _safe_runs(stage: str, name: str) -> list:
     try:
         return [r for r in runs(stage) if r.info.run_name == name]

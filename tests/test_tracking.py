@@ -240,3 +240,11 @@ def test_credentials_in_urls_are_redacted_whatever_the_password_holds(text, expe
     from components.tracking import redact
 
     assert redact(text) == expected
+
+
+def test_the_experiment_is_marked_as_model_training_so_the_ui_opens_on_its_runs(mlflow_store):
+    from components.tracking import use_experiment
+
+    assert "mlflow.experimentKind" not in mlflow.get_experiment(mlflow_store).tags  # made by MLflow itself
+    assert use_experiment("latentlab") == mlflow_store
+    assert mlflow.get_experiment(mlflow_store).tags["mlflow.experimentKind"] == "custom_model_development"
