@@ -184,6 +184,13 @@ def _emoji_renderer(text: str, resolution: int) -> Callable[[], Image.Image]:
 # --- Image folders ---------------------------------------------------------------------------
 
 
+def require_folder(root: str | Path | None) -> Path:
+    """``data.path`` as a folder, or a ``UserError`` that says what to pass."""
+    if root is None or not Path(root).is_dir():
+        raise UserError(f"data.path {root} is not a directory: point --set data.path at an image folder.")
+    return Path(root)
+
+
 def folder_items(root: Path) -> tuple[list[Item], list[BadFile]]:
     """Images under ``root``; a first-level subfolder is the class, ``captions.csv`` optional.
 
@@ -191,9 +198,7 @@ def folder_items(root: Path) -> tuple[list[Item], list[BadFile]]:
     without one, an image's caption is its label. Files that are not images by suffix are
     reported as bad files (the user may have meant them as data); hidden files are ignored.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"data.path {root} is not a directory: point --set data.path at an image folder.")
+    root = require_folder(root)
     captions = _read_captions(root)
     items: list[Item] = []
     bad: list[BadFile] = []

@@ -254,14 +254,36 @@ def _quiet_user_errors() -> None:
         logging.getLogger(name).addFilter(drop)
 
 
+# The stage of the run each command names (``--run`` or the positional run id).
+RUN_STAGES = {"evaluate": ("ldm",), "report": ("sweep",), "reproduce": ("autoencoder", "ldm")}
+
+
+def _check_before_prefect(params: Params, args: argparse.Namespace) -> None:
+    """What can be checked without Prefect, whose server takes seconds to start: the tracking
+    store, an image folder, and the run a command names. A user error then ends in seconds."""
+    from components.sources import require_folder
+    from components.tracking import check_store
+
+    check_store()
+    if params.data.source == "folder" and args.command not in ("report", "reproduce"):  # (these build no data)
+        require_folder(params.data.path)
+    run_id = getattr(args, "run", None) or getattr(args, "run_id", None)
+    if args.command in RUN_STAGES and run_id:
+        import mlflow
+
+        from components.runs import run_of_stage
+        from components.tracking import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri())
+        run_of_stage(run_id, RUN_STAGES[args.command], f"latentlab {args.command}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         params = load_params(args.params or _default_params(), args.set)
         if args.command not in ("ui", "serve"):
-            from components.tracking import check_store
-
-            check_store()  # before Prefect starts: a store that cannot be used fails in seconds
+            _check_before_prefect(params, args)
         _quiet_user_errors()
         args.handler(params, args)
     except UserError as exc:

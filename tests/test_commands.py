@@ -99,3 +99,13 @@ def test_an_unusable_tracking_store_fails_at_once_naming_the_fix(project, repo, 
     message = " ".join(done.stderr.split())
     assert done.returncode == 2 and "does not answer" in message and "Traceback" not in done.stderr
     assert time.monotonic() - started < 60  # not MLflow's minutes of retries
+
+
+def test_a_missing_folder_or_unknown_run_is_reported_before_any_flow_starts(project, repo, cli):
+    smoke = str(repo / "params/smoke.yaml")
+    missing = cli(project, "sweep", "--params", smoke, "--set", "data.source=folder", "--set", "data.path=/nowhere")
+    unknown = cli(project, "evaluate", "--params", smoke, "--run", "0123456789abcdef")
+    for done, said in ((missing, "is not a directory"), (unknown, "No MLflow run")):
+        message = " ".join(done.stderr.split())
+        assert done.returncode == 2 and said in message and "Traceback" not in done.stderr
+        assert "Beginning flow run" not in done.stdout + done.stderr  # found before Prefect was started
