@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from rich.progress import track
 
 from components.errors import UserError
+from components.progress import track
 from components.sources import BadFile, Item
 from components.workspace import data_state_file, write_atomically
 
@@ -107,7 +107,7 @@ def build_dataset(
     bad = list(bad)
     records: list[Record] = []
     try:
-        for item in track(items, description="Preparing images", transient=True):
+        for item in track(items, "Preparing images"):
             try:
                 image = to_square_rgb(item.load(), resolution, upscale)
             except ValueError as exc:

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel, compute_snr
-from rich.progress import track
 from safetensors.torch import load_file, save_file
 
 from components.conditioning import Conditioner
 from components.params import LDMParams
+from components.progress import track
 
 CONFIG = "ldm.json"
 WEIGHTS = "ldm_ema.safetensors"
@@ -201,7 +201,7 @@ class LatentDiffusionModule(L.LightningModule):
                     generator=generator,
                 ).to(self.device)
                 kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
-                for t in track(scheduler.timesteps, "Sampling", disable=not progress, transient=True):
+                for t in track(scheduler.timesteps, "Sampling") if progress else scheduler.timesteps:
                     model_in = torch.cat([x, x]) if guided else x
                     eps = unet(model_in, t, encoder_hidden_states=context).sample
                     if guided:

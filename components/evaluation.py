@@ -18,11 +18,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from rich.progress import Progress  # noqa: E402
 
 from components.diffusion import LatentDiffusionModule  # noqa: E402
 from components.first_stage import FirstStage  # noqa: E402
 from components.metrics import Reference  # noqa: E402
+from components.progress import track  # noqa: E402
 
 SMALL_SAMPLE = 5000  # torch-fidelity / paper practice: FID from fewer samples is biased upward
 
@@ -54,14 +54,11 @@ def generate(
     """Images for ``cond`` (``sampler`` with ``steps``), decoded; timed end to end (denoise + decode)."""
     generator = torch.Generator().manual_seed(seed)
     chunks, started = [], time.perf_counter()
-    with Progress(transient=True) as progress:
-        bar = progress.add_task(f"{label} ({steps} {sampler.upper()} steps)", total=len(cond))
-        for batch in cond.split(batch_size):
-            latents = module.sample(
-                batch, steps=steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale, generator=generator
-            )
-            chunks.append(stage.decode_latents(latents.cpu()))
-            progress.advance(bar, len(batch))
+    for batch in track(cond.split(batch_size), f"{label} ({steps} {sampler.upper()} steps)"):
+        latents = module.sample(
+            batch, steps=steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale, generator=generator
+        )
+        chunks.append(stage.decode_latents(latents.cpu()))
     return Samples(torch.cat(chunks), time.perf_counter() - started, cond)
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, VQModel
-from rich.progress import track
 from torch import nn
 
 from components.images import to_float, to_uint8
 from components.params import AEParams, downsampling_levels
+from components.progress import track
 
 # Latent channels by f, from the reference configs (Table 8): more channels as f grows, and
 # more for KL than for VQ at f >= 16 (KL f16: 16, f32: 64; VQ f16: 8, f32: 16).
@@ -77,7 +77,7 @@ class FirstStage(nn.Module):
         self.eval()
         chunks = images.split(batch_size)
         if progress:
-            chunks = track(chunks, "Encoding latents", transient=True)
+            chunks = track(chunks, "Encoding latents")
         return torch.cat([self.encode(to_float(c.to(self.device))).cpu() for c in chunks]) * self.scale
 
     @torch.no_grad()

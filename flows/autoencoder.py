@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 import components.autoencoder_training as ae_training
-from components import artifacts, workspace
+from components import artifacts, progress, workspace
 from components.autoencoder_training import AutoencoderModule
 from components.dataset import load_split
 from components.first_stage import build_first_stage
@@ -140,8 +140,10 @@ def autoencoder_flow(
             tags={TAG_SEED: str(params.seed), TAG_PRECISION: resolve_precision(ae.precision, "autoencoder")},
             parent_run_id=parent_run_id,
         ) as run:
-            module = train(params, train_images, val.images[:PREVIEW_IMAGES], run.info.run_id)
+            with progress.phase("autoencoder training"):
+                module = train(params, train_images, val.images[:PREVIEW_IMAGES], run.info.run_id)
             mlflow.set_tag(TAG_PERCEPTUAL, module.perceptual.name)
-            evaluate(module, val)
-            publish(module, params, train_images, run.info.run_id, data.version)
+            with progress.phase("autoencoder evaluation and export"):
+                evaluate(module, val)
+                publish(module, params, train_images, run.info.run_id, data.version)
         return result(run.info.run_id, reused=False)

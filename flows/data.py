@@ -14,7 +14,7 @@ from PIL import Image
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from components import dvc, ownership
+from components import dvc, ownership, progress
 from components.dataset import build_dataset, is_current, read_manifest, read_records, remember_build
 from components.grids import labeled_grid
 from components.params import DataParams, Params, flatten
@@ -119,8 +119,11 @@ def data_flow(params: Params, experiment: str = "latentlab", root: Path = Path("
     """Prepare, version and record the dataset that ``params.data`` describes."""
     root = Path(root).resolve()
     dvc.ensure_repo(root)
-    with ownership.key_lock("data-build", get_run_logger().info):  # one builder of data/ at a time
+    with (
+        progress.phase("data"),
+        ownership.key_lock("data-build", get_run_logger().info),
+    ):  # one builder of data/ at a time
         manifest, build, rebuilt = prepare_data(params.data, root)
         version = version_data(params.data, root, build, rebuilt)
-    run_id = record_data_run(params.data, root, version, manifest, experiment)
+        run_id = record_data_run(params.data, root, version, manifest, experiment)
     return DataVersion(version, run_id, manifest)

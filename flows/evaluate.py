@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 import components.evaluation as evaluation
-from components import artifacts, workspace
+from components import artifacts, progress, workspace
 from components.artifacts import TrainedLDM
 from components.errors import UserError
 from components.evaluation import Samples, generate
@@ -153,21 +153,24 @@ def evaluate_flow(
         note = evaluation.small_sample_note(params.eval.samples)
         if note:
             logger.warning("%s.", note)
-        with recorded.start(
-            data_version=version,
-            params=params.flat(),
-            run_name=seeded_name(f"eval-f{factor}", params.seed),
-            factor=factor,
-            tags={
-                TAG_LDM_RUN: run_id,
-                TAG_AE_RUN: ldm_run.data.tags.get(TAG_AE_RUN, ""),
-                TAG_FID_EXTRACTOR: real.extractor.tag,
-                TAG_REFERENCE_SPLIT: split,
-                TAG_SMALL_SAMPLE: str(note is not None).lower(),
-                **({TAG_SMALL_SAMPLE_NOTE: note} if note else {}),
-            },
-            parent_run_id=parent_run_id,
-        ) as run:
+        with (
+            recorded.start(
+                data_version=version,
+                params=params.flat(),
+                run_name=seeded_name(f"eval-f{factor}", params.seed),
+                factor=factor,
+                tags={
+                    TAG_LDM_RUN: run_id,
+                    TAG_AE_RUN: ldm_run.data.tags.get(TAG_AE_RUN, ""),
+                    TAG_FID_EXTRACTOR: real.extractor.tag,
+                    TAG_REFERENCE_SPLIT: split,
+                    TAG_SMALL_SAMPLE: str(note is not None).lower(),
+                    **({TAG_SMALL_SAMPLE_NOTE: note} if note else {}),
+                },
+                parent_run_id=parent_run_id,
+            ) as run,
+            progress.phase("evaluation"),
+        ):
             metrics, samples = score_samples(model, params, real)
             metrics |= linked_metrics(ldm_run)
             mlflow.log_metrics(metrics)

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import components.features as features
-from components import workspace
+from components import progress, workspace
 from components.dataset import load_split, read_manifest
 from components.features import INCEPTION_ENV, Extractor
 from components.metrics import Reference
@@ -52,13 +52,16 @@ def domain_extractor(params: Params, data_version: str, experiment: str) -> Extr
             len(images),
             len(classes),
         )
-        with recorded.start(
-            data_version=data_version,
-            params={"eval.extractor_steps": params.eval.extractor_steps},
-            run_name=f"extractor-{data_version[:8]}",
-            tags={TAG_ROLE: "feature-extractor"},
-            parent_run_id=active.info.run_id if (active := mlflow.active_run()) else None,
-        ) as run:
+        with (
+            recorded.start(
+                data_version=data_version,
+                params={"eval.extractor_steps": params.eval.extractor_steps},
+                run_name=f"extractor-{data_version[:8]}",
+                tags={TAG_ROLE: "feature-extractor"},
+                parent_run_id=active.info.run_id if (active := mlflow.active_run()) else None,
+            ) as run,
+            progress.phase("domain extractor training"),
+        ):
             state = features.train_domain_extractor(
                 images,
                 labels,

@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 import components.ldm_training as ldm_training
-from components import artifacts, workspace
+from components import artifacts, progress, workspace
 from components.conditioning import Conditioning, conditioning_for
 from components.dataset import load_split, read_manifest
 from components.diffusion import LatentDiffusionModule
@@ -171,7 +171,8 @@ def ldm_flow(
         if recorded.reusable is not None:
             logger.info("Reusing finished LDM run %s", recorded.reusable.info.run_id)
             return LDMRun(recorded.reusable.info.run_id, ae.factor, ae.run_id, ae.data_version, reused=True)
-        latent = prepare_latents(params, ae)
+        with progress.phase("latents"):
+            latent = prepare_latents(params, ae)
         check_one_batch(len(latent.latents["train"]), params.ldm.batch_size, "ldm")
         split = reference_split(params)
         real = reference(params, ae.data_version, experiment, split, latent.conditioning.cond[split])
@@ -191,6 +192,8 @@ def ldm_flow(
             },
             parent_run_id=parent_run_id,
         ) as run:
-            module = train(params, latent, run.info.run_id, real)
-            publish(module, latent, params, ae)
+            with progress.phase("LDM training"):
+                module = train(params, latent, run.info.run_id, real)
+            with progress.phase("LDM samples and export"):
+                publish(module, latent, params, ae)
         return LDMRun(run.info.run_id, ae.factor, ae.run_id, ae.data_version, reused=False)

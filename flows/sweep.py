@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import TerminationSignal
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from components import progress
 from components.params import Params
 from components.runs import (
     FINISHED,
@@ -64,10 +65,11 @@ def run_factor(params: Params, experiment: str, sweep_run_id: str, data: DataVer
     factor = params.ae.factor
     entry = FactorEntry(status="running")
     try:
-        ldm = ldm_flow(params, experiment, sweep_run_id, data)
-        entry = replace(entry, ae=ldm.ae_run_id, ldm=ldm.run_id)
-        evaluation = evaluate_flow(params, ldm.run_id, experiment, sweep_run_id, data)
-        entry = replace(entry, evaluate=evaluation.run_id, status=FINISHED)
+        with progress.factor(_name((factor, repeat))):
+            ldm = ldm_flow(params, experiment, sweep_run_id, data)
+            entry = replace(entry, ae=ldm.ae_run_id, ldm=ldm.run_id)
+            evaluation = evaluate_flow(params, ldm.run_id, experiment, sweep_run_id, data)
+            entry = replace(entry, evaluate=evaluation.run_id, status=FINISHED)
     except Exception as exc:  # noqa: BLE001 (one factor must not sink the sweep)
         get_run_logger().error("f=%d failed: %s: %s", factor, type(exc).__name__, exc)
         entry = replace(entry, status=f"failed: {type(exc).__name__}: {exc}"[:500])
@@ -78,15 +80,30 @@ def run_factor(params: Params, experiment: str, sweep_run_id: str, data: DataVer
 @flow(name="sweep")
 def sweep_flow(params: Params, experiment: str = "latentlab") -> SweepRun:
     """Compare the factors in ``sweep.factors`` under the budget in ``sweep.budget``."""
-    logger = get_run_logger()
     cells = [(f, r) for r in range(params.sweep.seeds) for f in params.sweep.factors]  # every f, then again
     per_cell = {(f, r): params.for_factor(f, r) for f, r in cells}  # all valid before any work
+    plan = progress.SweepPlan({_name(cell): _training_budget_s(per_cell[cell]) for cell in cells}, params.sweep.workers)
+    with progress.sweep_plan(plan):
+        return _sweep(params, experiment, cells, per_cell, plan)
+
+
+def _training_budget_s(params: Params) -> float | None:
+    """The training seconds a factor is given (autoencoder and LDM), or None for a step budget."""
+    minutes = [params.ldm.max_minutes] + ([params.ae.max_minutes] if params.ae.factor > 1 else [])
+    return None if None in minutes else 60 * sum(minutes)
+
+
+def _sweep(
+    params: Params, experiment: str, cells: list[Cell], per_cell: dict[Cell, Params], plan: progress.SweepPlan
+) -> SweepRun:
+    logger = get_run_logger()
     data = data_flow(params, experiment)
     key = sweep_key(params, data.version)
     with ReuseOrResume.claim(use_experiment(experiment), "sweep", key, log=logger.info) as recorded:
         previous = recorded.resumable or recorded.reusable
         done = read_sweep_entries(previous.data.tags) if previous else {}
         todo = [cell for cell in cells if not (cell in done and done[cell].finished)]
+        plan.keep([_name(cell) for cell in todo])
         if previous and not todo and previous.info.status == "FINISHED":
             logger.info("Sweep %s already finished with these parameters: nothing to do", previous.info.run_id)
             report = report_flow(previous.info.run_id, experiment, log=False)
