@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from components import progress
 from components.errors import UserError
 from components.params import Params, load_params
 from components.tracking import DEFAULT_EXPERIMENT
@@ -150,7 +151,8 @@ def cmd_ui(params: Params, args: argparse.Namespace) -> None:
             "reach this machine can read, change and delete your runs."
         )
     close_all_orphans()  # so RUNNING in the UI means running
-    console.print(f"MLflow UI on http://{args.host}:{args.port} for {uri} (Ctrl-C to stop)")
+    console.print(f"MLflow UI for {uri} (Ctrl-C to stop); the runs of experiment {args.experiment!r}:")
+    print(runs_page(f"http://{args.host}:{args.port}", args.experiment), flush=True)
     command = [
         sys.executable,
         "-m",
@@ -175,6 +177,19 @@ def cmd_ui(params: Params, args: argparse.Namespace) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
         raise SystemExit(0) from None
+
+
+def runs_page(base: str, experiment: str) -> str:
+    """The UI page of ``experiment``'s runs table. MLflow 3.17's UI opens every experiment on its
+    GenAI overview (a "GenAI / Model training" switch kept in the browser, which ignores the
+    experiment's ``mlflow.experimentKind`` tag); ``workflowType=machine_learning`` in the
+    address sets that switch to "Model training"."""
+    import mlflow
+
+    found = mlflow.MlflowClient().get_experiment_by_name(experiment)
+    if found is None:  # nothing run yet: the experiments list
+        return f"{base}/#/experiments?workflowType=machine_learning"
+    return f"{base}/#/experiments/{found.experiment_id}/runs?workflowType=machine_learning"
 
 
 def _raise_interrupt(*_) -> None:
@@ -235,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--params", type=Path, default=None, help="YAML preset (default params/default.yaml)")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. ae.factor=8")
         sub.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
+        loudness = sub.add_mutually_exclusive_group()
+        loudness.add_argument("-v", "--verbose", action="store_true", help="also Prefect's task lines and library logs")
+        loudness.add_argument("-q", "--quiet", action="store_true", help="only results, warnings and errors")
         for flags, options in EXTRA_ARGUMENTS.get(name, []):
             sub.add_argument(*flags, **options)
         sub.set_defaults(handler=handler)
@@ -285,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in ("ui", "serve"):
             _check_before_prefect(params, args)
         _quiet_user_errors()
+        progress.configure(1 if args.verbose else -1 if args.quiet else 0)
         args.handler(params, args)
     except UserError as exc:
         console.print(f"[bold red]latentlab {args.command}:[/] {exc}", highlight=False)
