@@ -8,6 +8,7 @@ networks are on different scales.
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -229,9 +230,66 @@ def write_report(summary: SweepSummary, out_dir: Path) -> Path:
     return path
 
 
-def log_report(sweep_run_id: str, out_dir: Path, client: mlflow.MlflowClient | None = None) -> None:
-    """Attach the report to the sweep run (under ``report/``), next to the runs it summarises."""
-    (client or mlflow.MlflowClient()).log_artifacts(sweep_run_id, str(out_dir), artifact_path="report")
+def log_report(
+    sweep_run_id: str, out_dir: Path, summary: SweepSummary, client: mlflow.MlflowClient | None = None
+) -> None:
+    """Attach the report to the sweep run, next to the runs it summarises: report.md and its plots
+    under ``report/``, the table as an MLflow table (sortable in the UI's artifact view), and each
+    factor's metrics as ``by_f/<metric>`` at step = f, so the sweep run's own charts plot every
+    metric against f with no setup."""
+    client = client or mlflow.MlflowClient()
+    client.log_artifacts(sweep_run_id, str(out_dir), artifact_path="report")
+    client.log_table(sweep_run_id, data=factor_table(summary.rows), artifact_file="report/factors.json")
+    log_by_factor(sweep_run_id, summary.rows, client)
+
+
+# by_f/<metric> on the sweep run <- the FactorRow attribute it comes from
+BY_FACTOR = {
+    "fid": "fid", "fid_ci_low": "fid_ci_low", "fid_ci_high": "fid_ci_high", "kid_mean": "kid_mean",
+    "psnr": "psnr", "ssim": "ssim", "rfid": "rfid", "precision": "precision", "recall": "recall",
+    "train_img_per_s": "ldm_img_per_s", "ae_train_img_per_s": "ae_img_per_s", "sample_img_per_s": "sample_img_per_s",
+    "wall_time_s": "wall_time_s",
+}  # fmt: skip
+
+
+def by_factor(rows: list[FactorRow]) -> dict[str, dict[int, float]]:
+    """``by_f/<metric>`` -> {f: value}; with several seeds, the mean over them."""
+    out: dict[str, dict[int, float]] = {}
+    for name, attr in BY_FACTOR.items():
+        for r in rows:
+            spread = _mean_std([getattr(x, attr) for x in r.all_seeds])
+            if spread is not None:
+                out.setdefault(f"by_f/{name}", {})[r.factor] = spread[0]
+    return out
+
+
+def log_by_factor(sweep_run_id: str, rows: list[FactorRow], client: mlflow.MlflowClient) -> None:
+    """Log ``by_factor`` on the sweep run, leaving out points it already has (a report rebuilt
+    from the same runs adds nothing; MLflow would otherwise keep both)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    new = []
+    for key, values in by_factor(rows).items():
+        have = {(m.step, m.value) for m in client.get_metric_history(sweep_run_id, key)}
+        new += [Metric(key, v, now, f) for f, v in sorted(values.items()) if (f, v) not in have]
+    for start in range(0, len(new), 1000):  # log_batch's limit
+        client.log_batch(sweep_run_id, metrics=new[start : start + 1000])
+
+
+def factor_table(rows: list[FactorRow]) -> dict[str, list]:
+    """The report's table as columns of plain values (for ``log_table``): numbers stay numbers,
+    so the UI sorts them."""
+    columns: dict[str, list] = {"f": [r.factor for r in rows], "status": [r.status for r in rows]}
+    for name, attr in BY_FACTOR.items():
+        columns[name] = [getattr(r, attr) for r in rows]
+    columns["kid_std"] = [r.kid_std for r in rows]
+    columns["ldm_steps"] = [r.ldm_steps for r in rows]
+    columns["latent"] = [r.latent_shape for r in rows]
+    columns["fid_extractor"] = [r.fid_extractor for r in rows]
+    for stage in ("ae", "ldm", "evaluate"):
+        columns[f"{stage}_run"] = [getattr(r, f"{stage}_run_id") for r in rows]
+    return columns
 
 
 COLUMNS = (

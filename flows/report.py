@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from components import workspace
+from components import progress, workspace
 from components.report import log_report, write_report
 from components.runs import run_of_stage
 from components.sweep_summary import collect
@@ -22,10 +22,11 @@ def report_flow(sweep_run_id: str, experiment: str = "latentlab", log: bool = Tr
     """Build the report of sweep run ``sweep_run_id``; return the path of its report.md."""
     use_experiment(experiment)
     run_of_stage(sweep_run_id, ("sweep",), "latentlab report --run")  # a clear error if it is not one
-    summary = collect(sweep_run_id)
-    out_dir = workspace.report_dir(sweep_run_id)
-    path = write_report(summary, out_dir)
-    if log:
-        log_report(sweep_run_id, out_dir)
+    with progress.phase("report"):
+        summary = collect(sweep_run_id)
+        out_dir = workspace.report_dir(sweep_run_id)
+        path = write_report(summary, out_dir)
+        if log:
+            log_report(sweep_run_id, out_dir, summary)
     get_run_logger().info("Report written to %s", path)
     return path

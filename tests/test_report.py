@@ -214,12 +214,24 @@ def test_plots_are_valid_images(built):
             assert image.size[0] > 0 and image.size[1] > 0
 
 
-def test_log_report_attaches_report_to_sweep_run(built, store):
+def test_log_report_puts_the_comparison_on_the_sweep_run(built, store):
     client = store[0]
-    sweep, _, path = built
-    report.log_report(sweep, path.parent)
+    sweep, summary, path = built
+    report.log_report(sweep, path.parent, summary)
     logged = {a.path for a in client.list_artifacts(sweep, "report")}
-    assert "report/report.md" in logged and "report/fid_vs_step.png" in logged
+    assert {"report/report.md", "report/fid_vs_step.png", "report/factors.json"} <= logged
+    # each metric against f: step = f, one point per factor that has it (f=32 failed: no FID)
+    fid = client.get_metric_history(sweep, "by_f/fid")
+    assert sorted((m.step, m.value) for m in fid) == [(f, NUMBERS[f][1]) for f in (1, 4, 8)]
+    psnr = {m.step: m.value for m in client.get_metric_history(sweep, "by_f/psnr")}
+    assert psnr == {f: NUMBERS[f][0] for f in (4, 8, 32)}  # f=1 has no autoencoder
+    assert {m.step for m in client.get_metric_history(sweep, "by_f/train_img_per_s")} == {1, 4, 8}
+    table = json.loads(mlflow.artifacts.load_text(f"runs:/{sweep}/report/factors.json"))
+    rows = {row[table["columns"].index("f")]: row for row in table["data"]}
+    assert set(rows) == {1, 4, 8, 32} and rows[8][table["columns"].index("fid")] == NUMBERS[8][1]
+
+    report.log_report(sweep, path.parent, summary)  # rebuilt from the same runs: no second point
+    assert len(client.get_metric_history(sweep, "by_f/fid")) == 3
 
 
 def test_empty_sweep_does_not_crash(store):
