@@ -20,42 +20,6 @@ from flows.ldm import ldm_flow
 from flows.reproduce import reproduce_flow
 from flows.sweep import sweep_flow
 
-TINY_EVAL = [
-    "eval.samples=16",
-    "eval.sample_steps=2",
-    "eval.batch_size=16",
-    "eval.ddim_steps=[2, 4]",
-    "eval.curve_samples=8",
-    "eval.extractor_steps=20",
-    "ldm.fid_every=3",
-    "ldm.fid_samples=8",
-    "ldm.fid_sample_steps=2",
-]
-
-
-@pytest.fixture
-def tiny_sweep(ldm_smoke):
-    """The ``--set`` overrides of a sweep over f in 1, 4 that runs in minutes."""
-    return [
-        *ldm_smoke,
-        *TINY_EVAL,
-        "ldm.max_steps=4",  # single runs; the sweep's own budget below
-        "sweep.ae_steps=6",
-        "sweep.ldm_steps=4",
-        "sweep.factors=[1, 4]",
-        "sweep.budget=steps",
-    ]
-
-
-@pytest.fixture
-def tiny(smoke_params, tiny_sweep):
-    """``tiny(*extra)``: the smoke preset with ``tiny_sweep`` and ``extra`` overrides."""
-
-    def load(*extra: str):
-        return smoke_params(*tiny_sweep, *extra)
-
-    return load
-
 
 def runs(stage: str) -> list[mlflow.entities.Run]:
     return mlflow.search_runs(
