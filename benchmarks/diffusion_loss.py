@@ -32,7 +32,7 @@ from components.ldm_training import train_ldm  # noqa: E402
 from components.metrics import Reference  # noqa: E402
 from components.params import load_params  # noqa: E402
 from components.runs import TAG_DATA_VERSION, read_factor_entries  # noqa: E402
-from components.tracking import tracking_uri  # noqa: E402
+from components.store import tracking_uri  # noqa: E402
 
 VARIANTS = {
     "epsilon (paper)": {"ldm.prediction": "epsilon"},

@@ -20,7 +20,7 @@ import mlflow
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components.runs import TAG_BUDGET, read_sweep_entries  # noqa: E402
-from components.tracking import tracking_uri  # noqa: E402
+from components.store import tracking_uri  # noqa: E402
 
 
 def main(sweep_run_id: str) -> dict:

@@ -30,11 +30,11 @@ from mlflow.entities import Run
 from components import ownership
 from components.errors import UserError
 from components.params import Params
-from components.tracking import git_state, redact
+from components.store import TAG_STAGE, RunGlance, check_run, redact
+from components.tracking import git_state
 
 # --- tag names (the interface contract, and latentlab's own) -------------------------------------
-
-TAG_STAGE = "latentlab.stage"
+# TAG_STAGE ("latentlab.stage") is components.store's: the command line reads it before MLflow loads.
 TAG_DATA_VERSION = "latentlab.data_version"
 TAG_FACTOR = "latentlab.factor"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
@@ -290,20 +290,9 @@ def run_of_stage(run_id: str, stages: tuple[str, ...], command: str) -> Run:
     try:
         run = mlflow.get_run(run_id)
     except mlflow.exceptions.MlflowException:
-        raise UserError(
-            f"No MLflow run {run_id!r} in {mlflow.get_tracking_uri()}: `{command}` needs the id of "
-            f"a run of stage {' or '.join(stages)} (see `latentlab ui`), or MLFLOW_TRACKING_URI set to the store that has it."
-        ) from None
-    if run.info.lifecycle_stage == "deleted":
-        raise UserError(
-            f"Run {run_id} was deleted: restore it (`mlflow runs restore --run-id {run_id}`, or the UI's "
-            "trash) or pass another run."
-        )
+        check_run(run_id, RunGlance(exists=False), stages, command)
     stage = run.data.tags.get(TAG_STAGE)
-    if stage not in stages:
-        raise UserError(
-            f"Run {run_id} is a {stage or 'non-latentlab'} run: `{command}` needs a run of stage {' or '.join(stages)}."
-        )
+    check_run(run_id, RunGlance(True, run.info.lifecycle_stage == "deleted", stage), stages, command)
     missing = [tag for tag in REQUIRED_TAGS.get(stage, ()) if tag not in run.data.tags]
     if missing:
         raise UserError(

@@ -1,67 +1,22 @@
-"""MLflow plumbing: where runs go, whether the store can be used, how metrics reach them. (What
-a run *is* and how it is found again: ``components.runs``; the Lightning callbacks that report
-training: ``components.mlflow_callbacks``.)
+"""MLflow plumbing: the experiment runs go to, how metrics reach them, orphans closed, models
+registered once. (Where the store is and whether it can be used, read before MLflow loads:
+``components.store``; what a run *is* and how it is found again: ``components.runs``; the
+Lightning callbacks that report training: ``components.mlflow_callbacks``.)
 """
 
 from __future__ import annotations
 
-import os
-import re
 import subprocess
 import time
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
 
 import mlflow
 
 from components import ownership
-from components.errors import UserError
+from components.store import DEFAULT_ARTIFACT_DIR, DEFAULT_EXPERIMENT, default_uri, tracking_uri
 
-DEFAULT_DB = "mlflow.db"
-DEFAULT_ARTIFACT_DIR = "mlartifacts"
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
-DEFAULT_EXPERIMENT = "latentlab"
-
-# user:password@ (the password may hold "/" and "@": up to the last "@"), or a bare token@
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?:[^/:@\s]+:\S*|[^/@\s]+)@", re.IGNORECASE)
-
-
-def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the working directory (made absolute so a
-    later change of directory cannot point the same process at another database)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or _default_uri()
-
-
-def _default_uri() -> str:
-    return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
-
-
-def check_store(uri: str | None = None) -> None:
-    """Fail in seconds, naming the fix, when the tracking store cannot be used: a server that
-    does not answer (MLflow itself would retry for minutes) or a database file that is not one."""
-    uri = uri or tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        import requests
-
-        try:
-            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
-        except requests.RequestException as exc:
-            raise UserError(
-                f"The MLflow tracking server {redact(uri)} does not answer ({type(exc).__name__}): start it "
-                "(see the README), or unset MLFLOW_TRACKING_URI to use mlflow.db in this directory."
-            ) from None
-    elif uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
-        header = b""
-        if path.is_file():
-            with path.open("rb") as handle:
-                header = handle.read(16)
-        if header and header != b"SQLite format 3\x00":
-            raise UserError(
-                f"{path} is not an SQLite database, so it cannot be the MLflow store: move it aside "
-                "(a new one is created) or point MLFLOW_TRACKING_URI at the store you meant."
-            )
 
 
 def use_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
@@ -71,7 +26,7 @@ def use_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
     a tracking server chooses its own artifact store.
     """
     uri = tracking_uri()
-    default_store = uri == _default_uri()
+    default_store = uri == default_uri()
     mlflow.set_tracking_uri(uri)  # (this also exports MLFLOW_TRACKING_URI to subprocesses)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
@@ -96,11 +51,6 @@ def close_all_orphans() -> None:
     mlflow.set_tracking_uri(tracking_uri())
     for experiment in mlflow.search_experiments():
         ownership.close_orphans(experiment.experiment_id)
-
-
-def redact(value: Any) -> Any:
-    """Drop credentials embedded in URLs (``s3://key:secret@host``) before anything is logged."""
-    return _URL_CREDENTIALS.sub(r"\g<scheme>***@", value) if isinstance(value, str) else value
 
 
 def git_state(cwd: str | Path = ".") -> tuple[str, bool]:

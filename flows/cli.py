@@ -19,7 +19,7 @@ from rich.table import Table
 from components import progress
 from components.errors import UserError
 from components.params import Params, load_params
-from components.tracking import DEFAULT_EXPERIMENT
+from components.store import DEFAULT_EXPERIMENT
 
 console = Console(stderr=True)
 PACKAGED_PARAMS = Path(__file__).resolve().parents[1] / "params" / "default.yaml"
@@ -135,7 +135,8 @@ def cmd_ui(params: Params, args: argparse.Namespace) -> None:
     import socket
     import subprocess
 
-    from components.tracking import close_all_orphans, tracking_uri
+    from components.store import tracking_uri
+    from components.tracking import close_all_orphans
 
     uri = tracking_uri()
     if not uri.startswith("sqlite:") and "://" in uri and not uri.startswith("file:"):
@@ -280,20 +281,25 @@ def _check_before_prefect(params: Params, args: argparse.Namespace) -> None:
     """What can be checked without Prefect, whose server takes seconds to start: the tracking
     store, an image folder, and the run a command names. A user error then ends in seconds."""
     from components.sources import require_folder
-    from components.tracking import check_store
+    from components.store import check_run, check_store, glance
 
     check_store()
     if params.data.source == "folder" and args.command not in ("report", "reproduce"):  # (these build no data)
         require_folder(params.data.path)
     run_id = getattr(args, "run", None) or getattr(args, "run_id", None)
     if args.command in RUN_STAGES and run_id:
-        import mlflow
+        command = f"latentlab {args.command}"
+        seen = glance(run_id)
+        if seen is not None:
+            check_run(run_id, seen, RUN_STAGES[args.command], command)
+        else:  # a store only MLflow can read (the flow checks the run's tags too)
+            import mlflow
 
-        from components.runs import run_of_stage
-        from components.tracking import tracking_uri
+            from components.runs import run_of_stage
+            from components.store import tracking_uri
 
-        mlflow.set_tracking_uri(tracking_uri())
-        run_of_stage(run_id, RUN_STAGES[args.command], f"latentlab {args.command}")
+            mlflow.set_tracking_uri(tracking_uri())
+            run_of_stage(run_id, RUN_STAGES[args.command], command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,8 @@ from components.grids import labeled_grid
 from components.params import DataParams, Params, flatten
 from components.runs import ReuseOrResume, data_build_key, data_run_key
 from components.sources import load_source
-from components.tracking import redact, use_experiment
+from components.store import redact
+from components.tracking import use_experiment
 from components.workspace import DATA_DIR
 
 

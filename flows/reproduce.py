@@ -33,7 +33,8 @@ from components.runs import (
     run_of_stage,
     stage_run,
 )
-from components.tracking import tracking_uri, use_experiment
+from components.store import tracking_uri
+from components.tracking import use_experiment
 from flows.autoencoder import autoencoder_flow
 from flows.data import DataVersion
 from flows.ldm import ldm_flow

@@ -16,7 +16,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from components import ownership
+from components import ownership, store
 from components.runs import TAG_RUN_KEY, TAG_STAGE, ReuseOrResume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,6 +211,9 @@ def test_two_directories_against_one_mlflow_server_train_a_model_once(tmp_path, 
         (run,) = autoencoder_runs()
         assert run.info.status == "FINISHED" and run.info.run_id in outputs[1]  # the second printed it: reused
         assert len(client.search_model_versions("name = 'autoencoder-f4-kl'")) == 1
+        # the command line's glance at a run, through the server's REST API (no MLflow client)
+        assert store.glance(run.info.run_id, uri) == store.RunGlance(True, False, "autoencoder")
+        assert store.glance("0123456789abcdef0123456789abcdef", uri) == store.RunGlance(exists=False)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

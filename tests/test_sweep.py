@@ -175,6 +175,10 @@ def test_two_sweeps_started_together_in_one_directory_write_every_run_once(proje
     second = subprocess.Popen(command, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     outputs = [process.communicate(timeout=600)[0] for process in (first, second)]
     assert [first.returncode, second.returncode] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    trained = next(o for o in outputs if "LDM training started" in o)  # a log file's view of it
+    assert "latentlab - f=4 (1/1) LDM training started; sweep ETA " in trained
+    noise = ("Tip", "litlogger", "LeafSpec", "deprecated", "Finished in state", "it/s]")
+    assert not [word for word in noise if word in "".join(outputs)]
     by_stage = {stage: runs(stage) for stage in ("data", "sweep", "autoencoder", "ldm", "evaluate")}
     assert {stage: len(found) for stage, found in by_stage.items()} == {
         "data": 1,
