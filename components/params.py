@@ -292,9 +292,20 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def params_from_run(logged: dict[str, str], keep: Params, sections: tuple[str, ...]) -> Params:
+def params_from_run(
+    logged: dict[str, str], keep: Params, sections: tuple[str, ...], complete: tuple[str, ...] = ()
+) -> Params:
     """The parameters a run was trained with (MLflow's flattened strings), with ``sections``
-    taken from ``keep`` instead (e.g. how to evaluate it)."""
+    taken from ``keep`` instead (e.g. how to evaluate it). A key the run did not record takes
+    its default, except in ``complete``: there a missing key is refused, because a default
+    there would quietly build something else (``data``: another dataset, in the user's data/)."""
+    missing = [key for key in (keep.flat(*complete) if complete else {}) if key not in logged]
+    if missing:
+        raise UserError(
+            f"The run did not record {', '.join(missing[:5])}{' ...' * (len(missing) > 5)} (its parameters were "
+            "not all logged), so what it was trained on cannot be rebuilt from them: `latentlab reproduce "
+            "RUN_ID` restores its data version from DVC, or pass another run."
+        )
     tree: dict[str, Any] = {}
     for key, raw in logged.items():
         value = None if raw == "None" else yaml.safe_load(raw)

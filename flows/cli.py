@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in ("ui", "serve"):
             _check_before_prefect(params, args)
         _quiet_user_errors()
-        progress.configure(1 if args.verbose else -1 if args.quiet else 0)
+        if args.command != "ui":  # (the one command without Prefect, whose logging this adjusts)
+            progress.configure(1 if args.verbose else -1 if args.quiet else 0)
         args.handler(params, args)
     except UserError as exc:
         console.print(f"[bold red]latentlab {args.command}:[/] {exc}", highlight=False)

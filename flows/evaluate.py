@@ -133,7 +133,9 @@ def evaluate_flow(
     logger = get_run_logger()
     experiment_id = use_experiment(experiment)
     ldm_run = finished_ldm_run(run_id)
-    params = params_from_run(ldm_run.data.params, keep=params, sections=("eval", "sweep", "reproduce"))
+    params = params_from_run(
+        ldm_run.data.params, keep=params, sections=("eval", "sweep", "reproduce"), complete=() if data else ("data",)
+    )
     factor = int(ldm_run.data.tags[TAG_FACTOR])
     key = evaluation_key(params, run_id)
     with ReuseOrResume.claim(experiment_id, "evaluate", key, log=logger.info) as recorded:

@@ -118,6 +118,11 @@ def test_params_come_back_from_a_runs_flattened_strings(repo):
     assert restored.model_dump(exclude={"eval"}) == original.model_dump(exclude={"eval"})
     assert restored.eval.samples == 9
 
+    del logged["data.resolution"]  # a run whose data parameters were not all logged
+    assert params_from_run(logged, keep=keep, sections=("eval",)).data.resolution == 64  # a default ...
+    with pytest.raises(UserError, match=r"did not record data.resolution .*latentlab reproduce"):
+        params_from_run(logged, keep=keep, sections=("eval",), complete=("data",))  # ... or refused
+
 
 def test_auto_reference_split_avoids_the_images_the_domain_extractor_trained_on(monkeypatch):
     from flows.extractor import reference_split
