@@ -61,9 +61,16 @@ def push(root: Path, target: str = "data") -> None:
     dvc(root, "push", "--remote", REMOTE_NAME, f"{target}.dvc")
 
 
+AWS_S3 = "https://s3.amazonaws.com"
+
+
 def unreachable(url: str, endpoint: str | None, timeout: float = 3.0) -> str | None:
-    """Why the remote at ``endpoint`` cannot be reached within ``timeout`` seconds (DVC itself
-    would retry for minutes), or None. Only an explicit endpoint (MinIO, a local S3) is probed."""
+    """Why the remote cannot be reached within ``timeout`` seconds (DVC itself would retry for
+    minutes), or None. Probed: the explicit endpoint (MinIO, a local S3); for ``s3://`` without
+    one, the endpoint boto3 would use (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, else AWS).
+    Other remotes (a directory, ssh, gs, ...) are left to DVC."""
+    if not endpoint and url.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or AWS_S3
     if "://" not in url or not endpoint:
         return None
     parsed = urlsplit(endpoint)

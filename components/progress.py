@@ -8,8 +8,10 @@ rich progress display; in a log file (a scheduled run, ``nohup``, CI) one line w
 starts and ends and a status line at least every ``TICK_S`` seconds while it runs.
 
 The sweep's ETA comes from its budgets: each factor is expected to take its training budget
-plus the time outside training (latents, grids, FID, evaluation), taken from the factors that
-already finished, or ``OVERHEAD_S`` before any has.
+plus the time outside training (latents, grids, FID, evaluation) that the latest finished
+factor took, or ``OVERHEAD_S`` before any has. The latest, not the mean: factors run in
+ascending f and that time shrinks with f (f = 1 samples 64x64 pixels: 6 min of it on the main
+job, f = 2 about 3), so the latest is the closest guide and, if anything, pessimistic.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Phase:
     label: str  # what the screen calls it: "f=8 (3/6)"
     started: float = field(default_factory=time.monotonic)
     training: Training | None = None
+    doing: str = ""  # what ``track`` is going through: "Sampling (50 DDIM steps) 2/4"
     said: float = field(default_factory=time.monotonic)  # when its last line was printed
 
     @property
@@ -64,7 +67,8 @@ class Phase:
         where = self.where
         t = self.training
         if t is None:
-            return f"{where}: {_clock(time.monotonic() - self.started)} in"
+            doing = f", {self.doing}" if self.doing else ""
+            return f"{where}: {_clock(time.monotonic() - self.started)} in{doing}"
         parts = [f"step {t.step:,}"]
         if t.loss is not None:
             parts.append(f"loss {t.loss:.4g}")
@@ -98,17 +102,21 @@ class SweepPlan:
         return f"{name} ({list(self.factors).index(name) + 1}/{len(self.factors)})"
 
     def overhead_s(self) -> float:
-        """Time outside training per factor, from those that finished (known budgets only)."""
-        seen = [c.finished - c.started - c.budget_s for c in self.factors.values() if c.finished and c.budget_s]
-        return max(0.0, sum(seen) / len(seen)) if seen else OVERHEAD_S
+        """Time outside training per factor: the latest finished factor's (why: the module's docstring)."""
+        seen = [
+            (c.finished, c.finished - c.started - c.budget_s)
+            for c in self.factors.values()
+            if c.finished and c.budget_s
+        ]
+        return max(0.0, max(seen)[1]) if seen else OVERHEAD_S
 
     def expected_s(self, clock: FactorClock) -> float:
         """A factor's whole duration: its budget and the overhead; for a step budget, as long as
-        the finished factors took on average (or the overhead alone before any finished)."""
+        the latest finished factor took (or the overhead alone before any finished)."""
         if clock.budget_s is not None:
             return clock.budget_s + self.overhead_s()
-        done = [c.finished - c.started for c in self.factors.values() if c.finished]
-        return sum(done) / len(done) if done else self.overhead_s()
+        done = [(c.finished, c.finished - c.started) for c in self.factors.values() if c.finished]
+        return max(done)[1] if done else self.overhead_s()
 
     def remaining_s(self, now: float, training_left: dict[str, float]) -> float:
         """Seconds until the last factor ends. ``training_left``: running factors' training budget
@@ -194,11 +202,17 @@ class Reporter:
         log.info(line)
 
     def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-        """``items``, shown as a row of the progress display on a terminal, silently elsewhere
-        (a log file gets the phase's status lines instead of a bar per batch)."""
-        display = self._display
+        """``items``, shown as a row of the progress display on a terminal; elsewhere named in the
+        phase's next status line ("Sampling (50 DDIM steps) 2/4"), not a bar per batch."""
+        display, current = self._display, self._phases.get(threading.get_ident())
         if display is None:
-            yield from items
+            total = total if total is not None else _len(items)
+            for done, item in enumerate(items, 1):
+                yield item
+                if current is not None:  # for the status line
+                    current.doing = f"{description} {done}/{total or '?'}"
+            if current is not None:
+                current.doing = ""
             return
         row = display.add_task(description, total=total if total is not None else _len(items), status="")
         try:
@@ -327,6 +341,9 @@ def configure(level: int = 0) -> None:
     log.setLevel(logging.INFO)
     for name in _CHATTY:  # their own handlers (mlflow's) or the root's: filter at the source
         logging.getLogger(name).setLevel(logging.INFO if level > 0 else logging.WARNING)
+    # diffusers warns of what this project leaves out by design ("accelerate was not found",
+    # "text_encoder=None cannot be saved"), on its own handler
+    logging.getLogger("diffusers").setLevel(logging.WARNING if level > 0 else logging.ERROR)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, PrefectConsoleHandler):
             handler.addFilter(_Verbosity(level))

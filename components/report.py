@@ -234,13 +234,16 @@ def log_report(
     sweep_run_id: str, out_dir: Path, summary: SweepSummary, client: mlflow.MlflowClient | None = None
 ) -> None:
     """Attach the report to the sweep run, next to the runs it summarises: report.md and its plots
-    under ``report/``, the table as an MLflow table (sortable in the UI's artifact view), and each
+    under ``report/``, the table as an MLflow table (sortable in the UI's artifact view), each
     factor's metrics as ``by_f/<metric>`` at step = f, so the sweep run's own charts plot every
-    metric against f with no setup."""
+    metric against f with no setup, and the plots as images beside those charts."""
     client = client or mlflow.MlflowClient()
     client.log_artifacts(sweep_run_id, str(out_dir), artifact_path="report")
     client.log_table(sweep_run_id, data=factor_table(summary.rows), artifact_file="report/factors.json")
     log_by_factor(sweep_run_id, summary.rows, client)
+    for name in PLOTS:
+        with Image.open(Path(out_dir) / name) as plot:
+            client.log_image(sweep_run_id, plot.convert("RGB"), key=f"report/{Path(name).stem}", step=0)
 
 
 # by_f/<metric> on the sweep run <- the FactorRow attribute it comes from

@@ -156,6 +156,18 @@ def test_an_unreachable_remote_leaves_the_version_local_and_the_work_going(proje
     assert run.data.tags["latentlab.data_version"] == result.version
 
 
+def test_an_s3_remote_without_endpoint_is_probed_where_boto3_would_go(monkeypatch):
+    from components import dvc
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    assert f"127.0.0.1:{port} does not answer" in dvc.unreachable("s3://bucket/data", None)
+    assert dvc.unreachable("dvc-remote", None) is None  # a directory: nothing to probe
+
+
 def test_cli_reports_bad_files_by_name(project, tmp_path, repo, cli, write_folder):
     images = tmp_path / "images"
     write_folder(images)

@@ -12,18 +12,20 @@ from components import progress
 from components.progress import Reporter, SweepPlan, Training
 
 
-def test_eta_is_the_budgets_plus_the_overhead_the_finished_factors_took():
-    plan = SweepPlan({"f=4": 100.0, "f=8": 50.0})
-    assert plan.remaining_s(0.0, {}) == 100 + 120 + 50 + 120  # nothing finished: the prior overhead
-    plan.factors["f=4"].started, plan.factors["f=4"].finished = 0.0, 300.0  # 200 s outside training
-    assert plan.remaining_s(300.0, {}) == 50 + 200
-    plan.factors["f=8"].started = 300.0
-    assert plan.remaining_s(400.0, {}) == 150  # 100 s into its expected 250
-    assert plan.remaining_s(700.0, {"f=8": 30.0}) == 30  # overdue, but 30 s of its budget are left
+def test_eta_is_the_budgets_plus_the_overhead_the_latest_finished_factor_took():
+    plan = SweepPlan({"f=1": 50.0, "f=4": 100.0, "f=8": 50.0})
+    assert plan.remaining_s(0.0, {}) == 50 + 100 + 50 + 3 * 120  # nothing finished: the prior overhead
+    plan.factors["f=1"].started, plan.factors["f=1"].finished = 0.0, 450.0  # 400 s outside training
+    assert plan.remaining_s(450.0, {}) == 100 + 50 + 2 * 400
+    plan.factors["f=4"].started, plan.factors["f=4"].finished = 450.0, 750.0  # then only 200 s
+    assert plan.remaining_s(750.0, {}) == 50 + 200
+    plan.factors["f=8"].started = 750.0
+    assert plan.remaining_s(850.0, {}) == 150  # 100 s into its expected 250
+    assert plan.remaining_s(1150.0, {"f=8": 30.0}) == 30  # overdue, but 30 s of its budget are left
     assert SweepPlan({"f=4": 100.0, "f=8": 100.0}, workers=2).remaining_s(0.0, {}) == 220
 
 
-def test_a_step_budget_is_expected_to_take_as_long_as_the_finished_factors_did():
+def test_a_step_budget_is_expected_to_take_as_long_as_the_latest_finished_factor_did():
     plan = SweepPlan({"f=4": None, "f=8": None, "f=16": None})
     plan.factors["f=4"].started, plan.factors["f=4"].finished = 0.0, 90.0
     assert plan.remaining_s(90.0, {}) == 180
