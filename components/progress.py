@@ -160,8 +160,10 @@ class Reporter:
             self._phases[thread] = current
         self._start_output()
         self.say(f"{current.where} started{self._eta_text()}")
+        finished = False
         try:
             yield
+            finished = True
         finally:
             with self._lock:
                 if outer is None:
@@ -169,7 +171,8 @@ class Reporter:
                 else:
                     self._phases[thread] = outer
                 self._end_display(thread, outer)
-            self.say(f"{current.where} done in {_clock(time.monotonic() - current.started)}")
+            ended = "done in" if finished else "stopped after"  # (an error, or an interrupt)
+            self.say(f"{current.where} {ended} {_clock(time.monotonic() - current.started)}")
 
     def training(self, numbers: Training) -> None:
         """The training loop's latest numbers (cheap: printing is the ticker's job)."""

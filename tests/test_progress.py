@@ -48,6 +48,10 @@ def test_a_log_file_gets_a_status_line_with_factor_phase_and_eta_while_training(
     assert "f=8 (2/2) LDM training: step 120, loss 0.071, 180 img/s, 0:30 of budget left; sweep ETA" in status[0]
     assert lines[-1].startswith("f=8 (2/2) LDM training done in 0:0")
 
+    with pytest.raises(RuntimeError), reporter.phase("evaluation"):
+        raise RuntimeError("a phase that fails")
+    assert caplog.records[-1].getMessage().startswith("evaluation stopped after 0:00")  # not "done"
+
 
 @pytest.mark.parametrize(
     ("flag", "shown", "hidden"),

@@ -221,7 +221,7 @@ def test_log_report_puts_the_comparison_on_the_sweep_run(built, store):
     logged = {a.path for a in client.list_artifacts(sweep, "report")}
     assert {"report/report.md", "report/fid_vs_step.png", "report/factors.json"} <= logged
     images = " ".join(a.path for a in client.list_artifacts(sweep, "images"))  # the plots, as UI images
-    assert all(f"report#{Path(name).stem}" in images for name in report.PLOTS), images
+    assert all(f"images/report~{Path(name).stem}+step+0" in images for name in report.PLOTS), images
     # each metric against f: step = f, one point per factor that has it (f=32 failed: no FID)
     fid = client.get_metric_history(sweep, "by_f/fid")
     assert sorted((m.step, m.value) for m in fid) == [(f, NUMBERS[f][1]) for f in (1, 4, 8)]
