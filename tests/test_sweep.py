@@ -203,6 +203,7 @@ KILL_POINTS = {
     "extractor training": lambda project: _running("evaluate", "extractor-"),
     "LDM training": lambda project: bool(list(project.glob(".latentlab/checkpoints/ldm-*/last.ckpt"))),
     "evaluation": lambda project: _running("evaluate", "eval-f4"),
+    "report": lambda project: any(project.glob("reports/sweep-*")),  # the sweep run still open
 }
 
 
@@ -230,6 +231,7 @@ def test_a_sweep_killed_at_any_point_reruns_to_each_run_once_and_none_left_runni
     assert len(keys) == len(set(keys))  # one run per key: nothing trained or evaluated twice
     (ldm,) = _all_runs("ldm")
     assert ldm.data.metrics["steps"] == 4  # the budget a clean run records, not one batch more
+    assert list(project.glob("reports/sweep-*/report.md"))  # and the report, whole
 
 
 def _all_runs(stage: str) -> list:
