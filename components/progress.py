@@ -65,11 +65,14 @@ class Phase:
         return f"{self.label} {self.name}" if self.label else self.name
 
     def describe(self) -> str:
-        where = self.where
+        return f"{self.where}: {self.status()}"
+
+    def status(self) -> str:
+        """ "step 1,210, loss 0.0712, 185 img/s, 1:10 of budget left", or "1:00 in, Sampling ... 2/4"."""
         t = self.training
         if t is None:
             doing = f", {self.doing}" if self.doing else ""
-            return f"{where}: {_clock(time.monotonic() - self.started)} in{doing}"
+            return f"{_clock(time.monotonic() - self.started)} in{doing}"
         parts = [f"step {t.step:,}"]
         if t.loss is not None:
             parts.append(f"loss {t.loss:.4g}")
@@ -77,7 +80,7 @@ class Phase:
             parts.append(f"{t.img_per_s:.0f} img/s")
         if t.remaining_s is not None:
             parts.append(f"{_clock(t.remaining_s)} of budget left")
-        return f"{where}: " + ", ".join(parts)
+        return ", ".join(parts)
 
 
 @dataclass
@@ -209,8 +212,8 @@ class Reporter:
         """``items``, shown as a row of the progress display on a terminal; elsewhere named in the
         phase's next status line ("Sampling (50 DDIM steps) 2/4"), not a bar per batch."""
         display, current = self._display, self._phases.get(threading.get_ident())
+        total = total if total is not None else _len(items)
         if display is None:
-            total = total if total is not None else _len(items)
             for done, item in enumerate(items, 1):
                 yield item
                 if current is not None:  # for the status line
@@ -218,7 +221,7 @@ class Reporter:
             if current is not None:
                 current.doing = ""
             return
-        row = display.add_task(description, total=total if total is not None else _len(items), status="")
+        row = display.add_task(description, total=total, status="")
         try:
             for item in items:
                 yield item
@@ -276,7 +279,7 @@ class Reporter:
 
     def _show(self, thread: int, phase: Phase, eta: str) -> None:
         done = 100 * (phase.training.fraction if phase.training else 0.0)
-        status = phase.describe().split(": ", 1)[1] + eta
+        status = phase.status() + eta
         if thread not in self._rows:
             self._rows[thread] = self._display.add_task(phase.where, total=100, status=status)
         self._display.update(self._rows[thread], completed=done, status=status, description=phase.where)
