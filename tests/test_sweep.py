@@ -197,40 +197,67 @@ def _running(stage: str, name_prefix: str) -> bool:
     return any(r.info.status == "RUNNING" and r.info.run_name.startswith(name_prefix) for r in _all_runs(stage))
 
 
-# Where a sweep can be killed, each recognised from outside as it happens.
+# Where a sweep can be killed, in the order a sweep reaches them. A check recognises the moment
+# from outside; None: tests/killpoint.py holds the process there (too quick to catch).
 KILL_POINTS = {
     "data build": lambda project: (project / workspace.lock_file("data-build")).exists(),  # render, dvc add, push
     "extractor training": lambda project: _running("evaluate", "extractor-"),
+    "autoencoder publish": None,  # trained, nothing published
+    "model download": None,  # the first stage downloaded for the LDM, not yet renamed into place
+    "latent cache write": None,  # half the cache's temporary file written
     "LDM training": lambda project: bool(list(project.glob(".latentlab/checkpoints/ldm-*/last.ckpt"))),
+    "LDM publish": None,  # trained, nothing published
     "evaluation": lambda project: _running("evaluate", "eval-f4"),
     "report": lambda project: any(project.glob("reports/sweep-*")),  # the sweep run still open
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_a_sweep_killed_at_any_point_reruns_to_each_run_once_and_none_left_running(project, repo, tiny_sweep, point):
-    command = [str(Path(sys.executable).with_name("latentlab")), "sweep", "--params", str(repo / "params/smoke.yaml")]
+def test_a_sweep_killed_at_each_point_in_turn_finishes_with_each_run_once_and_none_left_running(
+    project, repo, tiny_sweep
+):
+    """kill -9 at every point of one sweep: each rerun recovers from the last kill and runs on to
+    the next point; the last one finishes as a clean sweep would (one run per key, same steps)."""
+    arguments = ["sweep", "--params", str(repo / "params/smoke.yaml")]
     for setting in [*tiny_sweep, "sweep.factors=[4]", "ldm.checkpoint_every=1"]:
-        command += ["--set", setting]
-    process = subprocess.Popen(
-        command, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.time() + 400
-    while not KILL_POINTS[point](project) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert process.poll() is None, f"the sweep ended before its {point} was seen"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+        arguments += ["--set", setting]
+    marker = project / "killed-at"
+    for point, reached in KILL_POINTS.items():
+        process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("killpoint.py")), point, *arguments],
+            cwd=project,
+            env={**os.environ, "LATENTLAB_KILL_MARKER": str(marker)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        seen = reached or (lambda project: marker.exists())
+        deadline = time.time() + 300
+        while not seen(project) and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None, f"the rerun ended before its {point} was seen"
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        marker.unlink(missing_ok=True)
 
-    done = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("latentlab")), *arguments],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     every = [run for stage in ("data", "sweep", "autoencoder", "ldm", "evaluate") for run in _all_runs(stage)]
     assert [r.info.run_name for r in every if r.info.status != "FINISHED"] == []  # resumed, none orphaned
     keys = [(r.data.tags["latentlab.stage"], r.data.tags["latentlab.run_key"]) for r in every]
     assert len(keys) == len(set(keys))  # one run per key: nothing trained or evaluated twice
+    (ae,) = _all_runs("autoencoder")
     (ldm,) = _all_runs("ldm")
-    assert ldm.data.metrics["steps"] == 4  # the budget a clean run records, not one batch more
+    assert (ae.data.metrics["steps"], ldm.data.metrics["steps"]) == (6, 4)  # a clean run's: no batch more
+    client = mlflow.MlflowClient()
+    for model in client.search_registered_models():
+        assert len(client.search_model_versions(f"name = '{model.name}'")) == 1, model.name
     assert list(project.glob("reports/sweep-*/report.md"))  # and the report, whole
 
 
