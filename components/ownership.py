@@ -29,7 +29,7 @@ from components import workspace
 
 TAG_OWNER = "latentlab.owner"
 TAG_HEARTBEAT = "latentlab.heartbeat"  # unix seconds of the owner's last sign of life
-TAG_CLOSED_REASON = "latentlab.closed_reason"  # on runs closed because their owner died
+TAG_CLOSED_REASON = "latentlab.closed_reason"  # on runs closed KILLED: stopped, or their owner died
 HEARTBEAT_SECONDS = 15.0
 STALE_SECONDS = 90.0  # a heartbeat this old means the owner (on another host) is gone
 WAIT_LOG_SECONDS = 60.0
@@ -96,6 +96,7 @@ def key_lock(name: str, log: Callable[[str], None]) -> Iterator[None]:
 def heartbeat(run_id: str) -> Iterator[None]:
     """Mark ``run_id`` as this process's and keep its heartbeat fresh until the block ends."""
     client = MlflowClient()
+    _open_runs.add(run_id)
     client.set_tag(run_id, TAG_OWNER, str(Owner.me()))
     client.set_tag(run_id, TAG_HEARTBEAT, f"{time.time():.0f}")
     stop = threading.Event()
@@ -112,6 +113,25 @@ def heartbeat(run_id: str) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
+        _open_runs.discard(run_id)
+
+
+_open_runs: set[str] = set()  # the runs this process writes now (in ``heartbeat`` blocks)
+
+
+def close_mine(reason: str) -> None:
+    """Mark KILLED, with ``reason``, every run this process is writing: for a process about to
+    exit without unwinding (a stopped sweep's worker threads cannot be). Best effort."""
+    for run_id in list(_open_runs):
+        with suppress(Exception):
+            close_killed(run_id, reason)
+
+
+def close_killed(run_id: str, reason: str) -> None:
+    """End ``run_id`` KILLED, saying why: it was stopped, not failed; its stage resumes it."""
+    client = MlflowClient()
+    client.set_tag(run_id, TAG_CLOSED_REASON, reason)
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
 
 
 def close_orphans(experiment_id: str) -> list[str]:
@@ -124,7 +144,6 @@ def close_orphans(experiment_id: str) -> list[str]:
         owner = Owner.parse(run.data.tags.get(TAG_OWNER))
         if owner is None or owner == Owner.me() or live_writer(run) is not None:
             continue
-        client.set_tag(run.info.run_id, TAG_CLOSED_REASON, f"its process ({owner}) ended without closing it")
-        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+        close_killed(run.info.run_id, f"its process ({owner}) ended without closing it")
         closed.append(run.info.run_id)
     return closed

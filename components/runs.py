@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Run
+from mlflow.entities import Run, RunStatus
 
 from components import ownership
 from components.errors import UserError
@@ -192,7 +192,14 @@ def stage_run(
     ):
         if resume_run_id is None:  # a resumed run keeps the params it was started with
             mlflow.log_params({key: redact(value) for key, value in params.items()})
-        yield run
+        try:
+            yield run
+        except Exception:
+            raise  # FAILED, as MLflow marks it
+        except BaseException as stop:  # Ctrl-C, SIGTERM (Prefect raises it), exit: stopped, not failed
+            mlflow.set_tag(ownership.TAG_CLOSED_REASON, f"stopped by {type(stop).__name__}")
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            raise
 
 
 def latest_run(experiment_id: str, stage: str, *, finished: bool = True, **tags: str) -> Run | None:

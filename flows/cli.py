@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from components import progress
-from components.errors import UserError
+from components.errors import Reported, UserError
 from components.params import Params, load_params
 from components.store import DEFAULT_EXPERIMENT
 
@@ -94,7 +94,8 @@ def _interval(metrics: dict, name: str) -> str:
 def cmd_sweep(params: Params, args: argparse.Namespace) -> None:
     from flows.sweep import sweep_flow
 
-    result = sweep_flow(params, experiment=args.experiment)
+    # A sweep with a factor that did not finish ends Failed in Prefect and holds the sweep.
+    result = sweep_flow(params, experiment=args.experiment, return_state=True).result(raise_on_failure=False)
     verb = "Reused finished sweep" if result.reused else "Sweep"
     console.print(f"[bold green]{verb} {result.run_id}[/]: report {result.report}")
     for name, entry in result.failed.items():
@@ -197,16 +198,30 @@ def _raise_interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
-def cmd_serve(params: Params, args: argparse.Namespace) -> None:
-    import os
-
-    from flows.sweep import sweep_flow
-
+def _require_prefect_server(command: str) -> None:
     if not os.environ.get("PREFECT_API_URL"):
         raise UserError(
-            "serve schedules sweeps on a Prefect server: start one (`prefect server start`) and set "
+            f"{command} needs a Prefect server: start one (`prefect server start`) and set "
             "PREFECT_API_URL=http://127.0.0.1:4200/api."
         )
+
+
+def cmd_deploy(params: Params, args: argparse.Namespace) -> None:
+    _require_prefect_server("deploy")
+    from flows.deployments import SWEEP_QUEUE, WORK_QUEUE, deploy
+
+    names = deploy(params, args.experiment, name=args.name, pool=args.pool, cron=args.cron)
+    console.print(f"[bold green]Deployed[/] on work pool '{args.pool}': {', '.join(names)}")
+    console.print(f"Schedule: {args.cron or 'none (run on demand)'}. Next, each in a checkout of this project:")
+    console.print(f"  prefect worker start --pool {args.pool} --work-queue {SWEEP_QUEUE}   (one, anywhere)")
+    console.print(f"  prefect worker start --pool {args.pool} --work-queue {WORK_QUEUE} --limit 1   (per machine)")
+    console.print(f"  prefect deployment run sweep/{args.name}")
+
+
+def cmd_serve(params: Params, args: argparse.Namespace) -> None:
+    from flows.sweep import sweep_flow
+
+    _require_prefect_server("serve")
     console.print(f"Serving the sweep deployment 'latentlab-sweep' (cron: {args.cron or 'none, run on demand'})")
     sweep_flow.serve(
         name="latentlab-sweep",
@@ -224,6 +239,7 @@ COMMANDS: dict[str, tuple[str, Callable[[Params, argparse.Namespace], None]]] = 
     "report": ("Regenerate a sweep's report from MLflow (--run).", cmd_report),
     "reproduce": ("Retrain a recorded run from its data version and compare metrics.", cmd_reproduce),
     "ui": ("The MLflow UI on 127.0.0.1 for this project's tracking store.", cmd_ui),
+    "deploy": ("Deploy the sweep, its factors and the stages to a Prefect work pool.", cmd_deploy),
     "serve": ("Serve the sweep as a Prefect deployment (optionally on a cron schedule).", cmd_serve),
 }
 
@@ -240,6 +256,11 @@ EXTRA_ARGUMENTS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
         (("--port",), {"type": int, "default": 5000}),
     ],
     "serve": [(("--cron",), {"default": None, "help": "schedule, e.g. '0 3 * * *'"})],
+    "deploy": [
+        (("--cron",), {"default": None, "help": "schedule the sweep, e.g. '0 3 * * *' (nightly)"}),
+        (("--pool",), {"default": "latentlab", "help": "Prefect process work pool (created if missing)"}),
+        (("--name",), {"default": "latentlab", "help": "deployment name: sweep/NAME, factor/NAME, ..."}),
+    ],
 }
 
 
@@ -261,10 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _DropUserErrorTracebacks(logging.Filter):
-    """Prefect logs a failed task's traceback; for a user error the CLI's message says it all."""
+    """Prefect logs a failed task's traceback; for a user error the CLI's message says it all,
+    and a failure already reported was logged in a line of its own."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], UserError))
+        return not (record.exc_info and isinstance(record.exc_info[1], (UserError, Reported)))
 
 
 def _quiet_user_errors() -> None:
@@ -306,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         params = load_params(args.params or _default_params(), args.set)
-        if args.command not in ("ui", "serve"):
+        if args.command not in ("ui", "serve", "deploy"):
             _check_before_prefect(params, args)
         _quiet_user_errors()
         if args.command != "ui":  # (the one command without Prefect, whose logging this adjusts)

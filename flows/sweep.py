@@ -11,15 +11,21 @@ sweep is returned at once.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
+import mlflow
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.deployments import run_deployment
 from prefect.exceptions import TerminationSignal
+from prefect.futures import wait
+from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from components import progress
+from components import ownership, progress
+from components.errors import Reported
 from components.params import Params
 from components.runs import (
     FINISHED,
@@ -31,6 +37,7 @@ from components.runs import (
     write_factor_entry,
 )
 from components.tracking import use_experiment
+from flows.cancellation import cancel_flow_runs
 from flows.data import DataVersion, data_flow
 from flows.evaluate import evaluate_flow
 from flows.extractor import choose_extractor
@@ -58,10 +65,13 @@ def _name(cell: Cell) -> str:
     return f"f={factor}" + (f" (repeat {repeat})" if repeat else "")
 
 
-@task(cache_policy=NO_CACHE, task_run_name="factor-f{params.ae.factor}-seed{params.seed}")
-def run_factor(params: Params, experiment: str, sweep_run_id: str, data: DataVersion, repeat: int = 0) -> FactorEntry:
-    """Autoencoder -> LDM -> evaluation for one f and seed; a failure is returned, not raised, so
-    the sweep goes on with the others."""
+class FactorFailed(Reported):
+    """A factor that did not finish: its Prefect task or flow run ends Failed with this message."""
+
+
+def _factor(params: Params, experiment: str, sweep_run_id: str, data: DataVersion, repeat: int = 0) -> FactorEntry:
+    """Autoencoder -> LDM -> evaluation for one f and seed, its entry recorded on the sweep run.
+    A failure is recorded, then raised: Prefect shows the factor Failed, the sweep goes on."""
     factor = params.ae.factor
     entry = FactorEntry(status="running")
     try:
@@ -73,18 +83,54 @@ def run_factor(params: Params, experiment: str, sweep_run_id: str, data: DataVer
     except Exception as exc:  # noqa: BLE001 (one factor must not sink the sweep)
         get_run_logger().error("f=%d failed: %s: %s", factor, type(exc).__name__, exc)
         entry = replace(entry, status=f"failed: {type(exc).__name__}: {exc}"[:500])
+        write_factor_entry(sweep_run_id, factor, entry, repeat)
+        raise FactorFailed(f"{_name((factor, repeat))} {entry.status}") from None
     write_factor_entry(sweep_run_id, factor, entry, repeat)
     return entry
 
 
+FACTOR_RUN_NAME = "factor-f{params.ae.factor}-seed{params.seed}"
+# One factor in this process, as a task of the sweep's flow run.
+run_factor = task(_factor, name="factor", cache_policy=NO_CACHE, task_run_name=FACTOR_RUN_NAME)
+
+
+@flow(name="factor", flow_run_name=FACTOR_RUN_NAME)
+def factor_flow(params: Params, experiment: str, sweep_run_id: str, data: DataVersion, repeat: int = 0) -> FactorEntry:
+    """One factor as its own flow run (the ``factor`` deployment), on any worker of the pool, in
+    the project the worker was started in: the data version is built there first if missing."""
+    here = data_flow(params, experiment)
+    if here.version != data.version:
+        raise FactorFailed(
+            f"this worker's project builds data version {here.version}, the sweep's is {data.version}: "
+            "start workers in checkouts of the same project (same params and data source)"
+        )
+    return _factor(params, experiment, sweep_run_id, data, repeat)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="dispatch-{name}")
+def dispatch_factor(deployment: str, name: str, arguments: dict[str, Any]) -> None:
+    """Run one factor as a flow run of ``deployment`` and wait for it; Failed if it did not finish."""
+    parameters = {**arguments, "params": arguments["params"].model_dump(mode="json"), "data": asdict(arguments["data"])}
+    run = run_deployment(deployment, parameters=parameters, timeout=None, poll_interval=2)
+    if not run.state or not run.state.is_completed():
+        state = run.state.name if run.state else "unknown"
+        raise FactorFailed(f"{name}: flow run {run.name} ended {state}: {run.state.message if run.state else ''}")
+
+
 @flow(name="sweep")
-def sweep_flow(params: Params, experiment: str = "latentlab") -> SweepRun:
-    """Compare the factors in ``sweep.factors`` under the budget in ``sweep.budget``."""
+def sweep_flow(params: Params, experiment: str = "latentlab", factor_deployment: str | None = None) -> SweepRun | State:
+    """Compare the factors in ``sweep.factors`` under the budget in ``sweep.budget``; each factor
+    in this process, or (``factor_deployment``) as a flow run of that deployment. Returns the
+    sweep, or a Failed state that holds it when a factor did not finish (call with
+    ``return_state=True`` and read ``state.result(raise_on_failure=False)``)."""
     cells = [(f, r) for r in range(params.sweep.seeds) for f in params.sweep.factors]  # every f, then again
     per_cell = {(f, r): params.for_factor(f, r) for f, r in cells}  # all valid before any work
     plan = progress.SweepPlan({_name(cell): _training_budget_s(per_cell[cell]) for cell in cells}, params.sweep.workers)
     with progress.sweep_plan(plan):
-        return _sweep(params, experiment, cells, per_cell, plan)
+        result = _sweep(params, experiment, cells, per_cell, plan, factor_deployment)
+    if result.failed:
+        return Failed(message=f"{', '.join(result.failed)} did not finish; rerun to retry", data=result)
+    return result
 
 
 def _training_budget_s(params: Params) -> float | None:
@@ -94,7 +140,12 @@ def _training_budget_s(params: Params) -> float | None:
 
 
 def _sweep(
-    params: Params, experiment: str, cells: list[Cell], per_cell: dict[Cell, Params], plan: progress.SweepPlan
+    params: Params,
+    experiment: str,
+    cells: list[Cell],
+    per_cell: dict[Cell, Params],
+    plan: progress.SweepPlan,
+    factor_deployment: str | None,
 ) -> SweepRun:
     logger = get_run_logger()
     data = data_flow(params, experiment)
@@ -121,7 +172,9 @@ def _sweep(
             sweep_run_id = run.info.run_id
             for factor, repeat in todo:
                 write_factor_entry(sweep_run_id, factor, FactorEntry(), repeat)
-            results = run_factors(todo, per_cell, experiment, sweep_run_id, data, params.sweep.workers)
+            results = run_factors(
+                todo, per_cell, experiment, sweep_run_id, data, params.sweep.workers, factor_deployment
+            )
             entries = {**done, **results}
             for cell, entry in sorted(entries.items()):
                 logger.info("%s: %s", _name(cell), entry.status)
@@ -130,16 +183,24 @@ def _sweep(
 
 
 def run_factors(
-    todo: list[Cell], per_cell: dict[Cell, Params], experiment: str, sweep_run_id: str, data: DataVersion, workers: int
+    todo: list[Cell],
+    per_cell: dict[Cell, Params],
+    experiment: str,
+    sweep_run_id: str,
+    data: DataVersion,
+    workers: int,
+    deployment: str | None = None,
 ) -> dict[Cell, FactorEntry]:
-    """Each (factor, repeat)'s entry. One at a time in this thread, or ``workers`` at once in threads
-    (factors are independent; a deployment can spread them). One worker stays in the main
-    thread because PyTorch's OpenMP runs a 2-thread training step ~35 % slower from a worker
-    thread here (measured), which would cost every factor a third of its time budget.
+    """Each (factor, repeat)'s entry, as the factors recorded it on the sweep run. One at a time
+    in this thread, ``workers`` at once in threads, or all at once as flow runs of
+    ``deployment`` (its work pool's workers decide how many run together). One local worker
+    stays in the main thread because PyTorch's OpenMP runs a 2-thread training step ~35 %
+    slower from a worker thread here (measured), which would cost every factor a third of its
+    time budget.
 
     On Ctrl-C or SIGTERM the sweep exits at once: worker threads cannot be interrupted and
-    waiting for them could take an hour; everything is resumable (checkpoints, runs left
-    unfinished are reopened), so a hard exit loses nothing finished."""
+    waiting for them could take an hour. Its MLflow runs are closed KILLED and its Prefect flow
+    runs Cancelled first; everything is resumable (checkpoints, unfinished runs are reopened)."""
     arguments = {
         cell: {
             "params": per_cell[cell],
@@ -151,12 +212,25 @@ def run_factors(
         for cell in todo
     }
     try:
-        if workers == 1:
-            return {cell: run_factor(**arguments[cell]) for cell in todo}
-        with ThreadPoolTaskRunner(max_workers=workers) as runner:
-            futures = {cell: runner.submit(run_factor, arguments[cell]) for cell in todo}
-            return {cell: future.result() for cell, future in futures.items()}
+        if deployment is None and workers == 1:
+            for cell in todo:
+                run_factor(**arguments[cell], return_state=True)  # a Failed state; the next goes on
+        else:
+            with ThreadPoolTaskRunner(max_workers=len(todo) if deployment else workers) as runner:
+                if deployment:
+                    futures = [
+                        runner.submit(dispatch_factor, {"deployment": deployment, "name": _name(c), "arguments": a})
+                        for c, a in arguments.items()
+                    ]
+                else:
+                    futures = [runner.submit(run_factor, a) for a in arguments.values()]
+                wait(futures)
     # Ctrl-C; SIGTERM, as Prefect raises it; Lightning's exit after it handled a Ctrl-C itself
     except (KeyboardInterrupt, TerminationSignal, SystemExit) as exc:
-        print(f"latentlab sweep: {type(exc).__name__}: stopped; finished work is kept, rerun to resume.", flush=True)
+        reason = f"stopped by {type(exc).__name__}"
+        ownership.close_mine(reason)
+        cancel_flow_runs(reason)
+        print(f"latentlab sweep: {reason}; finished work is kept, rerun to resume.", flush=True)
         os._exit(130)
+    recorded = read_sweep_entries(mlflow.MlflowClient().get_run(sweep_run_id).data.tags)
+    return {cell: recorded.get(cell, FactorEntry(status="failed: it recorded nothing")) for cell in todo}

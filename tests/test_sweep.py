@@ -1,5 +1,6 @@
 """Evaluation, the sweep, its report and reproduce, end to end on a tiny OpenMoji subset."""
 
+import datetime
 import hashlib
 import json
 import os
@@ -78,7 +79,13 @@ def test_sweep_marks_a_failed_factor_redoes_only_it_then_reuses_everything(proje
     pixels = first_stage_id("", version, params.data.resolution)
     poisoned = project / workspace.latent_cache(pixels)  # f=1's latent cache: a folder in its place
     poisoned.mkdir(parents=True)  # (a damaged file would be encoded again; this cannot be replaced)
-    first = sweep_flow(params)
+    state = sweep_flow(params, return_state=True)
+    assert state.is_failed() and state.message.startswith("f=1 did not finish")  # in Prefect: Failed
+    assert _task_run_states(state.state_details.flow_run_id) == {
+        "factor-f1-seed0": "FAILED",
+        "factor-f4-seed0": "COMPLETED",
+    }
+    first = state.result(raise_on_failure=False)
     assert list(first.failed) == ["f=1"]
     tags = mlflow.get_run(first.run_id).data.tags
     assert json.loads(tags["latentlab.sweep.f1"])["status"].startswith("failed")
@@ -141,6 +148,7 @@ def test_stopped_sweep_resumes_without_duplicates(project, repo, tiny_sweep):
     command = [str(Path(sys.executable).with_name("latentlab")), "sweep", "--params", str(repo / "params/smoke.yaml")]
     for setting in tiny_sweep:
         command += ["--set", setting]
+    started = datetime.datetime.now(datetime.UTC)
     process = subprocess.Popen(
         command, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -150,6 +158,15 @@ def test_stopped_sweep_resumes_without_duplicates(project, repo, tiny_sweep):
     assert process.poll() is None, "the sweep ended before it could be killed"
     os.kill(process.pid, signal.SIGTERM)  # as `kill` or a scheduler stops it: promptly, not after f=4
     assert process.wait(timeout=60) != 0
+    # What it leaves says stopped: MLflow runs KILLED with the reason, Prefect flow runs Cancelled.
+    every = [run for stage in ("data", "sweep", "autoencoder", "ldm", "evaluate") for run in _all_runs(stage)]
+    stopped = {
+        r.info.run_name: r.data.tags.get("latentlab.closed_reason") for r in every if r.info.status != "FINISHED"
+    }
+    assert "sweep" in " ".join(stopped) and set(stopped.values()) == {"stopped by TerminationSignal"}, stopped
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in every)
+    states = _flow_run_states(since=started)
+    assert states["sweep"] == {"CANCELLED"} and "RUNNING" not in set().union(*states.values()), states
 
     done = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -259,6 +276,29 @@ def test_a_sweep_killed_at_each_point_in_turn_finishes_with_each_run_once_and_no
     for model in client.search_registered_models():
         assert len(client.search_model_versions(f"name = '{model.name}'")) == 1, model.name
     assert list(project.glob("reports/sweep-*/report.md"))  # and the report, whole
+
+
+def _flow_run_states(since: datetime.datetime) -> dict[str, set[str]]:
+    """The states of the flow runs (by flow name) that started after ``since``."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStartTime
+
+    with get_client(sync_client=True) as client:
+        flow_names = {flow.id: flow.name for flow in client.read_flows()}
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=since)))
+    states: dict[str, set[str]] = {}
+    for run in runs:
+        states.setdefault(flow_names[run.flow_id], set()).add(run.state.type.value)
+    return states
+
+
+def _task_run_states(flow_run_id) -> dict[str, str]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: run.state.type.value for run in task_runs if run.name.startswith("factor-")}
 
 
 def _all_runs(stage: str) -> list:
