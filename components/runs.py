@@ -31,7 +31,7 @@ from components import ownership
 from components.errors import UserError
 from components.params import Params
 from components.store import TAG_STAGE, RunGlance, check_run, redact
-from components.tracking import git_state
+from components.tracking import git_state, log_dataset
 
 # --- tag names (the interface contract, and latentlab's own) -------------------------------------
 # TAG_STAGE ("latentlab.stage") is components.store's: the command line reads it before MLflow loads.
@@ -153,6 +153,8 @@ def sweep_key(params: Params, data_version: str) -> str:
 
 # --- opening, finding and reopening runs ---------------------------------------------------------
 
+TRAINING_STAGES = ("autoencoder", "ldm")  # the runs that record system metrics (CPU, memory, GPU)
+
 
 @contextmanager
 def stage_run(
@@ -187,11 +189,14 @@ def stage_run(
             parent_run_id=parent_run_id,
             nested=parent_run_id is not None,
             tags={**contract_tags, **(tags or {})},
+            log_system_metrics=stage in TRAINING_STAGES,  # CPU, memory, GPU over time, beside the loss
         ) as run,
         ownership.heartbeat(run.info.run_id),
     ):
-        if resume_run_id is None:  # a resumed run keeps the params it was started with
+        if resume_run_id is None:  # a resumed run keeps the params and input it was started with
             mlflow.log_params({key: redact(value) for key, value in params.items()})
+            if data_version:
+                log_dataset(data_version, params.get("data.remote"), context=stage)
         try:
             yield run
         except Exception:

@@ -165,11 +165,14 @@ def ae_runs():
 
 
 @pytest.mark.slow
-def test_train_ae_records_registers_and_reuses(project, ae_smoke, smoke_params):
+def test_train_ae_records_registers_and_reuses(project, ae_smoke, smoke_params, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # (default 10 s; this run: 1 s)
     params = smoke_params(*ae_smoke)
     result = autoencoder_flow(params)
     run = mlflow.get_run(result.run_id)
     assert run.info.status == "FINISHED"
+    assert "system/cpu_utilization_percentage" in run.data.metrics  # beside the loss, over time
+    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [result.data_version]
     assert {"psnr", "ssim", "rfid", "train_loss", "train_img_per_s"} <= set(run.data.metrics)
     assert run.data.tags["latentlab.factor"] == "4"
     assert run.data.tags["latentlab.perceptual"] == "ssim"

@@ -53,6 +53,9 @@ def test_folder_is_versioned_reported_and_recorded(project, tmp_path, write_fold
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"manifest.json", "samples_per_class.png"} <= artifacts
     assert run.info.artifact_uri.startswith((project / "mlartifacts").as_uri()), run.info.artifact_uri
+    (dataset,) = run.inputs.dataset_inputs  # the UI's Dataset column: the DVC version and its remote
+    assert (dataset.dataset.name, dataset.dataset.digest) == (f"data-{result.version[:8]}", result.version)
+    assert dataset.dataset.source_type == "local" and "dvc-remote" in dataset.dataset.source
 
     # Again: nothing changes, no second run, even when the state file was left damaged.
     before = (project / "data.dvc").read_bytes()
