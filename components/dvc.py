@@ -38,18 +38,38 @@ def ensure_repo(root: Path) -> None:
     dvc(root, "init", *([] if in_git else ["--no-scm"]))
 
 
-def use_remote(root: Path, url: str, endpoint: str | None = None) -> None:
-    """Make ``url`` the default remote, in ``.dvc/config.local`` so git stays clean.
+def use_remote(root: Path, url: str, endpoint: str | None = None) -> bool:
+    """Make ``url`` the default remote; return whether ``.dvc/config`` changed (to commit).
 
-    Credentials for S3 come from the usual AWS variables or profiles, never from params.
+    A shared remote (``s3://...``, any URL) is written to ``.dvc/config``, which git tracks, so
+    that a clone knows where to ``dvc pull`` from; a directory is this machine's and the
+    endpoint may differ per machine: both go to ``.dvc/config.local``. Credentials for S3 come
+    from the usual AWS variables or profiles, never from params.
     """
-    if "://" not in url:
-        url = str((root / url).resolve())
-    dvc(root, "remote", "add", "--local", "--force", "--default", REMOTE_NAME, url)
-    if endpoint:
-        dvc(root, "remote", "modify", "--local", REMOTE_NAME, "endpointurl", endpoint)
+    section = f'remote "{REMOTE_NAME}"'
+    local = _config(root / ".dvc" / "config.local").get(section, {})
+    changed = False
+    if "://" in url:
+        if _config(root / ".dvc" / "config").get(section, {}).get("url") != url:
+            dvc(root, "remote", "add", "--project", "--force", "--default", REMOTE_NAME, url)
+            changed = True
+        if "url" in local:  # an earlier directory remote would override it
+            dvc(root, "remote", "modify", "--local", "--unset", REMOTE_NAME, "url")
     else:
+        dvc(root, "remote", "add", "--local", "--force", "--default", REMOTE_NAME, str((root / url).resolve()))
+    if endpoint:
+        if local.get("endpointurl") != endpoint:
+            dvc(root, "remote", "modify", "--local", REMOTE_NAME, "endpointurl", endpoint)
+    elif "endpointurl" in local:
         dvc(root, "remote", "modify", "--local", "--unset", REMOTE_NAME, "endpointurl")
+    return changed
+
+
+def _config(path: Path) -> dict:
+    """A DVC config file as nested dicts (DVC's own format, read with DVC's own reader)."""
+    from configobj import ConfigObj
+
+    return ConfigObj(str(path)).dict() if path.exists() else {}
 
 
 def add(root: Path, target: str = "data") -> str:

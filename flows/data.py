@@ -64,7 +64,11 @@ def version_data(params: DataParams, root: Path, build: str, rebuilt: bool) -> s
     target = str(DATA_DIR)
     version = dvc.add(root, target) if rebuilt else dvc.version(root)
     remember_build(root, build, version)
-    dvc.use_remote(root, params.remote, params.remote_endpoint)
+    if dvc.use_remote(root, params.remote, params.remote_endpoint):
+        get_run_logger().info(
+            "The DVC remote %s is now in .dvc/config: commit it (git add .dvc/config) so clones can `dvc pull`",
+            redact(params.remote),
+        )
     problem = dvc.unreachable(params.remote, params.remote_endpoint)
     if problem:  # the version is in the local DVC cache: everything on this machine goes on
         get_run_logger().warning(

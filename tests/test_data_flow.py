@@ -4,6 +4,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 
 import boto3
 import mlflow
@@ -113,7 +115,7 @@ def test_openmoji_is_deterministic_across_projects(project, tmp_path):
     assert "Smileys & Emotion" in first.manifest["classes"]
 
 
-def test_s3_remote(project, tmp_path, monkeypatch, write_folder):
+def test_s3_remote(project, tmp_path, monkeypatch, write_folder, git):
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
@@ -141,6 +143,23 @@ def test_s3_remote(project, tmp_path, monkeypatch, write_folder):
         logged = json.dumps([run.data.params, run.data.tags])
         assert "testing-secret" not in logged and "testing-key" not in logged
         assert result.version
+
+        # The remote's URL is in the committed config, the endpoint in the local one: a fresh
+        # clone that names only its own endpoint pulls the version.
+        assert "s3://datasets/latentlab" in (project / ".dvc" / "config").read_text()
+        assert endpoint in (project / ".dvc" / "config.local").read_text()
+        git(project, "add", ".dvc/config", "data.dvc")
+        git(project, "commit", "-q", "-m", "data")
+        clone = tmp_path / "clone"
+        subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
+        pull = [sys.executable, "-m", "dvc"]
+        subprocess.run(
+            [*pull, "remote", "modify", "--local", "latentlab", "endpointurl", endpoint], cwd=clone, check=True
+        )
+        subprocess.run([*pull, "pull", "-q"], cwd=clone, check=True)
+        assert sorted(p.name for p in (clone / "data" / "images").rglob("*.png")) == sorted(
+            p.name for p in (project / "data" / "images").rglob("*.png")
+        )
     finally:
         server.stop()
 
