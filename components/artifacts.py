@@ -6,6 +6,9 @@ machine or a notebook loads them back from a run id alone.
 - An LDM run holds ``ldm/``: ``ldm.json`` (LDM parameters, latent shape, conditioning, the
   autoencoder run it was trained on) beside ``ldm_ema.safetensors``; and ``pipeline/``, a
   diffusers pipeline for use outside latentlab.
+- Both also log a pyfunc model (``components/pyfunc``), registered as ``autoencoder-f<f>-<reg>``
+  and ``ldm`` (a version per run, alias ``f<f>`` on the version a sweep last evaluated for f and
+  ``best`` on its best f), so ``mlflow.pyfunc.load_model("models:/ldm@f8")`` works anywhere.
 
 So loading an LDM needs its run id, its autoencoder run (named in ``ldm.json``) and, for the
 conditioning table, the dataset's labels or captions; never the latents.
@@ -14,15 +17,19 @@ Downloads are kept under ``.latentlab/models/<run id>/``.
 
 from __future__ import annotations
 
+import json
 import tempfile
+import warnings
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.models import ModelSignature, infer_signature
 from safetensors.torch import save_file
 
-from components import workspace
+from components import pyfunc, workspace
 from components.conditioning import Conditioning, conditioning_for
 from components.dataset import read_manifest, records_by_split
 from components.diffusion import LatentDiffusionModule, read_config
@@ -32,6 +39,8 @@ from components.params import LDMParams
 
 FIRST_STAGE = "diffusers"
 LDM = "ldm"
+PIPELINE = "pipeline"
+LDM_MODEL = "ldm"  # the registered model: one version per LDM run with a pipeline (f > 1)
 
 
 def local_copy(run_id: str, artifact_path: str) -> Path:
@@ -57,15 +66,36 @@ def local_copy(run_id: str, artifact_path: str) -> Path:
 
 
 def publish_autoencoder(stage: Autoencoder, state: dict[str, Any]) -> str:
-    """Log the first stage (diffusers layout) and the training module's ``state`` to the active
-    run; return the artifact URI of the diffusers directory (what the registry points at)."""
+    """Log the first stage (diffusers layout), the training module's ``state`` and a pyfunc
+    model of the first stage to the active run; return the model's URI (what the registry
+    points at)."""
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "autoencoder.safetensors"
         save_file(state, weights)
         mlflow.log_artifact(str(weights), "weights")
         stage.save_pretrained(Path(tmp) / FIRST_STAGE)
         mlflow.log_artifacts(str(Path(tmp) / FIRST_STAGE), FIRST_STAGE)
-    return f"{mlflow.get_artifact_uri()}/{FIRST_STAGE}"
+        return log_pyfunc(pyfunc.AUTOENCODER, {FIRST_STAGE: Path(tmp) / FIRST_STAGE}, {"output": "reconstruction"})
+
+
+def log_pyfunc(code: Path, artifacts: dict[str, Path], params: dict[str, Any]) -> str:
+    """A pyfunc model (``components/pyfunc``, as code: loading it unpickles nothing) in the
+    active run; returns its ``models:/`` URI. ``params``: what ``predict`` accepts, with
+    defaults (pyfunc passes only declared params). Requirements are named, not inferred:
+    inference loads the model in a subprocess, seconds per model."""
+    with warnings.catch_warnings():  # ("an input example was not provided": none fits images)
+        warnings.filterwarnings("ignore", message=".*input example", category=UserWarning)
+        info = mlflow.pyfunc.log_model(
+            name=Path(code).stem,
+            python_model=str(code),
+            artifacts={key: str(path) for key, path in artifacts.items()},
+            signature=ModelSignature(inputs=None, params=infer_signature(params=params).params),
+            pip_requirements=[f"{package}=={version(package)}" for package in PYFUNC_PACKAGES],
+        )
+    return info.model_uri
+
+
+PYFUNC_PACKAGES = ("mlflow", "torch", "diffusers", "safetensors", "pandas")
 
 
 def first_stage_of(ae_run_id: str) -> FirstStage:
@@ -77,6 +107,17 @@ def publish_ldm(module: LatentDiffusionModule, **facts: Any) -> None:
     """Log the LDM (``save_pretrained``, with ``facts`` in its config) to the active run."""
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.log_artifacts(str(module.save_pretrained(Path(tmp) / LDM, **facts)), LDM)
+
+
+def publish_pipeline(pipeline: Path, *, resolution: int, conditioning: str) -> str:
+    """Log the exported diffusers pipeline as run artifacts (``pipeline/``) and as a pyfunc
+    model; return the model's URI."""
+    # (in the folder, not as MLflow's model_config, which MLflow also logs as run params)
+    facts = {"resolution": resolution, "conditioning": conditioning}
+    (Path(pipeline) / pyfunc.PIPELINE_FACTS).write_text(json.dumps(facts))
+    mlflow.log_artifacts(str(pipeline), PIPELINE)
+    sampling = {"steps": 50, "seed": 0, "guidance_scale": 1.0}
+    return log_pyfunc(pyfunc.LDM_PIPELINE, {PIPELINE: pipeline}, sampling)
 
 
 @dataclass

@@ -46,6 +46,12 @@ def comparable(rows: list[FactorRow]) -> tuple[str | None, list[FactorRow], list
     return extractor, inside, [r for r in scored if r.fid_extractor != extractor]
 
 
+def best_factor(summary: SweepSummary) -> FactorRow | None:
+    """The factor the verdict names: the lowest FID among comparable ones (None: no FID yet)."""
+    _, rows, _ = comparable(summary.rows)
+    return min(rows, key=lambda r: r.fid) if rows else None
+
+
 def verdict(summary: SweepSummary) -> str:
     """A short paragraph: the winning f, its margins, whether the paper's shape appears, and caveats."""
     extractor, rows, left_out = comparable(summary.rows)
@@ -53,7 +59,7 @@ def verdict(summary: SweepSummary) -> str:
     if not rows:
         return f"No factor has an evaluate FID yet {budget}, so there is no winner to name."
     ranked = sorted(rows, key=lambda r: r.fid)
-    best = ranked[0]
+    best = ranked[0]  # (= best_factor(summary))
     parts = [f"Best factor {budget}: **f={best.factor}** with FID {_fid(best)}."]
     runner_up = ranked[1] if len(ranked) > 1 else None
     beats = [r for r in ranked[1:] if r is runner_up or r.factor in PAPER_EXTREMES]

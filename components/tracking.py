@@ -82,15 +82,27 @@ def _git(cwd: str | Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def register_once(name: str, run_id: str, source: str, tags: dict[str, str]) -> str:
-    """Register ``source`` as a version of model ``name`` unless ``run_id`` already has one."""
+def register_once(name: str, run_id: str, model_uri: str, tags: dict[str, str]) -> str:
+    """Register the logged model ``model_uri`` as a version of ``name`` unless ``run_id``
+    already has one (a resumed run registers once)."""
     client = mlflow.MlflowClient()
-    with suppress(mlflow.exceptions.MlflowException):  # exists already
-        client.create_registered_model(name)
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if existing:
         return existing[0].version
-    return client.create_model_version(name, source, run_id=run_id, tags=tags).version
+    return mlflow.register_model(model_uri, name, tags=tags).version
+
+
+def point_aliases(name: str, run_by_alias: dict[str, str]) -> dict[str, str]:
+    """Set each alias of model ``name`` to the version registered by its run; returns
+    {alias: version} for the runs that have one (f=1's pixel-space LDM has none)."""
+    client = mlflow.MlflowClient()
+    pointed = {}
+    for alias, run_id in run_by_alias.items():
+        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        if versions:
+            client.set_registered_model_alias(name, alias, versions[0].version)
+            pointed[alias] = versions[0].version
+    return pointed
 
 
 def log_metrics(

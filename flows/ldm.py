@@ -32,6 +32,8 @@ from components.params import Params
 from components.runs import (
     NO_AUTOENCODER,
     TAG_AE_RUN,
+    TAG_DATA_VERSION,
+    TAG_FACTOR,
     TAG_FID_EXTRACTOR,
     TAG_LATENT_SHAPE,
     TAG_PRECISION,
@@ -41,7 +43,7 @@ from components.runs import (
     ldm_key,
     seeded_name,
 )
-from components.tracking import log_metrics, use_experiment
+from components.tracking import log_metrics, register_once, use_experiment
 from components.training import check_one_batch, resolve_precision
 from flows.autoencoder import AutoencoderRun, autoencoder_flow
 from flows.data import DataVersion
@@ -151,7 +153,18 @@ def publish(module: LatentDiffusionModule, data: LatentData, params: Params, ae:
         get_run_logger().info("f=1: pixel-space model, no diffusers pipeline to export")
         return
     with tempfile.TemporaryDirectory() as tmp:
-        mlflow.log_artifacts(str(ldm_training.export_pipeline(module, data.stage, classes, Path(tmp))), "pipeline")
+        model = artifacts.publish_pipeline(
+            ldm_training.export_pipeline(module, data.stage, classes, Path(tmp)),
+            resolution=params.data.resolution,
+            conditioning=params.ldm.conditioning,
+        )
+    version = register_once(
+        artifacts.LDM_MODEL,
+        mlflow.active_run().info.run_id,
+        model,
+        {TAG_FACTOR: str(ae.factor), TAG_DATA_VERSION: ae.data_version},
+    )
+    get_run_logger().info("Registered %s version %s (f=%d)", artifacts.LDM_MODEL, version, ae.factor)
 
 
 @flow(name="train-ldm")

@@ -11,10 +11,22 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from components import progress, workspace
-from components.report import log_report, write_report
+from components.artifacts import LDM_MODEL
+from components.report import best_factor, log_report, write_report
 from components.runs import run_of_stage
-from components.sweep_summary import collect
-from components.tracking import use_experiment
+from components.sweep_summary import SweepSummary, collect
+from components.tracking import point_aliases, use_experiment
+
+
+def point_ldm_aliases(summary: SweepSummary) -> None:
+    """``models:/ldm@f<f>``: the version this sweep evaluated for f; ``@best``: its verdict's f."""
+    runs = {f"f{row.factor}": row.ldm_run_id for row in summary.rows if row.ldm_run_id}
+    best = best_factor(summary)
+    if best is not None and best.ldm_run_id:
+        runs["best"] = best.ldm_run_id
+    pointed = point_aliases(LDM_MODEL, runs)
+    if pointed:
+        get_run_logger().info("Model aliases: %s", ", ".join(f"{LDM_MODEL}@{a} = v{v}" for a, v in pointed.items()))
 
 
 @flow(name="report")
@@ -28,5 +40,6 @@ def report_flow(sweep_run_id: str, experiment: str = "latentlab", log: bool = Tr
         path = write_report(summary, out_dir)
         if log:
             log_report(sweep_run_id, out_dir, summary)
+            point_ldm_aliases(summary)
     get_run_logger().info("Report written to %s", path)
     return path

@@ -1,8 +1,12 @@
 """The latent diffusion stage: schedule, UNet shape, conditioning, cache, sampling, the flow."""
 
+import json
 import math
+from pathlib import Path
 
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -160,6 +164,23 @@ def test_train_ldm_records_exports_and_reuses(project, ldm_smoke, smoke_params):
         output_type="np",
     )
     assert out.images.shape == (2, 16, 16, 3)
+
+    # Registered: the LDM as a pyfunc from its models:/ URI, and its first stage likewise.
+    client = mlflow.MlflowClient()
+    (version,) = client.search_model_versions("name = 'ldm'")
+    assert version.run_id == result.run_id and version.tags["latentlab.factor"] == "4"
+    model = mlflow.pyfunc.load_model(f"models:/ldm/{version.version}")
+    labels = json.loads(Path(pipeline_dir, "contexts.json").read_text())["rows"][:2]
+    images = model.predict(pd.DataFrame({"label": labels}), params={"steps": 3, "seed": 0})
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+    assert np.array_equal(images, model.predict(pd.DataFrame({"label": labels}), params={"steps": 3, "seed": 0}))
+    with pytest.raises(ValueError, match="unknown labels"):
+        model.predict(pd.DataFrame({"label": ["no such class"]}))
+    (ae_version,) = client.search_model_versions("name = 'autoencoder-f4-kl'")
+    first_stage = mlflow.pyfunc.load_model(f"models:/autoencoder-f4-kl/{ae_version.version}")
+    assert first_stage.predict(images).shape == images.shape
+    latent_shape = tuple(int(n) for n in run.data.tags["latentlab.latent_shape"].split("x"))
+    assert first_stage.predict(images, params={"output": "latents"}).shape[1:] == latent_shape
 
     again = ldm_flow(params)
     assert again.run_id == result.run_id and again.reused

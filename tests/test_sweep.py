@@ -109,6 +109,11 @@ def test_sweep_marks_a_failed_factor_redoes_only_it_then_reuses_everything(proje
         assert {"steps", "images_seen", "wall_time_s", "flops_per_step"} <= set(ldm.data.metrics)
         assert ldm.data.metrics["steps"] == 4
     assert json.loads(sweep.data.tags["latentlab.sweep.f1"])["ae"] == ""  # pixel space
+    # The registry follows the sweep: ldm@f4 is the version it evaluated (f=1 has no pipeline to register).
+    client = mlflow.MlflowClient()
+    f4 = json.loads(sweep.data.tags["latentlab.sweep.f4"])["ldm"]
+    assert client.get_model_version_by_alias("ldm", "f4").run_id == f4
+    assert set(client.get_registered_model("ldm").aliases) <= {"f4", "best"}
 
     report = project / "reports" / f"sweep-{sweep.info.run_id}"
     text = (report / "report.md").read_text()
