@@ -89,14 +89,15 @@ class SweepSummary:
 # ----------------------------------------------------------------------------------------- collect
 
 
-def collect(sweep_run_id: str, client: mlflow.MlflowClient | None = None) -> SweepSummary:
-    """Read a sweep and its children from MLflow; missing runs, metrics or artifacts become ``None``."""
+def collect(sweep_run_id: str, client: mlflow.MlflowClient | None = None, images: bool = True) -> SweepSummary:
+    """Read a sweep and its children from MLflow; missing runs, metrics or artifacts become
+    ``None``. ``images``: also download each factor's sample grid (for the report)."""
     client = client or mlflow.MlflowClient()
     sweep = client.get_run(sweep_run_id)
     tags = sweep.data.tags
     entries = read_sweep_entries(tags)
     factors = {f for f, _ in entries} | set(_factors_param(sweep.data.params.get("sweep.factors")))
-    rows = [_row(client, f, entries.get((f, 0))) for f in sorted(factors)]
+    rows = [_row(client, f, entries.get((f, 0)), images) for f in sorted(factors)]
     for row in rows:
         repeats = sorted(r for f, r in entries if f == row.factor and r > 0)
         row.repeats = [_row(client, row.factor, entries[(row.factor, r)], images=False) for r in repeats]

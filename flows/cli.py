@@ -95,13 +95,18 @@ def cmd_sweep(params: Params, args: argparse.Namespace) -> None:
     from flows.sweep import sweep_flow
 
     # A sweep with a factor that did not finish ends Failed in Prefect and holds the sweep.
-    result = sweep_flow(params, experiment=args.experiment, return_state=True).result(raise_on_failure=False)
+    state = sweep_flow(
+        params, experiment=args.experiment, fail_on_regression=args.fail_on_regression, return_state=True
+    )
+    result = state.result(raise_on_failure=False)
     verb = "Reused finished sweep" if result.reused else "Sweep"
     console.print(f"[bold green]{verb} {result.run_id}[/]: report {result.report}")
     for name, entry in result.failed.items():
         console.print(f"  [red]{name}[/]: {entry.status} (rerun the sweep to retry it)")
+    for regression in result.regressions:
+        console.print(f"  [yellow]worse than the previous sweep[/] {regression}")
     print(result.run_id)
-    if result.failed:
+    if state.is_failed():
         raise SystemExit(1)
 
 
@@ -210,7 +215,14 @@ def cmd_deploy(params: Params, args: argparse.Namespace) -> None:
     _require_prefect_server("deploy")
     from flows.deployments import SWEEP_QUEUE, WORK_QUEUE, deploy
 
-    names = deploy(params, args.experiment, name=args.name, pool=args.pool, cron=args.cron)
+    names = deploy(
+        params,
+        args.experiment,
+        name=args.name,
+        pool=args.pool,
+        cron=args.cron,
+        fail_on_regression=args.fail_on_regression,
+    )
     console.print(f"[bold green]Deployed[/] on work pool '{args.pool}': {', '.join(names)}")
     console.print(f"Schedule: {args.cron or 'none (run on demand)'}. Next, each in a checkout of this project:")
     console.print(f"  prefect worker start --pool {args.pool} --work-queue {SWEEP_QUEUE}   (one, anywhere)")
@@ -244,6 +256,10 @@ COMMANDS: dict[str, tuple[str, Callable[[Params, argparse.Namespace], None]]] = 
 }
 
 
+REGRESSION_FLAG = {
+    "action": "store_true",
+    "help": "fail (exit 1) when a factor got worse than in the previous sweep on the same data and params",
+}
 EXTRA_ARGUMENTS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
     "evaluate": [(("--run",), {"required": True, "metavar": "RUN_ID", "help": "a finished train-ldm run"})],
     "report": [(("--run",), {"required": True, "metavar": "SWEEP_RUN_ID", "help": "a sweep run"})],
@@ -256,7 +272,9 @@ EXTRA_ARGUMENTS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
         (("--port",), {"type": int, "default": 5000}),
     ],
     "serve": [(("--cron",), {"default": None, "help": "schedule, e.g. '0 3 * * *'"})],
+    "sweep": [(("--fail-on-regression",), REGRESSION_FLAG)],
     "deploy": [
+        (("--fail-on-regression",), REGRESSION_FLAG),
         (("--cron",), {"default": None, "help": "schedule the sweep, e.g. '0 3 * * *' (nightly)"}),
         (("--pool",), {"default": "latentlab", "help": "Prefect process work pool (created if missing)"}),
         (("--name",), {"default": "latentlab", "help": "deployment name: sweep/NAME, factor/NAME, ..."}),

@@ -41,14 +41,27 @@ def ensure_pool(pool: str) -> None:
 
 
 def deploy(
-    params: Params, experiment: str, *, name: str = POOL, pool: str = POOL, cron: str | None = None
+    params: Params,
+    experiment: str,
+    *,
+    name: str = POOL,
+    pool: str = POOL,
+    cron: str | None = None,
+    fail_on_regression: bool = False,
 ) -> list[str]:
     """Create or update the deployments ``<flow>/<name>``; return their names. The sweep's
-    factors become flow runs of ``factor/<name>``; ``cron`` schedules the sweep."""
+    factors become flow runs of ``factor/<name>``; ``cron`` schedules the sweep (the nightly
+    ablation), which with ``fail_on_regression`` ends Failed when a factor got worse than in
+    the previous sweep on the same data and parameters."""
     ensure_pool(pool)
     preset = {"params": params.model_dump(mode="json"), "experiment": experiment}
     deployments = [
-        (sweep_flow, {**preset, "factor_deployment": f"{factor_flow.name}/{name}"}, SWEEP_QUEUE, cron),
+        (
+            sweep_flow,
+            {**preset, "factor_deployment": f"{factor_flow.name}/{name}", "fail_on_regression": fail_on_regression},
+            SWEEP_QUEUE,
+            cron,
+        ),
         (factor_flow, {"experiment": experiment}, WORK_QUEUE, None),  # the sweep passes the rest
         (data_flow, preset, WORK_QUEUE, None),
         (autoencoder_flow, preset, WORK_QUEUE, None),

@@ -11,7 +11,7 @@ sweep is returned at once.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from components import ownership, progress
 from components.errors import Reported
 from components.params import Params
+from components.regression import (
+    TAG_COMPARABLE,
+    TAG_COMPARED_WITH,
+    TAG_REGRESSION_PREFIX,
+    comparable_key,
+    previous_sweep,
+    regressions,
+)
 from components.runs import (
     FINISHED,
     TAG_BUDGET,
@@ -36,6 +44,7 @@ from components.runs import (
     sweep_key,
     write_factor_entry,
 )
+from components.sweep_summary import collect
 from components.tracking import use_experiment
 from flows.cancellation import cancel_flow_runs
 from flows.data import DataVersion, data_flow
@@ -53,6 +62,7 @@ class SweepRun:
     entries: dict[Cell, FactorEntry]
     report: Path | None
     reused: bool
+    regressions: list[str] = field(default_factory=list)  # against the previous comparable sweep
 
     @property
     def failed(self) -> dict[str, FactorEntry]:
@@ -117,11 +127,38 @@ def dispatch_factor(deployment: str, name: str, arguments: dict[str, Any]) -> No
         raise FactorFailed(f"{name}: flow run {run.name} ended {state}: {run.state.message if run.state else ''}")
 
 
+@task(cache_policy=NO_CACHE)
+def check_regressions(experiment_id: str, sweep_run_id: str, comparable: str) -> list[str]:
+    """Each factor against the previous sweep on the same data and parameters; what got worse
+    beyond its interval is tagged on the sweep run (``latentlab.regression.f<f>``) and logged."""
+    logger = get_run_logger()
+    previous = previous_sweep(experiment_id, comparable, sweep_run_id)
+    if previous is None:
+        return []
+    client = mlflow.MlflowClient()
+    client.set_tag(sweep_run_id, TAG_COMPARED_WITH, previous)
+    found = regressions(collect(previous, images=False), collect(sweep_run_id, images=False))
+    for factor in sorted({r.factor for r in found}):
+        said = "; ".join(str(r) for r in found if r.factor == factor)
+        client.set_tag(sweep_run_id, f"{TAG_REGRESSION_PREFIX}{factor}", said)
+    for regression in found:
+        logger.warning("Worse than sweep %s beyond the intervals: %s", previous, regression)
+    if not found:
+        logger.info("No factor got worse than in sweep %s (same data and parameters) beyond its interval", previous)
+    return [str(r) for r in found]
+
+
 @flow(name="sweep")
-def sweep_flow(params: Params, experiment: str = "latentlab", factor_deployment: str | None = None) -> SweepRun | State:
+def sweep_flow(
+    params: Params,
+    experiment: str = "latentlab",
+    factor_deployment: str | None = None,
+    fail_on_regression: bool = False,
+) -> SweepRun | State:
     """Compare the factors in ``sweep.factors`` under the budget in ``sweep.budget``; each factor
     in this process, or (``factor_deployment``) as a flow run of that deployment. Returns the
-    sweep, or a Failed state that holds it when a factor did not finish (call with
+    sweep, or a Failed state that holds it when a factor did not finish or (``fail_on_regression``)
+    got worse than in the previous sweep on the same data and parameters (call with
     ``return_state=True`` and read ``state.result(raise_on_failure=False)``)."""
     cells = [(f, r) for r in range(params.sweep.seeds) for f in params.sweep.factors]  # every f, then again
     per_cell = {(f, r): params.for_factor(f, r) for f, r in cells}  # all valid before any work
@@ -130,6 +167,8 @@ def sweep_flow(params: Params, experiment: str = "latentlab", factor_deployment:
         result = _sweep(params, experiment, cells, per_cell, plan, factor_deployment)
     if result.failed:
         return Failed(message=f"{', '.join(result.failed)} did not finish; rerun to retry", data=result)
+    if fail_on_regression and result.regressions:
+        return Failed(message="worse than the previous sweep: " + "; ".join(result.regressions), data=result)
     return result
 
 
@@ -149,8 +188,9 @@ def _sweep(
 ) -> SweepRun:
     logger = get_run_logger()
     data = data_flow(params, experiment)
-    key = sweep_key(params, data.version)
-    with ReuseOrResume.claim(use_experiment(experiment), "sweep", key, log=logger.info) as recorded:
+    key, comparable = sweep_key(params, data.version), comparable_key(params, data.version)
+    experiment_id = use_experiment(experiment)
+    with ReuseOrResume.claim(experiment_id, "sweep", key, log=logger.info) as recorded:
         previous = recorded.resumable or recorded.reusable
         done = read_sweep_entries(previous.data.tags) if previous else {}
         todo = [cell for cell in cells if not (cell in done and done[cell].finished)]
@@ -166,7 +206,7 @@ def _sweep(
             data_version=data.version,
             params=params.flat(),
             run_name=f"sweep-{recorded.key[:6]}",
-            tags={TAG_BUDGET: params.budget_description()},
+            tags={TAG_BUDGET: params.budget_description(), TAG_COMPARABLE: comparable},
             reopen=previous,
         ) as run:
             sweep_run_id = run.info.run_id
@@ -179,7 +219,9 @@ def _sweep(
             for cell, entry in sorted(entries.items()):
                 logger.info("%s: %s", _name(cell), entry.status)
             report = report_flow(sweep_run_id, experiment)
-        return SweepRun(sweep_run_id, entries, report, reused=False)
+        complete = all(entry.finished for entry in entries.values())
+        found = check_regressions(experiment_id, sweep_run_id, comparable) if complete else []
+        return SweepRun(sweep_run_id, entries, report, reused=False, regressions=found)
 
 
 def run_factors(

@@ -71,7 +71,7 @@ def test_evaluate_refuses_what_it_cannot_evaluate(project, tiny):
 
 
 @pytest.mark.slow
-def test_sweep_marks_a_failed_factor_redoes_only_it_then_reuses_everything(project, tiny):
+def test_sweep_marks_a_failed_factor_redoes_only_it_then_reuses_everything(project, tiny, monkeypatch):
     params = tiny()
     from flows.data import data_flow
 
@@ -129,6 +129,34 @@ def test_sweep_marks_a_failed_factor_redoes_only_it_then_reuses_everything(proje
     assert again.reused and again.run_id == result.run_id
     assert time.perf_counter() - started < 30
     assert {stage: len(runs(stage)) for stage in counts} == counts
+    assert result.regressions == [] and "latentlab.compared_with" not in sweep.data.tags  # nothing before it
+
+    # The nightly signal: the same data and parameters under new code (a new sweep, every stage
+    # reused) against a previous sweep whose f=4 scored far better: marked, and Failed if asked.
+    previous_eval = mlflow.get_run(json.loads(sweep.data.tags["latentlab.sweep.f4"])["evaluate"])
+    better = {
+        "fid": 1.0,
+        "fid_ci_low": 0.5,
+        "fid_ci_high": 1.5,
+        "kid_mean": 0.01,
+        "kid_ci_low": 0.0,
+        "kid_ci_high": 0.02,
+    }
+    extractor = {"latentlab.fid_extractor": previous_eval.data.tags["latentlab.fid_extractor"]}
+    with mlflow.start_run(run_name="eval-f4-better", tags=extractor) as fake:  # (no stage tags: never reused)
+        mlflow.log_metrics(better)
+    entry = {**json.loads(sweep.data.tags["latentlab.sweep.f4"]), "evaluate": fake.info.run_id}
+    mlflow.MlflowClient().set_tag(result.run_id, "latentlab.sweep.f4", json.dumps(entry))
+    monkeypatch.setattr("flows.sweep.sweep_key", lambda params, version: "new-code-" + version[:8])
+    state = sweep_flow(params, fail_on_regression=True, return_state=True)
+    assert state.is_failed() and state.message.startswith("worse than the previous sweep: f=4: FID")
+    nightly = mlflow.get_run(state.result(raise_on_failure=False).run_id)
+    assert nightly.info.run_id != result.run_id and nightly.data.tags["latentlab.compared_with"] == result.run_id
+    assert (
+        "f=4: FID" in nightly.data.tags["latentlab.regression.f4"]
+        and "KID" in nightly.data.tags["latentlab.regression.f4"]
+    )
+    assert "latentlab.regression.f1" not in nightly.data.tags  # f=1 unchanged
 
 
 @pytest.mark.slow
