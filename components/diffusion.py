@@ -111,6 +111,9 @@ class LatentDiffusionModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self.ema.step(self.unet.parameters())
 
+    def on_fit_start(self) -> None:
+        self.ema.to(self.device)  # the averaged weights live where the model trains (CUDA), not on the CPU
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ema"] = self.ema.state_dict()
 
