@@ -1,5 +1,8 @@
 """The exceptions the CLI shows as a short message instead of a traceback."""
 
+import re
+from urllib.parse import urlsplit
+
 
 class UserError(Exception):
     """Bad input or an unmet precondition the user can fix; the message says how."""
@@ -8,3 +11,16 @@ class UserError(Exception):
 class Reported(Exception):
     """A failure already logged where it happened (a sweep's factor): it ends its Prefect run
     Failed, and its traceback would add nothing to the logged message."""
+
+
+def store_failure(error: BaseException) -> str | None:
+    """One line naming the server that failed, when ``error`` is MLflow's REST client giving up
+    on the tracking server or its artifact store (no answer, or 5xx answers): worth a retry and
+    a plain message, not a traceback. None for anything else."""
+    text = str(error)
+    if not (text.startswith("API request to ") and " failed with exception " in text):
+        return None
+    url, cause = text.removeprefix("API request to ").split(" failed with exception ", 1)
+    caused = re.search(r"Caused by \w+\((.*)$", cause, re.DOTALL)
+    reason = (caused.group(1) if caused else cause).rstrip("')\" \n").lstrip("'\" ").split(">: ")[-1]
+    return f"{urlsplit(url).netloc} did not answer ({reason[:160]})"

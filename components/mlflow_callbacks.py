@@ -4,16 +4,46 @@ can reach the tracking store without importing Lightning, which takes seconds.)"
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 import mlflow
 import pytorch_lightning as L
 import torch
+from mlflow.exceptions import MlflowException
 from PIL import Image
 
+from components.errors import store_failure
 from components.params import TrainingBudget
 from components.tracking import log_metrics
+
+logger = logging.getLogger("latentlab")
+
+
+class WhileTheStoreBlips:
+    """Runs what a callback reports during training. A tracking server or artifact store that
+    does not answer costs reports, not the training: a warning, then no report is tried for a
+    minute (each failed attempt blocks for MLflow's own retries). What training ends with
+    (totals, the model) is not reported through this: it must land, and the stage's task
+    retries it (``flows.retries``)."""
+
+    PAUSE_S = 60.0
+
+    def __init__(self) -> None:
+        self._down_until = 0.0
+
+    def __call__(self, what: str, report: Callable[[], object]) -> None:
+        if time.monotonic() < self._down_until:
+            return
+        try:
+            report()
+        except MlflowException as error:
+            failure = store_failure(error)
+            if failure is None:
+                raise
+            logger.warning("Could not log %s: %s; training goes on (reports paused for a minute)", what, failure)
+            self._down_until = time.monotonic() + self.PAUSE_S
 
 
 class MLflowReporter(L.Callback):
@@ -30,6 +60,7 @@ class MLflowReporter(L.Callback):
     ):
         self.run_id, self.budget, self.grid, self.grid_name = run_id, budget, grid, grid_name
         self.client = mlflow.MlflowClient()
+        self.report = WhileTheStoreBlips()
         self._since = 0.0  # module.train_seconds at the last log
         self._images = 0
 
@@ -44,14 +75,18 @@ class MLflowReporter(L.Callback):
             metrics = {name: float(value) for name, value in module.logged.items()}
             metrics["train_img_per_s"] = self._images / max(elapsed, 1e-9)
             metrics["images_seen"] = step * self.budget.batch_size
-            log_metrics(self.run_id, metrics, step, self.client)
+            self.report(f"metrics at step {step}", lambda: log_metrics(self.run_id, metrics, step, self.client))
             self._since, self._images = float(module.train_seconds), 0
         if step % self.budget.image_every == 0:
             started = time.perf_counter()
             with torch.random.fork_rng(devices=[]):  # a grid must not move training's random stream
                 image = self.grid(module)
-            log_metrics(self.run_id, {"grid_s": time.perf_counter() - started}, step, self.client)
-            self.client.log_image(self.run_id, image, key=self.grid_name, step=step)
+            grid_s = time.perf_counter() - started
+            self.report(f"{self.grid_name} at step {step}", lambda: self._log_grid(image, grid_s, step))
+
+    def _log_grid(self, image: Image.Image, seconds: float, step: int) -> None:
+        log_metrics(self.run_id, {"grid_s": seconds}, step, self.client)
+        self.client.log_image(self.run_id, image, key=self.grid_name, step=step)
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         """What the sweep compares budgets by: steps, images and training seconds."""
@@ -76,6 +111,7 @@ class PeriodicEvaluation(L.Callback):
     def __init__(self, run_id: str, every: int, evaluate: Callable[[], dict[str, float]]):
         self.run_id, self.every, self.evaluate = run_id, every, evaluate
         self.client = mlflow.MlflowClient()
+        self.report = WhileTheStoreBlips()
         self._last = -1
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_) -> None:
@@ -91,5 +127,5 @@ class PeriodicEvaluation(L.Callback):
         with torch.random.fork_rng(devices=[]):  # why: the class docstring
             values = dict(self.evaluate())
         values["fid_eval_s"] = time.perf_counter() - started
-        log_metrics(self.run_id, values, step, self.client)
+        self.report(f"FID at step {step}", lambda: log_metrics(self.run_id, values, step, self.client))
         self._last = step

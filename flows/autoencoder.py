@@ -37,6 +37,7 @@ from components.tracking import register_once, use_experiment
 from components.training import check_one_batch, resolve_precision
 from flows.data import DataVersion, data_flow
 from flows.extractor import reference
+from flows.retries import STORE_RETRIES
 
 PREVIEW_IMAGES = 8
 
@@ -60,7 +61,7 @@ def model_name(params: Params) -> str:
     return f"autoencoder-f{params.ae.factor}-{params.ae.regularizer}"
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, **STORE_RETRIES)
 def train(params: Params, train_images: torch.Tensor, preview: torch.Tensor, run_id: str) -> AutoencoderModule:
     def grid(module: AutoencoderModule):
         return ae_training.reconstruction_grid(module, preview)
@@ -75,7 +76,7 @@ def train(params: Params, train_images: torch.Tensor, preview: torch.Tensor, run
     )
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, **STORE_RETRIES)
 def evaluate(module: AutoencoderModule, val: Reference) -> dict[str, float]:
     """PSNR/SSIM and rFID of the val split's reconstructions (the paper's Table 8)."""
     metrics = ae_training.evaluate_autoencoder(module, val)
@@ -88,7 +89,7 @@ def evaluate(module: AutoencoderModule, val: Reference) -> dict[str, float]:
     return metrics
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, **STORE_RETRIES)
 def publish(
     module: AutoencoderModule, params: Params, train_images: torch.Tensor, run_id: str, data_version: str
 ) -> str:

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from components import progress
-from components.errors import Reported, UserError
+from components.errors import Reported, UserError, store_failure
 from components.params import Params, load_params
 from components.store import DEFAULT_EXPERIMENT
 
@@ -300,11 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _DropUserErrorTracebacks(logging.Filter):
-    """Prefect logs a failed task's traceback; for a user error the CLI's message says it all,
-    and a failure already reported was logged in a line of its own."""
+    """Prefect logs a failed task's traceback; for a user error or a store that did not answer the
+    CLI's message says it all, and a failure already reported was logged in a line of its own."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], (UserError, Reported)))
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, (UserError, Reported)) or (error is not None and store_failure(error)))
 
 
 def _quiet_user_errors() -> None:
@@ -358,6 +359,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print(f"latentlab {args.command}: interrupted; finished work is kept, rerun to resume.")
         return 130
+    except Exception as exc:
+        failure = store_failure(exc)
+        if failure is None:
+            raise
+        console.print(
+            f"[bold red]latentlab {args.command}:[/] the tracking server or its artifact store failed: {failure}. "
+            "The run is marked FAILED and nothing unfinished is registered; rerun when it answers and the run resumes.",
+            highlight=False,
+        )
+        return 1
     return 0
 
 

@@ -48,6 +48,7 @@ from components.training import check_one_batch, resolve_precision
 from flows.autoencoder import AutoencoderRun, autoencoder_flow
 from flows.data import DataVersion
 from flows.extractor import reference, reference_split
+from flows.retries import STORE_RETRIES
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def fid_during_training(
     return evaluate
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, **STORE_RETRIES)
 def train(params: Params, data: LatentData, run_id: str, real: Reference) -> LatentDiffusionModule:
     z, cond, conditioning = data.latents["train"], data.conditioning.cond["train"], data.conditioning
     channels, size, _ = data.stage.latent_shape(params.data.resolution)
@@ -137,7 +138,7 @@ def train(params: Params, data: LatentData, run_id: str, real: Reference) -> Lat
     )
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, **STORE_RETRIES)
 def publish(module: LatentDiffusionModule, data: LatentData, params: Params, ae: AutoencoderRun) -> None:
     """Final sample grid, the model (``ldm/``) and, on an autoencoder, a diffusers pipeline."""
     rows, classes = data.conditioning.grid_rows, data.conditioning.classes

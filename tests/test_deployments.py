@@ -9,7 +9,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,20 +41,54 @@ def _new_project(root: Path) -> Path:
     return root
 
 
-@pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """moto's S3 server on loopback with one bucket; the AWS variables point boto3 at it."""
-    from moto.server import ThreadedMotoServer
+class S3Server:
+    """moto's S3 server on loopback, which a test can stop and start again on the same port
+    (its buckets live in this process, so they outlive a restart)."""
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+        self._server.start()
+        host, self.port = self._server.get_host_and_port()
+        self.endpoint = f"http://{host}:{self.port}"
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def start_again(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port)
+        self._server.start()
+
+
+@pytest.fixture
+def s3_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
+    """An S3 server with one bucket; the AWS variables point boto3 at it."""
+    server = S3Server()
     for key, value in AWS.items():
         monkeypatch.setenv(key, value)
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
-    yield endpoint
+    boto3.client("s3", endpoint_url=server.endpoint).create_bucket(Bucket=BUCKET)
+    yield server
     server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: S3Server) -> str:
+    return s3_server.endpoint
+
+
+def wait_until_up(uri: str, server: subprocess.Popen) -> None:
+    """Poll the server's /health with a short timeout (MLflow's client would back off for a minute)."""
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=1):
+                return
+        except OSError:
+            assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+            time.sleep(0.5)
 
 
 @pytest.fixture
@@ -70,15 +106,7 @@ def mlflow_server(tmp_path: Path, s3: str) -> Iterator[str]:
         start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    deadline = time.time() + 120
-    while True:
-        try:
-            client.search_experiments()
-            break
-        except Exception:  # noqa: BLE001 - not up yet
-            assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
-            time.sleep(1)
+    wait_until_up(uri, server)
     yield uri
     os.killpg(server.pid, signal.SIGTERM)
     server.wait(timeout=30)
@@ -162,3 +190,72 @@ def test_a_deployed_sweep_runs_its_factors_on_two_workers_with_artifacts_and_dat
         assert any(k.endswith(f"{by_name[ldm].info.run_id}/artifacts/ldm/ldm.json") for k in keys), ldm
     version = sweep_run.data.tags["latentlab.data_version"]
     assert f"dvc/files/md5/{version[:2]}/{version[2:]}" in keys
+
+
+@pytest.mark.slow
+def test_an_s3_outage_costs_reports_and_a_retry_and_no_run_claims_artifacts_it_lacks(
+    tmp_path, repo, ae_smoke, s3_server, mlflow_server
+):
+    """S3 goes down under the MLflow server while an autoencoder trains: the training's reports
+    are skipped with a warning, publishing fails and is retried, S3 comes back, the retry
+    uploads, and the finished run's artifacts are all in the bucket."""
+    project = _new_project(tmp_path / "project")
+    command = [
+        str(Path(sys.executable).with_name("latentlab")),
+        "train-ae",
+        "--params",
+        str(repo / "params/smoke.yaml"),
+    ]
+    for setting in [*ae_smoke, "ae.max_steps=60", "ae.image_every=3"]:
+        command += ["--set", setting]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    process = subprocess.Popen(
+        command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+
+    def autoencoder_runs() -> list:
+        try:
+            experiments = [e.experiment_id for e in client.search_experiments()]
+            return client.search_runs(experiments, f"tags.`{TAG_STAGE}` = 'autoencoder'")
+        except Exception:  # noqa: BLE001 - the experiment may not exist yet
+            return []
+
+    deadline = time.time() + 300
+    while not autoencoder_runs() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    s3_server.stop()  # under the MLflow server, while the autoencoder trains
+    while not any("retrying" in line for line in lines) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    s3_server.start_again()
+    code = process.wait(timeout=300)
+    assert code == 0, "".join(lines)[-4000:]
+    reader.join(timeout=10)
+    output = "".join(lines)
+    assert "Could not log" in output and "did not answer" in output and "retrying" in output
+    assert "Traceback" not in output
+
+    (run,) = autoencoder_runs()
+    assert run.info.status == "FINISHED"
+    assert len(client.search_model_versions("name = 'autoencoder-f4-kl'")) == 1
+    keys = {
+        o["Key"]
+        for page in boto3.client("s3", endpoint_url=s3_server.endpoint)
+        .get_paginator("list_objects_v2")
+        .paginate(Bucket=BUCKET)
+        for o in page.get("Contents", [])
+    }
+
+    def files(path: str | None = None) -> list[str]:
+        found = []
+        for item in client.list_artifacts(run.info.run_id, path):
+            found += files(item.path) if item.is_dir else [item.path]
+        return found
+
+    claimed = files()
+    assert {"weights/autoencoder.safetensors", "diffusers/config.json"} <= set(claimed)
+    missing = [path for path in claimed if not any(k.endswith(f"{run.info.run_id}/artifacts/{path}") for k in keys)]
+    assert missing == []  # every artifact the run lists is an object in the bucket
