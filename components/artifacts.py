@@ -18,8 +18,10 @@ Downloads are kept under ``.latentlab/models/<run id>/``.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import warnings
+from contextlib import suppress
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -27,6 +29,7 @@ from typing import Any
 
 import mlflow
 from mlflow.models import ModelSignature, infer_signature
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from safetensors.torch import save_file
 
 from components import pyfunc, workspace
@@ -35,7 +38,9 @@ from components.dataset import read_manifest, records_by_split
 from components.diffusion import LatentDiffusionModule, read_config
 from components.errors import UserError
 from components.first_stage import Autoencoder, FirstStage, load_first_stage
+from components.mlflow_callbacks import CHECKPOINT
 from components.params import LDMParams
+from components.training import LAST
 
 FIRST_STAGE = "diffusers"
 LDM = "ldm"
@@ -63,6 +68,29 @@ def local_copy(run_id: str, artifact_path: str) -> Path:
             if not target.exists():
                 raise
     return target
+
+
+def fetch_checkpoint(run_id: str, checkpoint_dir: Path) -> bool:
+    """Run ``run_id``'s shared training checkpoint (``mlflow_callbacks.ShareCheckpoints``) into
+    ``checkpoint_dir``, when this machine has none: the run was started on another machine and
+    resumes here. False when there is nothing to fetch (a new run, or one already published)."""
+    target = Path(checkpoint_dir) / LAST
+    if target.exists():
+        return False
+    try:
+        fetched = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{CHECKPOINT}/{LAST}")
+    except (mlflow.exceptions.MlflowException, OSError):
+        return False
+    workspace.write_atomically(target, lambda partial: shutil.copyfile(fetched, partial))
+    return True
+
+
+def drop_checkpoint(run_id: str) -> None:
+    """Delete the shared checkpoint of a run whose model is published: nothing resumes it now,
+    and checkpoints (optimizer state included) are the largest files a run has."""
+    repository = get_artifact_repository(mlflow.get_run(run_id).info.artifact_uri)
+    with suppress(Exception):  # a store that cannot delete keeps a file too many, nothing worse
+        repository.delete_artifacts(CHECKPOINT)
 
 
 def publish_autoencoder(stage: Autoencoder, state: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import mlflow
 import pytorch_lightning as L
@@ -17,6 +18,9 @@ from PIL import Image
 from components.errors import store_failure
 from components.params import TrainingBudget
 from components.tracking import log_metrics
+from components.training import LAST
+
+CHECKPOINT = "checkpoint"  # the artifact folder of a run's latest training checkpoint
 
 logger = logging.getLogger("latentlab")
 
@@ -97,6 +101,31 @@ class MLflowReporter(L.Callback):
             "wall_time_s": float(module.train_seconds),
         }
         log_metrics(self.run_id, totals, step, self.client)
+
+
+class ShareCheckpoints(L.Callback):
+    """Copies each new ``last.ckpt`` into the run (artifact ``checkpoint/``), so that a run
+    killed on one machine resumes on any other (``artifacts.fetch_checkpoint``); publishing the
+    model drops it. After ``training.PeriodicCheckpoint`` has written it (callbacks run in
+    order: the stage's come after the checkpointing one)."""
+
+    def __init__(self, run_id: str, checkpoint_dir: Path):
+        self.run_id, self.path = run_id, Path(checkpoint_dir) / LAST
+        self.client = mlflow.MlflowClient()
+        self.report = WhileTheStoreBlips()
+        self._shared: int | None = None
+
+    def on_train_batch_end(self, *_) -> None:
+        self._share()
+
+    def on_train_end(self, *_) -> None:
+        self._share()
+
+    def _share(self) -> None:
+        written = self.path.stat().st_mtime_ns if self.path.exists() else None
+        if written is not None and written != self._shared:
+            self.report("the checkpoint", lambda: self.client.log_artifact(self.run_id, str(self.path), CHECKPOINT))
+            self._shared = written
 
 
 class PeriodicEvaluation(L.Callback):

@@ -20,7 +20,7 @@ from components.autoencoder_training import AutoencoderModule
 from components.dataset import load_split
 from components.first_stage import build_first_stage
 from components.metrics import Reference
-from components.mlflow_callbacks import MLflowReporter
+from components.mlflow_callbacks import MLflowReporter, ShareCheckpoints
 from components.params import Params
 from components.runs import (
     TAG_DATA_VERSION,
@@ -66,13 +66,16 @@ def train(params: Params, train_images: torch.Tensor, preview: torch.Tensor, run
     def grid(module: AutoencoderModule):
         return ae_training.reconstruction_grid(module, preview)
 
+    checkpoints = workspace.checkpoint_dir("ae", run_id)
+    if artifacts.fetch_checkpoint(run_id, checkpoints):
+        get_run_logger().info("Resuming run %s from the checkpoint it shared (trained on another machine)", run_id)
     return ae_training.train_autoencoder(
         params.ae,
         train_images,
         resolution=params.data.resolution,
-        checkpoint_dir=workspace.checkpoint_dir("ae", run_id),
+        checkpoint_dir=checkpoints,
         seed=params.seed,
-        callbacks=[MLflowReporter(run_id, params.ae, grid, "reconstructions")],
+        callbacks=[MLflowReporter(run_id, params.ae, grid, "reconstructions"), ShareCheckpoints(run_id, checkpoints)],
     )
 
 
@@ -99,6 +102,7 @@ def publish(
     source = artifacts.publish_autoencoder(module.stage, module.stage.state_dict())
     version = register_once(model_name(params), run_id, source, {TAG_DATA_VERSION: data_version})
     get_run_logger().info("Registered %s version %s", model_name(params), version)
+    artifacts.drop_checkpoint(run_id)
     return version
 
 

@@ -27,7 +27,7 @@ from components.evaluation import generate
 from components.first_stage import FirstStage
 from components.latents import cached_latents
 from components.metrics import Reference
-from components.mlflow_callbacks import MLflowReporter, PeriodicEvaluation
+from components.mlflow_callbacks import MLflowReporter, PeriodicEvaluation, ShareCheckpoints
 from components.params import Params
 from components.runs import (
     NO_AUTOENCODER,
@@ -124,16 +124,20 @@ def train(params: Params, data: LatentData, run_id: str, real: Reference) -> Lat
     def grid(module: LatentDiffusionModule):
         return ldm_training.sample_grid(module, data.stage, conditioning.grid_rows, params.ldm.samples_per_class)
 
+    checkpoints = workspace.checkpoint_dir("ldm", run_id)
+    if artifacts.fetch_checkpoint(run_id, checkpoints):
+        get_run_logger().info("Resuming run %s from the checkpoint it shared (trained on another machine)", run_id)
     return ldm_training.train_ldm(
         module,
         params.ldm,
         z,
         cond,
-        checkpoint_dir=workspace.checkpoint_dir("ldm", run_id),
+        checkpoint_dir=checkpoints,
         seed=params.seed,
         callbacks=[
             MLflowReporter(run_id, params.ldm, grid, "samples"),
             PeriodicEvaluation(run_id, params.ldm.fid_every, fid_during_training(module, data.stage, params, real)),
+            ShareCheckpoints(run_id, checkpoints),
         ],
     )
 
@@ -150,22 +154,20 @@ def publish(module: LatentDiffusionModule, data: LatentData, params: Params, ae:
     artifacts.publish_ldm(
         module, factor=ae.factor, autoencoder_run_id=ae.run_id, data_version=ae.data_version, classes=classes
     )
-    if not data.stage.trainable:
+    run_id = mlflow.active_run().info.run_id
+    if data.stage.trainable:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = artifacts.publish_pipeline(
+                ldm_training.export_pipeline(module, data.stage, classes, Path(tmp)),
+                resolution=params.data.resolution,
+                conditioning=params.ldm.conditioning,
+            )
+        facts = {TAG_FACTOR: str(ae.factor), TAG_DATA_VERSION: ae.data_version}
+        version = register_once(artifacts.LDM_MODEL, run_id, model, facts)
+        get_run_logger().info("Registered %s version %s (f=%d)", artifacts.LDM_MODEL, version, ae.factor)
+    else:
         get_run_logger().info("f=1: pixel-space model, no diffusers pipeline to export")
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        model = artifacts.publish_pipeline(
-            ldm_training.export_pipeline(module, data.stage, classes, Path(tmp)),
-            resolution=params.data.resolution,
-            conditioning=params.ldm.conditioning,
-        )
-    version = register_once(
-        artifacts.LDM_MODEL,
-        mlflow.active_run().info.run_id,
-        model,
-        {TAG_FACTOR: str(ae.factor), TAG_DATA_VERSION: ae.data_version},
-    )
-    get_run_logger().info("Registered %s version %s (f=%d)", artifacts.LDM_MODEL, version, ae.factor)
+    artifacts.drop_checkpoint(run_id)  # published: nothing resumes this run any more
 
 
 @flow(name="train-ldm")

@@ -221,7 +221,9 @@ def test_vq_reports_codebook_usage(project, ae_smoke, smoke_params):
 
 
 @pytest.mark.slow
-def test_killed_training_resumes_into_the_same_run(project, repo, ae_smoke):
+def test_killed_training_resumes_into_the_same_run_on_another_machine(project, repo, ae_smoke, tmp_path):
+    """Killed in one project, rerun in another (no shared files, one MLflow store): the rerun
+    fetches the checkpoint the run shared and goes on from it, in the same run."""
     settings = [a for a in ae_smoke if not a.startswith(("ae.max_steps", "ae.checkpoint_every", "data.resolution"))]
     settings += ["data.resolution=32", "ae.max_steps=30", "ae.checkpoint_every=3"]
     command = [
@@ -236,23 +238,33 @@ def test_killed_training_resumes_into_the_same_run(project, repo, ae_smoke):
         command, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     deadline = time.time() + 300
-    while not list(project.glob(".latentlab/checkpoints/*/last.ckpt")) and time.time() < deadline:
-        time.sleep(0.1)
+    shared = "mlartifacts/*/artifacts/checkpoint/last.ckpt"
+    while not list(project.glob(shared)) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)  # (a checkpoint written and shared with the run)
     assert process.poll() is None, "training ended before it could be killed"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     (killed,) = ae_runs()
     assert killed.info.status == "RUNNING"
 
-    done = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=600)
+    client = mlflow.MlflowClient()
+    assert [a.path for a in client.list_artifacts(killed.info.run_id, "checkpoint")] == ["checkpoint/last.ckpt"]
+
+    elsewhere = tmp_path / "elsewhere"  # another machine's checkout: its own data/, no .latentlab/
+    elsewhere.mkdir()
+    for step in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(step, cwd=elsewhere, check=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+    done = subprocess.run(command, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "from the checkpoint it shared" in done.stderr
     (finished,) = ae_runs()
     assert finished.info.run_id == killed.info.run_id and finished.info.status == "FINISHED"
-    assert len(mlflow.MlflowClient().search_model_versions("name = 'autoencoder-f4-kl'")) == 1
-    history = mlflow.MlflowClient().get_metric_history(finished.info.run_id, "train_loss")
-    steps = [m.step for m in history]
+    assert len(client.search_model_versions("name = 'autoencoder-f4-kl'")) == 1
+    steps = [m.step for m in client.get_metric_history(finished.info.run_id, "train_loss")]
     assert max(steps) == 30
     assert steps.count(2) == 1  # resumed from the checkpoint, not retrained from step 0
+    assert client.list_artifacts(finished.info.run_id, "checkpoint") == []  # published: dropped
 
 
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it_and_it_pays(monkeypatch):

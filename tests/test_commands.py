@@ -1,4 +1,4 @@
-"""The server-side commands: `ui` serves this project's store on loopback; `serve` needs a server."""
+"""The server-side commands: `ui` serves this project's store on loopback; `serve` and `deploy` need a server."""
 
 import json
 import os
@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import pytest
 
 from components.tracking import use_experiment
 
@@ -73,15 +74,17 @@ def test_ui_serves_this_projects_runs_on_loopback(project, cli):
             process.wait(timeout=30)
 
 
-def test_serve_without_a_prefect_server_says_how_to_start_one(project, repo, cli):
+@pytest.mark.parametrize("command", ["serve", "deploy"])
+def test_scheduling_without_a_prefect_server_says_how_to_start_one(project, repo, cli, command):
     env_url = os.environ.pop("PREFECT_API_URL")
     try:
-        done = cli(project, "serve", "--params", str(repo / "params/smoke.yaml"))
+        done = cli(project, command, "--params", str(repo / "params/smoke.yaml"))
     finally:
         os.environ["PREFECT_API_URL"] = env_url
     assert done.returncode == 2
     message = " ".join(done.stderr.split())  # (rich wraps long lines)
-    assert "prefect server start" in message and "PREFECT_API_URL" in message and "Traceback" not in message
+    assert f"{command} needs a Prefect server" in message and "prefect server start" in message
+    assert "PREFECT_API_URL" in message and "Traceback" not in message
 
 
 def test_an_unusable_tracking_store_fails_at_once_naming_the_fix(project, repo, cli, monkeypatch):
