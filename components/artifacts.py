@@ -106,6 +106,9 @@ def publish_autoencoder(stage: Autoencoder, state: dict[str, Any]) -> str:
         return log_pyfunc(pyfunc.AUTOENCODER, {FIRST_STAGE: Path(tmp) / FIRST_STAGE}, {"output": "reconstruction"})
 
 
+PYFUNC_PACKAGES = ("mlflow", "torch", "diffusers", "safetensors", "pandas")  # what loading one needs
+
+
 def log_pyfunc(code: Path, artifacts: dict[str, Path], params: dict[str, Any]) -> str:
     """A pyfunc model (``components/pyfunc``, as code: loading it unpickles nothing) in the
     active run; returns its ``models:/`` URI. ``params``: what ``predict`` accepts, with
@@ -121,9 +124,6 @@ def log_pyfunc(code: Path, artifacts: dict[str, Path], params: dict[str, Any]) -
             pip_requirements=[f"{package}=={version(package)}" for package in PYFUNC_PACKAGES],
         )
     return info.model_uri
-
-
-PYFUNC_PACKAGES = ("mlflow", "torch", "diffusers", "safetensors", "pandas")
 
 
 def first_stage_of(ae_run_id: str) -> FirstStage:
