@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
+from components import distributed
 from components.first_stage import build_first_stage
 from components.grids import labeled_grid
 from components.images import to_float, to_pil, to_uint8
@@ -103,9 +104,30 @@ def train_autoencoder(
     L.seed_everything(seed, verbose=False)
     module = AutoencoderModule(ae.model_dump(mode="json"), resolution)
     loader = DataLoader(TensorDataset(train_images), batch_size=ae.batch_size, shuffle=True, drop_last=True)
-    trainer = make_trainer(ae, checkpoint_dir, list(callbacks), resolve_precision(ae.precision, "autoencoder"))
-    fit(trainer, module, loader, checkpoint_dir)
+    rank_args = {"ae": ae.model_dump(mode="json"), "resolution": resolution, "checkpoint_dir": str(checkpoint_dir)}
+    with distributed.ranks(
+        ae.devices,
+        Path(checkpoint_dir) / "ranks",
+        f"{__name__}:train_rank",
+        {**rank_args, "seed": seed},
+        {"train_images": train_images},
+    ):
+        precision = resolve_precision(ae.precision, "autoencoder")
+        trainer = make_trainer(ae, checkpoint_dir, list(callbacks), precision, manual_optimization=True)
+        fit(trainer, module, loader, checkpoint_dir)
     return module.to(memory_format=torch.contiguous_format)  # NHWC is a training layout; files want NCHW
+
+
+def train_rank(args: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """What ``distributed.ranks`` runs in each other training process: the same training, unreported."""
+    ae = AEParams.model_validate(args["ae"])
+    train_autoencoder(
+        ae,
+        tensors["train_images"],
+        resolution=args["resolution"],
+        checkpoint_dir=Path(args["checkpoint_dir"]),
+        seed=args["seed"],
+    )
 
 
 def evaluate_autoencoder(module: AutoencoderModule, reference: Reference) -> dict[str, float]:

@@ -113,6 +113,11 @@ class LatentDiffusionModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.ema.to(self.device)  # the averaged weights live where the model trains (CUDA), not on the CPU
+        if torch.distributed.is_initialized():
+            # Each training process began its average from its own initial weights; DDP has
+            # since given every process rank 0's weights, so the average follows.
+            for average in self.ema.shadow_params:
+                torch.distributed.broadcast(average.data, src=0)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ema"] = self.ema.state_dict()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as L
 import torch
@@ -12,6 +13,8 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from components import distributed
+from components.conditioning import Conditioner
 from components.diffusion import LatentDiffusionModule
 from components.first_stage import Autoencoder, FirstStage
 from components.grids import labeled_grid
@@ -52,11 +55,36 @@ def train_ldm(
     """Train (or resume) on cached latents; ``callbacks`` report (see ``components.mlflow_callbacks``)."""
     L.seed_everything(seed, verbose=False)
     loader = DataLoader(TensorDataset(latents, cond), batch_size=ldm.batch_size, shuffle=True, drop_last=True)
-    trainer = make_trainer(
-        ldm, checkpoint_dir, list(callbacks), resolve_precision(ldm.precision, "ldm", latents.shape[-1])
-    )
-    fit(trainer, module, loader, checkpoint_dir)
+    h, conditioner = module.hparams, module.conditioner
+    rank_args = {
+        "model": {name: h[name] for name in ("ldm", "channels", "size", "num_classes")},
+        "budget": ldm.model_dump(mode="json"),  # (a resumed run may train longer than its model was built for)
+        "conditioning": conditioner.mode,
+        "context_dim": conditioner.dim,
+        "checkpoint_dir": str(checkpoint_dir),
+        "seed": seed,
+    }
+    tensors = {"latents": latents, "cond": cond}
+    if conditioner.mode == "text":  # a fixed table, not a parameter that DDP would hand over
+        tensors["text_states"] = conditioner.table
+    with distributed.ranks(ldm.devices, Path(checkpoint_dir) / "ranks", f"{__name__}:train_rank", rank_args, tensors):
+        precision = resolve_precision(ldm.precision, "ldm", latents.shape[-1])
+        trainer = make_trainer(ldm, checkpoint_dir, list(callbacks), precision)
+        fit(trainer, module, loader, checkpoint_dir)
     return module
+
+
+def train_rank(args: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """What ``distributed.ranks`` runs in each other training process: the same training,
+    unreported. The weights need not match rank 0's here: DDP hands rank 0's to every rank."""
+    model = args["model"]
+    conditioner = Conditioner(
+        args["conditioning"], model["num_classes"], args["context_dim"], tensors.get("text_states")
+    )
+    module = LatentDiffusionModule(**model, conditioner=conditioner)
+    ldm = LDMParams.model_validate(args["budget"])
+    checkpoint_dir = Path(args["checkpoint_dir"])
+    train_ldm(module, ldm, tensors["latents"], tensors["cond"], checkpoint_dir=checkpoint_dir, seed=args["seed"])
 
 
 def export_pipeline(module: LatentDiffusionModule, stage: Autoencoder, classes: list[str], directory: Path) -> Path:

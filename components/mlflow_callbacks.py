@@ -73,12 +73,12 @@ class MLflowReporter(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, *_) -> None:
         step = int(module.steps)
-        self._images += len(batch[0])
+        self._images += len(batch[0]) * trainer.world_size  # every training process took a batch
         if step % self.budget.log_every == 0:
             elapsed = float(module.train_seconds) - self._since
             metrics = {name: float(value) for name, value in module.logged.items()}
             metrics["train_img_per_s"] = self._images / max(elapsed, 1e-9)
-            metrics["images_seen"] = step * self.budget.batch_size
+            metrics["images_seen"] = step * self.budget.batch_size * trainer.world_size
             self.report(f"metrics at step {step}", lambda: log_metrics(self.run_id, metrics, step, self.client))
             self._since, self._images = float(module.train_seconds), 0
         if step % self.budget.image_every == 0:
@@ -97,7 +97,7 @@ class MLflowReporter(L.Callback):
         step = int(module.steps)
         totals = {
             "steps": step,
-            "images_seen": step * self.budget.batch_size,
+            "images_seen": step * self.budget.batch_size * trainer.world_size,
             "wall_time_s": float(module.train_seconds),
         }
         log_metrics(self.run_id, totals, step, self.client)

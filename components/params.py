@@ -78,6 +78,9 @@ class TrainingBudget(Section):
         "auto", description="auto: bf16-mixed where the hardware has bf16 and it pays for this model (measured)"
     )
     accelerator: Literal["auto", "cpu", "cuda"] = "auto"
+    devices: int = Field(
+        1, ge=1, description="training processes; more than one: DDP (gloo on CPU, NCCL on CUDA), batch_size each"
+    )
 
 
 class AEParams(TrainingBudget):

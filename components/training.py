@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytorch_lightning as L
 import torch
+from pytorch_lightning.strategies import DDPStrategy
 
 from components import progress
 from components.errors import UserError
@@ -71,7 +72,9 @@ class Budget(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_) -> None:
         module.steps += 1
-        module.train_seconds += time.perf_counter() - self._started
+        # Every rank counts rank 0's time: ranks that disagreed would stop at different steps
+        # (one waiting forever for the other) and follow different learning-rate curves.
+        module.train_seconds += trainer.strategy.broadcast(time.perf_counter() - self._started)
         if int(module.steps) >= self.max_steps or float(module.train_seconds) >= self.max_seconds:
             trainer.should_stop = True
 
@@ -90,7 +93,9 @@ class ReportProgress(L.Callback):
         self._last = (time.monotonic(), int(module.steps), float(module.train_seconds))
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, *_) -> None:
-        self._images += len(batch[0])
+        if not trainer.is_global_zero:
+            return
+        self._images += len(batch[0]) * trainer.world_size
         now, step, seconds = time.monotonic(), int(module.steps), float(module.train_seconds)
         if now - self._last[0] < 1.0 and not trainer.should_stop:
             return
@@ -144,7 +149,9 @@ class PeriodicCheckpoint(L.Callback):
         self._saved = time.monotonic()
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_) -> None:
-        if int(module.steps) % self.every == 0 and time.monotonic() - self._saved >= self.min_seconds:
+        # Rank 0's clock decides (broadcast): saving is a collective that every rank must enter.
+        due = int(module.steps) % self.every == 0
+        if due and trainer.strategy.broadcast(time.monotonic() - self._saved >= self.min_seconds):
             self.save(trainer)
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -152,18 +159,52 @@ class PeriodicCheckpoint(L.Callback):
 
     def save(self, trainer: L.Trainer) -> None:
         partial = self.path.with_suffix(".partial")
-        trainer.save_checkpoint(partial, weights_only=False)  # full state, to resume
-        os.replace(partial, self.path)  # never a half-written last.ckpt
+        trainer.save_checkpoint(partial, weights_only=False)  # full state, to resume (rank 0 writes it)
+        if trainer.is_global_zero:
+            os.replace(partial, self.path)  # never a half-written last.ckpt
         self._saved = time.monotonic()
 
 
-def check_one_batch(images: int, batch_size: int, section: str) -> None:
-    """Refuse a train split smaller than one batch: batches drop the remainder, so it would
-    train zero steps and still finish (and register) a model."""
-    if images < batch_size:
+class RanksAgree(L.Callback):
+    """With several training processes: at the end, every rank must hold the same weights and
+    averages (the EMA, through ``on_save_checkpoint``), or what rank 0 saves and publishes is
+    not what was trained. DDP averages the gradients; this checks that nothing else diverged.
+    (Not the buffers: DDP hands every rank rank 0's at each step, and the discriminator's
+    BatchNorm statistics then differ by that step's batch, which nothing uses.)"""
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        extra: dict = {}
+        module.on_save_checkpoint(extra)
+        digest = torch.zeros((), dtype=torch.float64)
+        for tensor in [*module.parameters(), *_tensors_in(extra)]:
+            if tensor.is_floating_point():
+                digest += tensor.detach().double().sum().cpu()
+        digest = digest.to(module.device)  # where the backend gathers from: NCCL needs CUDA tensors
+        digests = [torch.zeros_like(digest) for _ in range(trainer.world_size)]
+        torch.distributed.all_gather(digests, digest)
+        if len(set(map(float, digests))) > 1:
+            raise RuntimeError(f"The {trainer.world_size} training processes ended with different weights: {digests}")
+
+
+def _tensors_in(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        return [t for item in value for t in _tensors_in(item)]
+    return []
+
+
+def check_one_batch(images: int, budget: TrainingBudget, section: str) -> None:
+    """Refuse a train split smaller than one batch per training process: batches drop the
+    remainder, so it would train zero steps and still finish (and register) a model."""
+    if images // budget.devices < budget.batch_size:
+        per_process = f" per process ({section}.devices={budget.devices})" if budget.devices > 1 else ""
+        fits = max(1, images // budget.devices)
         raise UserError(
-            f"The train split has {images} images, fewer than {section}.batch_size={batch_size}, so nothing "
-            f"would train: lower it (--set {section}.batch_size={max(1, images)}) or add images."
+            f"The train split has {images} images, fewer than {section}.batch_size={budget.batch_size}{per_process},"
+            f" so nothing would train: lower it (--set {section}.batch_size={fits}) or add images."
         )
 
 
@@ -192,23 +233,32 @@ def resolve_precision(requested: str, model: str, size: int = 0) -> str:
 
 
 def make_trainer(
-    budget: TrainingBudget, checkpoint_dir: Path, callbacks: list[L.Callback], precision: str = "32-true"
+    budget: TrainingBudget,
+    checkpoint_dir: Path,
+    callbacks: list[L.Callback],
+    precision: str = "32-true",
+    manual_optimization: bool = False,
 ) -> L.Trainer:
-    """``precision``: resolved (``resolve_precision``), not ``auto``."""
+    """``precision``: resolved (``resolve_precision``), not ``auto``. With ``budget.devices`` > 1,
+    inside ``distributed.ranks`` (which starts the other processes); ``manual_optimization``:
+    the module steps several optimisers, so each backward leaves some parameters out."""
     Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
     limits = Budget(budget.max_steps, budget.max_minutes)
     schedule = [CosineDecay(limits)] if budget.lr_schedule == "cosine" else []
+    several = budget.devices > 1
     return L.Trainer(
         max_epochs=-1,
         max_steps=-1,
         accelerator=budget.accelerator,
-        devices=1,
+        devices=budget.devices,
+        strategy=DDPStrategy(find_unused_parameters=manual_optimization) if several else "auto",
         precision=precision,
         callbacks=[
             limits,
             *schedule,
             ReportProgress(limits),
             PeriodicCheckpoint(checkpoint_dir, budget.checkpoint_every, budget.checkpoint_minutes * 60),
+            *([RanksAgree()] if several else []),
             *callbacks,
         ],
         logger=False,
