@@ -77,11 +77,14 @@ def fetch_checkpoint(run_id: str, checkpoint_dir: Path) -> bool:
     target = Path(checkpoint_dir) / LAST
     if target.exists():
         return False
-    try:
-        fetched = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{CHECKPOINT}/{LAST}")
-    except (mlflow.exceptions.MlflowException, OSError):
-        return False
-    workspace.write_atomically(target, lambda partial: shutil.copyfile(fetched, partial))
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            fetched = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=f"{CHECKPOINT}/{LAST}", dst_path=scratch
+            )
+        except (mlflow.exceptions.MlflowException, OSError):
+            return False
+        workspace.write_atomically(target, lambda partial: shutil.copyfile(fetched, partial))
     return True
 
 

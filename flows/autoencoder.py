@@ -62,12 +62,16 @@ def model_name(params: Params) -> str:
 
 
 @task(cache_policy=NO_CACHE, **STORE_RETRIES)
-def train(params: Params, train_images: torch.Tensor, preview: torch.Tensor, run_id: str) -> AutoencoderModule:
+def train(
+    params: Params, train_images: torch.Tensor, preview: torch.Tensor, run_id: str, resuming: bool
+) -> AutoencoderModule:
+    """``resuming``: the run was interrupted, perhaps on another machine (its checkpoint is fetched then)."""
+
     def grid(module: AutoencoderModule):
         return ae_training.reconstruction_grid(module, preview)
 
     checkpoints = workspace.checkpoint_dir("ae", run_id)
-    if artifacts.fetch_checkpoint(run_id, checkpoints):
+    if resuming and artifacts.fetch_checkpoint(run_id, checkpoints):  # (a new run has none to fetch)
         get_run_logger().info("Resuming run %s from the checkpoint it shared (trained on another machine)", run_id)
     return ae_training.train_autoencoder(
         params.ae,
@@ -135,8 +139,8 @@ def autoencoder_flow(
         if recorded.resumable is not None:
             logger.info("Resuming interrupted autoencoder run %s", recorded.resumable.info.run_id)
         val = reference(params, data.version, experiment, "val")  # (may train the extractor: its own run)
-        train_images, _ = load_split(workspace.DATA_DIR, "train")
-        check_one_batch(len(train_images), ae.batch_size, "ae")
+        train_images, _ = load_split(workspace.data_dir(), "train")
+        check_one_batch(len(train_images), ae, "ae")
         with recorded.start(
             data_version=data.version,
             params=params.flat("seed", "data", "ae", "eval"),  # eval: the extractor rFID uses
@@ -146,7 +150,8 @@ def autoencoder_flow(
             parent_run_id=parent_run_id,
         ) as run:
             with progress.phase("autoencoder training"):
-                module = train(params, train_images, val.images[:PREVIEW_IMAGES], run.info.run_id)
+                preview, resuming = val.images[:PREVIEW_IMAGES], recorded.resumable is not None
+                module = train(params, train_images, preview, run.info.run_id, resuming)
             mlflow.set_tag(TAG_PERCEPTUAL, module.perceptual.name)
             with progress.phase("autoencoder evaluation and export"):
                 evaluate(module, val)

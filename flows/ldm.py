@@ -73,12 +73,12 @@ class LatentData:
 def prepare_latents(params: Params, ae: AutoencoderRun) -> LatentData:
     """Encode the dataset once per first stage (cached), and build the conditioning."""
     stage = artifacts.first_stage_of(ae.run_id)
-    images = {split: load_split(workspace.DATA_DIR, split) for split in ("train", "val")}
+    images = {split: load_split(workspace.data_dir(), split) for split in ("train", "val")}
     latents = cached_latents(workspace.latent_cache(ae.first_stage_id), stage, {s: p[0] for s, p in images.items()})
     conditioning = conditioning_for(
         params.ldm.conditioning,
         {split: pair[1] for split, pair in images.items()},
-        read_manifest(workspace.DATA_DIR)["classes"],
+        read_manifest(workspace.data_dir())["classes"],
         context_dim=params.ldm.context_dim,
         max_text_tokens=params.ldm.max_text_tokens,
         seed=params.seed,
@@ -109,7 +109,8 @@ def fid_during_training(
 
 
 @task(cache_policy=NO_CACHE, **STORE_RETRIES)
-def train(params: Params, data: LatentData, run_id: str, real: Reference) -> LatentDiffusionModule:
+def train(params: Params, data: LatentData, run_id: str, real: Reference, resuming: bool) -> LatentDiffusionModule:
+    """``resuming``: the run was interrupted, perhaps on another machine (its checkpoint is fetched then)."""
     z, cond, conditioning = data.latents["train"], data.conditioning.cond["train"], data.conditioning
     channels, size, _ = data.stage.latent_shape(params.data.resolution)
     torch.manual_seed(params.seed)  # the UNet's init: reproducible whatever ran before in this process
@@ -125,7 +126,7 @@ def train(params: Params, data: LatentData, run_id: str, real: Reference) -> Lat
         return ldm_training.sample_grid(module, data.stage, conditioning.grid_rows, params.ldm.samples_per_class)
 
     checkpoints = workspace.checkpoint_dir("ldm", run_id)
-    if artifacts.fetch_checkpoint(run_id, checkpoints):
+    if resuming and artifacts.fetch_checkpoint(run_id, checkpoints):  # (a new run has none to fetch)
         get_run_logger().info("Resuming run %s from the checkpoint it shared (trained on another machine)", run_id)
     return ldm_training.train_ldm(
         module,
@@ -189,7 +190,7 @@ def ldm_flow(
             return LDMRun(recorded.reusable.info.run_id, ae.factor, ae.run_id, ae.data_version, reused=True)
         with progress.phase("latents"):
             latent = prepare_latents(params, ae)
-        check_one_batch(len(latent.latents["train"]), params.ldm.batch_size, "ldm")
+        check_one_batch(len(latent.latents["train"]), params.ldm, "ldm")
         split = reference_split(params)
         real = reference(params, ae.data_version, experiment, split, latent.conditioning.cond[split])
         shape = latent.stage.latent_shape(params.data.resolution)
@@ -209,7 +210,7 @@ def ldm_flow(
             parent_run_id=parent_run_id,
         ) as run:
             with progress.phase("LDM training"):
-                module = train(params, latent, run.info.run_id, real)
+                module = train(params, latent, run.info.run_id, real, resuming=recorded.resumable is not None)
             with progress.phase("LDM samples and export"):
                 publish(module, latent, params, ae)
         return LDMRun(run.info.run_id, ae.factor, ae.run_id, ae.data_version, reused=False)
