@@ -8,12 +8,35 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 DATA_DIR = Path("data")
 STATE_DIR = Path(".latentlab")
 REPORTS_DIR = Path("reports")
+
+_reading = ContextVar("latentlab_data_dir", default=DATA_DIR)
+
+
+def data_dir() -> Path:
+    """The prepared dataset the stages read: the project's ``data/``, unless the caller is
+    inside ``reading_data``."""
+    return _reading.get()
+
+
+@contextmanager
+def reading_data(folder: Path) -> Iterator[None]:
+    """The stages called inside read the dataset from ``folder``: a checkout of the data
+    version they work on (``version_checkout``) where the project's ``data/`` holds another.
+    (A context variable, not the working directory: it follows Prefect's subflows and tasks
+    and touches nothing else in the process.)"""
+    token = _reading.set(Path(folder))
+    try:
+        yield
+    finally:
+        _reading.reset(token)
 
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
@@ -73,6 +96,8 @@ def lock_file(name: str) -> Path:
     return STATE_DIR / "locks" / f"{name}.lock"
 
 
-def reproduce_dir(run_id: str) -> Path:
-    """The DVC checkout in which ``reproduce`` retrains run ``run_id``."""
-    return STATE_DIR / "reproduce" / run_id
+def version_checkout(version: str) -> Path:
+    """A DVC checkout of one data version, restored from the DVC cache or remote, for the
+    stages that need a version the project's ``data/`` does not hold (``reproduce``, a factor
+    on a worker whose checkout built another or none)."""
+    return STATE_DIR / "data-versions" / version.removesuffix(".dir")

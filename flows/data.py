@@ -14,7 +14,7 @@ from PIL import Image
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from components import dvc, ownership, progress
+from components import dvc, ownership, progress, workspace
 from components.dataset import build_dataset, is_current, read_manifest, read_records, remember_build
 from components.grids import labeled_grid
 from components.params import DataParams, Params, flatten
@@ -56,6 +56,27 @@ def prepare_data(params: DataParams, root: Path) -> tuple[dict, str, bool]:
     for skipped in manifest["skipped"]:
         logger.warning("Skipped %s: %s", skipped["file"], skipped["reason"])
     return manifest, build, True
+
+
+@task(cache_policy=NO_CACHE)
+def data_version_here(params: DataParams, version: str, root: Path = Path(".")) -> Path:
+    """The folder holding data version ``version`` on this machine: the project's ``data/`` when
+    it is at that version, else a checkout restored from the DVC cache or remote
+    (``data.remote``) under ``.latentlab/``; the project's ``data/`` is left as it is."""
+    root = Path(root).resolve()
+    if dvc.version(root) == version and dvc.is_up_to_date(root):
+        return root / DATA_DIR
+    remote = params.remote if "://" in params.remote else str((root / params.remote).resolve())
+    log = get_run_logger().info
+    with ownership.key_lock(f"data-{version}", log):  # one restore of a version at a time
+        log("Reading data version %s from a checkout of the DVC cache or %s", version, redact(remote))
+        return dvc.restore(
+            version,
+            root / workspace.version_checkout(version),
+            cache_dir=root / ".dvc" / "cache",
+            remote=remote,
+            endpoint=params.remote_endpoint,
+        )
 
 
 @task(cache_policy=NO_CACHE)

@@ -149,7 +149,7 @@ def evaluate_flow(
                 f"LDM run {run_id} was trained on data version {version}, but these data parameters give "
                 f"{data.version}: run `latentlab reproduce {run_id}` to restore that version."
             )
-        model = artifacts.load_ldm(run_id, workspace.DATA_DIR, seed=params.seed)
+        model = artifacts.load_ldm(run_id, workspace.data_dir(), seed=params.seed)
         split = reference_split(params)
         real = reference(params, version, experiment, split, model.conditioning.cond[split])
         note = evaluation.small_sample_note(params.eval.samples)

@@ -45,7 +45,7 @@ def domain_extractor(params: Params, data_version: str, experiment: str) -> Extr
             fetched = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{ARTIFACT_DIR}/{local.name}")
             workspace.write_atomically(local, lambda partial: shutil.copyfile(fetched, partial))
             return features.extractor_from_file(local)
-        classes = read_manifest(workspace.DATA_DIR)["classes"]
+        classes = read_manifest(workspace.data_dir())["classes"]
         (images, labels), (val_images, val_labels) = (_labelled(split, classes) for split in ("train", "val"))
         get_run_logger().info(
             "Training the domain feature extractor on %d images, %d classes (once per data version)",
@@ -83,7 +83,7 @@ def domain_extractor(params: Params, data_version: str, experiment: str) -> Extr
 
 def _labelled(split: str, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """A split's images and the index of each one's class (-1 for a class the manifest lacks)."""
-    images, records = load_split(workspace.DATA_DIR, split)
+    images, records = load_split(workspace.data_dir(), split)
     return images, torch.tensor([classes.index(r.label) if r.label in classes else -1 for r in records])
 
 
@@ -113,7 +113,7 @@ def reference(
     params: Params, data_version: str, experiment: str, split: str, cond: torch.Tensor | None = None
 ) -> Reference:
     """The real images of ``split`` (with their condition indices; else all 0) to compare with."""
-    images, _ = load_split(workspace.DATA_DIR, split)
+    images, _ = load_split(workspace.data_dir(), split)
     extractor = choose_extractor(params, data_version, experiment)
     indices = cond if cond is not None else torch.zeros(len(images), dtype=torch.long)
     return Reference.of(

@@ -1,23 +1,20 @@
 """Reproduce a recorded autoencoder or LDM run from its data version, parameters and code.
 
-The data version is checked out with DVC into ``.latentlab/reproduce/<run id>/`` (the user's
-``data/`` is never touched) and the stage is trained again there, from scratch, as a child of a
-``reproduce`` run that records how far each metric moved and whether that is within
-``reproduce.tolerance``.
+The stage reads the run's data version from the project's ``data/`` when it holds exactly that
+version, else from a DVC checkout under ``.latentlab/data-versions/`` (the user's ``data/`` is
+never touched), and trains again, from scratch, as a child of a ``reproduce`` run that records
+how far each metric moved and whether that is within ``reproduce.tolerance``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlflow
-from prefect import flow, get_run_logger
+from prefect import flow
 
-from components import dvc, ownership, workspace
+from components import workspace
 from components.dataset import read_manifest
 from components.errors import UserError
 from components.params import Params, params_from_run
@@ -33,10 +30,9 @@ from components.runs import (
     run_of_stage,
     stage_run,
 )
-from components.store import tracking_uri
 from components.tracking import use_experiment
 from flows.autoencoder import autoencoder_flow
-from flows.data import DataVersion
+from flows.data import DataVersion, data_version_here
 from flows.ldm import ldm_flow
 
 STAGES = ("autoencoder", "ldm")
@@ -96,7 +92,6 @@ def reproduce_flow(
     params: Params, run_id: str, experiment: str = "latentlab", allow_code_change: bool = False
 ) -> Reproduction:
     """Train run ``run_id``'s stage again on its data version and compare the metrics."""
-    logger = get_run_logger()
     use_experiment(experiment)
     original = run_of_stage(run_id, STAGES, "latentlab reproduce")
     stage, tags = original.data.tags[TAG_STAGE], original.data.tags
@@ -112,43 +107,29 @@ def reproduce_flow(
     kept = ("sweep", "reproduce") if recorded_eval else ("eval", "sweep", "reproduce")
     run_params = params_from_run(original.data.params, keep=params, sections=kept)
     version = tags[TAG_DATA_VERSION]
-    root = Path.cwd()
-    remote = run_params.data.remote
-    remote = remote if "://" in remote else str((root / remote).resolve())
-    # One reproduction of a run at a time on this machine: they would share its checkout folder.
-    with ownership.key_lock(f"reproduce-{run_id}", logger.info):
-        checkout = root / workspace.reproduce_dir(run_id)
-        logger.info("Restoring data version %s into %s", version, checkout)
-        data_dir = dvc.restore(
-            version,
-            checkout,
-            cache_dir=root / ".dvc" / "cache",
-            remote=remote,
-            endpoint=run_params.data.remote_endpoint,
-        )
-        data = DataVersion(version, "", read_manifest(data_dir))
-        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()  # keep this store after the chdir below
-        with (
-            stage_run(
-                "reproduce",
-                data_version=version,
-                params=run_params.flat(),
-                run_name=f"reproduce-{original.info.run_name}",
-                factor=int(tags[TAG_FACTOR]) if TAG_FACTOR in tags else None,
-                tags={TAG_REPRODUCES: run_id, TAG_REPRODUCED_STAGE: stage},
-            ) as run,
-            contextlib.chdir(checkout),
-        ):
-            if stage == "autoencoder":
-                new_run_id = autoencoder_flow(run_params, experiment, run.info.run_id, data, fresh=True).run_id
-            else:
-                new_run_id = ldm_flow(run_params, experiment, run.info.run_id, data, fresh=True).run_id
-            comparisons = compare(original, new_run_id, params.reproduce.metrics)
-            result = Reproduction(run.info.run_id, run_id, new_run_id, comparisons, params.reproduce.tolerance)
-            for c in comparisons:
-                mlflow.log_metrics(
-                    {f"original/{c.metric}": c.original, c.metric: c.reproduced, f"rel_diff/{c.metric}": c.relative}
-                )
-            mlflow.set_tag(TAG_WITHIN_TOLERANCE, str(result.within_tolerance).lower())
-            mlflow.set_tag(TAG_REPRODUCED_RUN, new_run_id)
+    data_dir = data_version_here(run_params.data, version)
+    data = DataVersion(version, "", read_manifest(data_dir))
+    with (
+        stage_run(
+            "reproduce",
+            data_version=version,
+            params=run_params.flat(),
+            run_name=f"reproduce-{original.info.run_name}",
+            factor=int(tags[TAG_FACTOR]) if TAG_FACTOR in tags else None,
+            tags={TAG_REPRODUCES: run_id, TAG_REPRODUCED_STAGE: stage},
+        ) as run,
+        workspace.reading_data(data_dir),
+    ):
+        if stage == "autoencoder":
+            new_run_id = autoencoder_flow(run_params, experiment, run.info.run_id, data, fresh=True).run_id
+        else:
+            new_run_id = ldm_flow(run_params, experiment, run.info.run_id, data, fresh=True).run_id
+        comparisons = compare(original, new_run_id, params.reproduce.metrics)
+        result = Reproduction(run.info.run_id, run_id, new_run_id, comparisons, params.reproduce.tolerance)
+        for c in comparisons:
+            mlflow.log_metrics(
+                {f"original/{c.metric}": c.original, c.metric: c.reproduced, f"rel_diff/{c.metric}": c.relative}
+            )
+        mlflow.set_tag(TAG_WITHIN_TOLERANCE, str(result.within_tolerance).lower())
+        mlflow.set_tag(TAG_REPRODUCED_RUN, new_run_id)
     return result

@@ -24,7 +24,7 @@ from prefect.futures import wait
 from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from components import ownership, progress
+from components import ownership, progress, workspace
 from components.errors import Reported
 from components.params import Params
 from components.regression import (
@@ -47,7 +47,7 @@ from components.runs import (
 from components.sweep_summary import collect
 from components.tracking import use_experiment
 from flows.cancellation import cancel_flow_runs
-from flows.data import DataVersion, data_flow
+from flows.data import DataVersion, data_flow, data_version_here
 from flows.evaluate import evaluate_flow
 from flows.extractor import choose_extractor
 from flows.ldm import ldm_flow
@@ -107,14 +107,10 @@ run_factor = task(_factor, name="factor", cache_policy=NO_CACHE, task_run_name=F
 @flow(name="factor", flow_run_name=FACTOR_RUN_NAME)
 def factor_flow(params: Params, experiment: str, sweep_run_id: str, data: DataVersion, repeat: int = 0) -> FactorEntry:
     """One factor as its own flow run (the ``factor`` deployment), on any worker of the pool, in
-    the project the worker was started in: the data version is built there first if missing."""
-    here = data_flow(params, experiment)
-    if here.version != data.version:
-        raise FactorFailed(
-            f"this worker's project builds data version {here.version}, the sweep's is {data.version}: "
-            "start workers in checkouts of the same project (same params and data source)"
-        )
-    return _factor(params, experiment, sweep_run_id, data, repeat)
+    the project the worker was started in: it reads the sweep's data version from that
+    project's ``data/`` if it holds it, else from the DVC remote (``data.remote``)."""
+    with workspace.reading_data(data_version_here(params.data, data.version)):
+        return _factor(params, experiment, sweep_run_id, data, repeat)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="dispatch-{name}")

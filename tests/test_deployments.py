@@ -165,9 +165,11 @@ def test_a_deployed_sweep_runs_its_factors_on_two_workers_with_artifacts_and_dat
             process.wait(timeout=60)
 
     # Both factor workers ran a factor (each its own flow run), the coordinator none.
-    ran = {w: {f for f in ("factor-f1-seed0", "factor-f4-seed0") if f"'{f}'" in output[w]} for w in output}
-    assert ran["coordinator"] == set() and sorted(ran["a"] | ran["b"]) == ["factor-f1-seed0", "factor-f4-seed0"]
+    ran = {w: {f for f in (1, 4) if f"f={f} LDM training started" in output[w]} for w in output}
+    assert ran["coordinator"] == set() and sorted(ran["a"] | ran["b"]) == [1, 4]
     assert ran["a"] and ran["b"], ran
+    for factor_worker in ("a", "b"):  # the data version came from the DVC remote, not a build of its own
+        assert "Reading data version" in output[factor_worker] and "Preparing" not in output[factor_worker]
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     experiment = client.get_experiment_by_name("latentlab").experiment_id

@@ -358,6 +358,7 @@ def test_reproduce_restores_the_data_version_and_matches(project, tiny, git):
     from flows.autoencoder import autoencoder_flow
 
     original = autoencoder_flow(params)
+    (project / "data" / "notes.txt").write_text("the user's data/ moved on since")  # not the run's version now
     data_hash = _tree_hash(project / "data")
 
     result = reproduce_flow(params, original.run_id)
@@ -367,7 +368,8 @@ def test_reproduce_restores_the_data_version_and_matches(project, tiny, git):
     assert run.data.tags["latentlab.stage"] == "reproduce" and run.data.tags["latentlab.reproduces"] == original.run_id
     assert run.data.tags["latentlab.within_tolerance"] == "true"
     assert mlflow.get_run(result.new_run_id).data.tags["mlflow.parentRunId"] == result.run_id
-    assert (project / ".latentlab" / "reproduce" / original.run_id / "data" / "manifest.json").exists()
+    version = mlflow.get_run(original.run_id).data.tags["latentlab.data_version"].removesuffix(".dir")
+    assert (project / ".latentlab" / "data-versions" / version / "data" / "manifest.json").exists()
     assert _tree_hash(project / "data") == data_hash  # the user's data/ untouched
 
     (project / "components" / "code.py").write_text("x = 2\n")
