@@ -317,7 +317,7 @@ factor, sweep_plan = reporter.factor, reporter.sweep_plan
 # ------------------------------------------------------------------------------------ verbosity
 
 _PREFECT_DIR = str(Path(importlib.util.find_spec("prefect").origin).parent)
-_CHATTY = ("pytorch_lightning", "lightning", "mlflow")  # their INFO lines: hardware, database setup
+_CHATTY = ("pytorch_lightning", "lightning", "lightning_fabric", "mlflow")  # their INFO lines: hardware, database setup
 
 
 class _Verbosity(logging.Filter):
@@ -351,6 +351,8 @@ def configure(level: int = 0) -> None:
     # project leaves out by design: "accelerate was not found", "text_encoder=None cannot be saved".
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if level > 0 else "WARNING")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "warning" if level > 0 else "error")
+    # A tracking server's "View run <name> at: <url>" after every run: printed, not logged.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false" if level > 0 else "true")
     for name in _CHATTY:  # already imported: set them here too
         logging.getLogger(name).setLevel(logging.INFO if level > 0 else logging.WARNING)
     logging.getLogger("diffusers").setLevel(logging.WARNING if level > 0 else logging.ERROR)
