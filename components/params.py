@@ -129,7 +129,7 @@ class LDMParams(TrainingBudget):
     timesteps: int = Field(1000, ge=10)
     beta_start: float = Field(0.0015, gt=0)
     beta_end: float = Field(0.0195, gt=0)
-    # Measured (benchmarks/diffusion_loss.py, equal steps): v-prediction with Min-SNR-5 reaches
+    # Measured (benchmarks/ldm_quality.py, equal steps): v-prediction with Min-SNR-5 reaches
     # FID 4.4-4.7 where the paper's plain epsilon loss is at 7.5-7.8 (f = 4, 8; KID intervals apart).
     prediction: Literal["epsilon", "v_prediction"] = Field(
         "v_prediction", description="the network's target (paper: epsilon; v converges faster here, measured)"
