@@ -30,14 +30,16 @@ SWEEP_QUEUE, WORK_QUEUE = "sweeps", "factors"
 JOB = {"working_dir": "."}
 
 
-def ensure_pool(pool: str) -> None:
-    """A process work pool named ``pool`` (created with Prefect's default job template)."""
+def ensure_pool(pool: str) -> str:
+    """The type of work pool ``pool``; a process pool of that name (Prefect's default job
+    template) is created when there is none."""
     with get_client(sync_client=True) as client:
         try:
-            client.read_work_pool(pool)
+            return client.read_work_pool(pool).type
         except ObjectNotFound:
             template = ProcessWorker.get_default_base_job_template()
             client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
+            return "process"
 
 
 def deploy(
@@ -53,7 +55,8 @@ def deploy(
     factors become flow runs of ``factor/<name>``; ``cron`` schedules the sweep (the nightly
     ablation), which with ``fail_on_regression`` ends Failed when a factor got worse than in
     the previous sweep on the same data and parameters."""
-    ensure_pool(pool)
+    # working_dir is a process pool's setting; a Docker or Kubernetes pool's image decides it.
+    job = JOB if ensure_pool(pool) == "process" else {}
     preset = {"params": params.model_dump(mode="json"), "experiment": experiment}
     deployments = [
         (
@@ -75,7 +78,7 @@ def deploy(
             entrypoint_type=EntrypointType.MODULE_PATH,  # the installed package: no code upload
             work_pool_name=pool,
             work_queue_name=queue,
-            job_variables=JOB,
+            job_variables=job,
             parameters=parameters,
             cron=schedule,
         )

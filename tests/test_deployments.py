@@ -261,3 +261,27 @@ def test_an_s3_outage_costs_reports_and_a_retry_and_no_run_claims_artifacts_it_l
     assert {"weights/autoencoder.safetensors", "diffusers/config.json"} <= set(claimed)
     missing = [path for path in claimed if not any(k.endswith(f"{run.info.run_id}/artifacts/{path}") for k in keys)]
     assert missing == []  # every artifact the run lists is an object in the bucket
+
+
+def test_deploying_to_a_pool_of_another_type_keeps_the_process_settings_out_and_deploying_again_updates(
+    smoke_params,
+):
+    """A Docker or Kubernetes pool's image decides where its flow runs start: ``working_dir`` is
+    a process pool's job variable, given to process pools only (one is created when missing)."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from flows.deployments import deploy
+
+    other, missing = f"kube-{uuid.uuid4().hex[:6]}", f"new-{uuid.uuid4().hex[:6]}"
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=other, type="kubernetes", base_job_template={}))
+    names = deploy(smoke_params(), "latentlab", name=other, pool=other)
+    deploy(smoke_params(), "latentlab", name=missing, pool=missing)
+    deploy(smoke_params("seed=7"), "latentlab", name=missing, pool=missing)  # a second deploy updates in place
+    with get_client(sync_client=True) as client:
+        assert client.read_work_pool(missing).type == "process"
+        on_other = [client.read_deployment_by_name(n) for n in names]
+        on_process = client.read_deployment_by_name(f"sweep/{missing}")
+    assert {d.work_pool_name for d in on_other} == {other} and all(not d.job_variables for d in on_other)
+    assert on_process.job_variables == {"working_dir": "."} and on_process.parameters["params"]["seed"] == 7
