@@ -168,6 +168,7 @@ def test_a_deployed_sweep_runs_its_factors_on_two_workers_with_artifacts_and_dat
     ran = {w: {f for f in (1, 4) if f"f={f} LDM training started" in output[w]} for w in output}
     assert ran["coordinator"] == set() and sorted(ran["a"] | ran["b"]) == [1, 4]
     assert ran["a"] and ran["b"], ran
+    assert not any("View run" in o for o in output.values())  # flow runs on workers print what the CLI does
     for factor_worker in ("a", "b"):  # the data version came from the DVC remote, not a build of its own
         assert "Reading data version" in output[factor_worker] and "Preparing" not in output[factor_worker]
 
