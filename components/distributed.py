@@ -42,11 +42,6 @@ EXIT_TIMEOUT_S = 120.0
 FOLDER_ENV = "LATENTLAB_RANK_FOLDER"
 
 
-def is_helper_rank() -> bool:
-    """Whether this process is a rank that ``ranks`` started (it trains, reports nothing)."""
-    return os.environ.get("LOCAL_RANK", "0") != "0"
-
-
 @contextmanager
 def ranks(
     devices: int, folder: Path, entry: str, args: dict[str, Any], tensors: dict[str, torch.Tensor]
@@ -147,9 +142,9 @@ def _wait_for_exit(folder: Path, helpers: list[subprocess.Popen]) -> None:
 
 
 def _mark_ready() -> None:
-    """In a helper rank, at ``ranks``: its model and data are built, DDP comes next."""
+    """In a helper rank (``main`` set its folder), at ``ranks``: its model and data are built, DDP comes next."""
     folder = os.environ.get(FOLDER_ENV)
-    if folder and is_helper_rank():
+    if folder:
         (Path(folder) / f"ready{os.environ['LOCAL_RANK']}").touch()
 
 
