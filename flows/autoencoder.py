@@ -150,8 +150,8 @@ def autoencoder_flow(
             parent_run_id=parent_run_id,
         ) as run:
             with progress.phase("autoencoder training"):
-                preview, resuming = val.images[:PREVIEW_IMAGES], recorded.resumable is not None
-                module = train(params, train_images, preview, run.info.run_id, resuming)
+                preview = val.images[:PREVIEW_IMAGES]
+                module = train(params, train_images, preview, run.info.run_id, resuming=recorded.resumable is not None)
             mlflow.set_tag(TAG_PERCEPTUAL, module.perceptual.name)
             with progress.phase("autoencoder evaluation and export"):
                 evaluate(module, val)
