@@ -36,6 +36,7 @@ class AutoencoderModule(L.LightningModule):
             regularization_weight=weight,
             perceptual=self.perceptual,
             perceptual_weight=self.params_.perceptual_weight,
+            pixel_loss=self.params_.pixel_loss,
             disc_start=self.params_.disc_start,
             disc_weight=self.params_.disc_weight,
             disc_layers=2 if resolution <= 32 else 3,

@@ -1,6 +1,6 @@
 """The first stage's loss (Esser et al.'s VQGAN loss, as the LDM paper uses it).
 
-L1 + perceptual term + KL or codebook term + a patch discriminator's hinge loss whose weight
+L1 (or L2, ``ae.pixel_loss``) + perceptual term + KL or codebook term + a patch discriminator's hinge loss whose weight
 adapts to the ratio of gradient norms at the decoder's last layer and starts at ``disc_start``.
 The perceptual term is LPIPS when VGG weights are on disk, else 1 - SSIM, which needs no
 weights; ``perceptual_name`` says which one a run used.
@@ -102,6 +102,7 @@ class AutoencoderLoss(nn.Module):
         regularization_weight: float,
         perceptual: PerceptualLoss,
         perceptual_weight: float = 1.0,
+        pixel_loss: str = "l1",
         disc_start: int = 0,
         disc_weight: float = 0.5,
         disc_layers: int = 3,
@@ -109,6 +110,7 @@ class AutoencoderLoss(nn.Module):
         super().__init__()
         self.regularization_weight = regularization_weight
         self.perceptual, self.perceptual_weight = perceptual, perceptual_weight
+        self.pixel_loss = pixel_loss
         self.disc_start, self.disc_weight = disc_start, disc_weight
         self.discriminator = PatchDiscriminator(layers=disc_layers)
 
@@ -120,11 +122,12 @@ class AutoencoderLoss(nn.Module):
         step: int,
         last_layer: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        l1 = (recon - x).abs().mean()
+        error = recon - x
+        pixel = error.abs().mean() if self.pixel_loss == "l1" else error.square().mean()
         perceptual = self.perceptual(recon, x)
-        nll = l1 + self.perceptual_weight * perceptual
+        nll = pixel + self.perceptual_weight * perceptual
         loss = nll + self.regularization_weight * regularization
-        logs = {"l1": l1.detach(), "perceptual": perceptual.detach(), "reg": regularization.detach()}
+        logs = {self.pixel_loss: pixel.detach(), "perceptual": perceptual.detach(), "reg": regularization.detach()}
         if step >= self.disc_start and self.disc_weight > 0:
             g_loss = -self.discriminator(recon).mean()
             weight = self._adaptive_weight(nll, g_loss, last_layer)

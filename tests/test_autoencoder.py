@@ -99,6 +99,21 @@ def test_discriminator_joins_at_disc_start_with_adaptive_weight():
     assert after["d_weight"] > 0
 
 
+@pytest.mark.parametrize("pixel_loss", ["l1", "l2"])
+def test_pixel_loss_is_the_mean_absolute_or_squared_error(pixel_loss):
+    loss = AutoencoderLoss(
+        regularization_weight=0.0,
+        perceptual=PerceptualLoss("ssim"),
+        perceptual_weight=0.0,
+        pixel_loss=pixel_loss,
+        disc_weight=0.0,
+    )
+    x, recon = torch.zeros(2, 3, 16, 16), torch.full((2, 3, 16, 16), 0.5)
+    total, logs = loss.generator_loss(x, recon, torch.tensor(0.0), 0, torch.zeros(1))
+    expected = 0.5 if pixel_loss == "l1" else 0.25
+    assert float(total) == pytest.approx(expected) and float(logs[pixel_loss]) == pytest.approx(expected)
+
+
 def test_offline_perceptual_term_is_ssim_based():
     perceptual = PerceptualLoss("auto", vgg_path="/nonexistent/vgg.pth")
     x = torch.rand(2, 3, 16, 16) * 2 - 1
