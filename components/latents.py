@@ -16,8 +16,11 @@ from components.first_stage import FirstStage
 from components.workspace import write_atomically
 
 
-def cached_latents(cache_file: Path, stage: FirstStage, splits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Scaled latents per split (uint8 images in ``splits``), from ``cache_file`` or encoded now."""
+def cached_latents(
+    cache_file: Path, stage: FirstStage, splits: dict[str, torch.Tensor], bf16: bool = False
+) -> dict[str, torch.Tensor]:
+    """Scaled latents per split (uint8 images in ``splits``), from ``cache_file`` or encoded now;
+    ``bf16``: under bf16 autocast, as a first stage trained in bf16-mixed ran in training."""
     cache_file = Path(cache_file)
     if cache_file.exists():
         try:
@@ -26,6 +29,12 @@ def cached_latents(cache_file: Path, stage: FirstStage, splits: dict[str, torch.
                 return cached
         except SafetensorError:
             pass  # damaged (written before writes were atomic, or by a failing disk): encode again
-    latents = {name: stage.encode_images(images, progress=True).contiguous() for name, images in splits.items()}
+    bf16 = bf16 and stage.device.type in ("cpu", "cuda")
+    if bf16:  # with NHWC weights, as it trained: 2.5-3x faster than fp32 here (1.5x at f = 2)
+        stage.to(memory_format=torch.channels_last)
+    with torch.autocast(stage.device.type, torch.bfloat16, enabled=bf16):
+        encoded = {name: stage.encode_images(images, progress=True) for name, images in splits.items()}
+    stage.to(memory_format=torch.contiguous_format)
+    latents = {name: z.float().contiguous() for name, z in encoded.items()}
     write_atomically(cache_file, lambda partial: save_file(latents, partial))
     return latents

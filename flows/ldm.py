@@ -74,7 +74,9 @@ def prepare_latents(params: Params, ae: AutoencoderRun) -> LatentData:
     """Encode the dataset once per first stage (cached), and build the conditioning."""
     stage = artifacts.first_stage_of(ae.run_id)
     images = {split: load_split(workspace.data_dir(), split) for split in ("train", "val")}
-    latents = cached_latents(workspace.latent_cache(ae.first_stage_id), stage, {s: p[0] for s, p in images.items()})
+    bf16 = resolve_precision(params.ae.precision, "autoencoder") == "bf16-mixed"
+    splits = {split: pair[0] for split, pair in images.items()}
+    latents = cached_latents(workspace.latent_cache(ae.first_stage_id), stage, splits, bf16)
     conditioning = conditioning_for(
         params.ldm.conditioning,
         {split: pair[1] for split, pair in images.items()},

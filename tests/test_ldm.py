@@ -72,6 +72,16 @@ def test_latent_cache_holds_the_scaled_latents_and_is_reused(tmp_path):
     assert torch.equal(again["train"], latents["train"])
 
 
+def test_bf16_encoding_gives_float32_latents_close_to_fp32_and_leaves_the_stage_nchw(tmp_path):
+    stage = build_first_stage(AEParams(factor=4, base_channels=8, channel_mult=[1, 1, 2], attention=False), 16)
+    images = {"train": (torch.rand(16, 3, 16, 16) * 255).to(torch.uint8)}
+    exact = cached_latents(tmp_path / "fp32.safetensors", stage, images)["train"]
+    rounded = cached_latents(tmp_path / "bf16.safetensors", stage, images, bf16=True)["train"]
+    assert rounded.dtype == torch.float32 and not torch.equal(rounded, exact)  # bf16 did run
+    assert (rounded - exact).abs().max() < 0.05 * exact.abs().max()
+    assert all(p.is_contiguous() for p in stage.parameters())
+
+
 def test_a_damaged_latent_cache_is_encoded_again(tmp_path):
     stage = build_first_stage(AEParams(factor=4, base_channels=8, channel_mult=[1, 1, 2], attention=False), 16)
     images = {"train": (torch.rand(8, 3, 16, 16) * 255).to(torch.uint8)}
