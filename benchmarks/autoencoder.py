@@ -3,6 +3,7 @@
     python benchmarks/autoencoder.py throughput   # img/s per f, smoke and default settings, 64 px
     python benchmarks/autoencoder.py quality      # every f for the sweep's per-factor budget: PSNR table
     python benchmarks/autoencoder.py ablation --factor 8 --minutes 1.5   # each recipe choice undone in turn
+    python benchmarks/autoencoder.py bare --factor 32   # the issue's plain recipe, outside the platform
 
 Run from the repository root with the virtual environment active, after `latentlab data`.
 ``quality`` trains through the real flow (MLflow, registry, reuse), so a second call only reads
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from itertools import pairwise
 from pathlib import Path
@@ -71,7 +73,9 @@ VARIANTS = {
         "ae.lr=3e-4",
         "ae.precision=32-true",
         "ae.channels_last=false",
+        "ae.pixel_loss=l1",
     ],
+    "L1 pixel loss (the paper)": ["ae.pixel_loss=l1"],
     "Adam (0.5, 0.9)": ["ae.adam_betas=[0.5, 0.9]"],
     "1 channel per GroupNorm group": ["ae.channels_per_group=1"],
     "KL weight in the old units": ["ae.kl_weight=0.012288"],
@@ -152,6 +156,58 @@ def quality(minutes: float | None = None) -> list[dict]:
     return rows
 
 
+def bare(minutes: float | None = None, factors: tuple[int, ...] = FACTORS) -> list[dict]:
+    """The issue's recipe outside the platform, for the sweep's per-factor minutes: a diffusers
+    ``AutoencoderKL`` (width 16, 4 channels per group, KL channels as CompVis), L1 + KL summed
+    per image pixel as CompVis (weight 1e-6), Adam (0.9, 0.999) at 1e-3, batch 16, bf16 autocast,
+    channels_last, no discriminator, no perceptual term; a plain loop timed around its steps.
+    What the platform's PSNR is to be held against."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from components.first_stage import DEFAULT_LATENT_CHANNELS
+    from components.images import to_float, to_uint8
+    from components.metrics import psnr_ssim
+
+    train, _ = load_split(DATA_DIR, "train")
+    val, _ = load_split(DATA_DIR, "val")
+    seconds = 60 * (minutes or load_params("params/default.yaml").sweep.ae_minutes)
+    rows = []
+    for factor in factors:
+        torch.manual_seed(0)
+        levels = factor.bit_length()
+        net = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+            block_out_channels=tuple(16 * m for m in (1, 2, 4, 4, 4, 4)[:levels]),
+            latent_channels=DEFAULT_LATENT_CHANNELS["kl"][factor],
+            norm_num_groups=4,
+            sample_size=64,
+        ).to(memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.999))
+        generator = torch.Generator().manual_seed(0)
+        steps, spent = 0, 0.0
+        while spent < seconds:
+            started = time.perf_counter()
+            x = to_float(train[torch.randint(len(train), (16,), generator=generator)])
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", torch.bfloat16):
+                posterior = net.encode(x).latent_dist
+                image = net.decode(posterior.sample()).sample
+                loss = (image.float() - x).abs().mean() + 1e-6 * posterior.kl().sum() / x.numel()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps, spent = steps + 1, spent + time.perf_counter() - started
+        net.eval()
+        with torch.no_grad():
+            parts = [to_uint8(net.decode(net.encode(to_float(c)).latent_dist.mode()).sample) for c in val.split(64)]
+        metrics = psnr_ssim(val, torch.cat(parts))
+        rows.append({"factor": factor, "steps": steps, **{k: round(v, 3) for k, v in metrics.items()}})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def markdown(rows: list[dict]) -> str:
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
@@ -161,13 +217,15 @@ def markdown(rows: list[dict]) -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["throughput", "quality", "ablation"])
+    parser.add_argument("what", choices=["throughput", "quality", "ablation", "bare"])
     parser.add_argument("--minutes", type=float, default=None, help="training minutes per run")
-    parser.add_argument("--factor", type=int, default=8, help="ablation: which f")
+    parser.add_argument("--factor", type=int, default=8, help="ablation: which f (bare: only this f, if given)")
     parser.add_argument("--variants", nargs="*", help="ablation: only these (names as in VARIANTS)")
     args = parser.parse_args()
     if args.what == "throughput":
         rows = throughput()
+    elif args.what == "bare":
+        rows = bare(args.minutes, (args.factor,) if "--factor" in sys.argv else FACTORS)
     elif args.what == "quality":
         rows = quality(args.minutes)
     else:
