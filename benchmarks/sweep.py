@@ -2,8 +2,7 @@
 
     python benchmarks/sweep.py SWEEP_RUN_ID     (run where the sweep ran: same MLflow store)
 
-Reads MLflow only. Training = the children's ``wall_time_s`` (batches only; the domain feature
-extractor's training loop too, when this sweep trained it: ``extractor_training_s``); sampling = the
+Reads MLflow only. Training = the children's ``wall_time_s`` (batches only); sampling = the
 evaluate runs' sample counts over their measured img/s (headline and DDIM curve) plus the LDM
 runs' FID-during-training time (``fid_eval_s``) and sample-grid time (``grid_s``, where
 recorded). The rest of the sweep run's wall time is
@@ -20,7 +19,7 @@ from pathlib import Path
 import mlflow
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from components.runs import TAG_BUDGET, TAG_ROLE, read_sweep_entries  # noqa: E402
+from components.runs import TAG_BUDGET, read_sweep_entries  # noqa: E402
 from components.store import tracking_uri  # noqa: E402
 
 
@@ -43,19 +42,11 @@ def main(sweep_run_id: str) -> dict:
             sampling += int(params["eval.samples"]) / metrics["sample_img_per_s"]
             for point in client.get_metric_history(entry.evaluate, "ddim_sample_img_per_s"):
                 sampling += int(params["eval.curve_samples"]) / point.value
-    # The domain extractor, when this sweep trained it (a later sweep of the data version reuses it).
-    extractors = client.search_runs(
-        [sweep.info.experiment_id],
-        f"tags.mlflow.parentRunId = '{sweep_run_id}' and tags.`{TAG_ROLE}` = 'feature-extractor'",
-    )
-    extractor = sum(run.data.metrics.get("wall_time_s", 0.0) for run in extractors)
-    training += extractor
     result = {
         "sweep_run_id": sweep_run_id,
         "budget": sweep.data.tags.get(TAG_BUDGET),
         "wall_s": round(total, 1),
         "training_s": round(training, 1),
-        "extractor_training_s": round(extractor, 1),
         "sampling_s": round(sampling, 1),
         "other_s": round(total - training - sampling, 1),
         "other_share": round((total - training - sampling) / total, 3),

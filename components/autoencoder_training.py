@@ -71,7 +71,6 @@ class AutoencoderModule(L.LightningModule):
             opt_disc.step()
             logs["d_loss"] = d_loss.detach()
         self.logged = {"train_loss": loss.detach(), **logs}
-        self.log("loss", loss.detach(), prog_bar=True, logger=False)
 
     @torch.no_grad()
     def reconstruct_uint8(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:

@@ -102,7 +102,6 @@ class LatentDiffusionModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(*batch)
         self.logged = {"train_loss": loss.detach()}
-        self.log("loss", loss.detach(), prog_bar=True, logger=False)
         return loss
 
     def optimizer_step(self, *args, **kwargs) -> None:
