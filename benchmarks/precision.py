@@ -9,15 +9,16 @@ For each factor, on random data shaped like the default preset's:
    stage (AutoencoderKL, L1 + 1 - SSIM + KL; bf16 autocast + channels_last vs fp32 NCHW) and of the LDM UNet
    (the default diffusion loss; bf16 autocast vs fp32). This is what ``components.training.bf16_pays`` is
    decided from.
-2. platform / bare: img/s of latentlab's Lightning loop (``train_autoencoder``, ``train_ldm``:
-   budget, checkpoints, EMA) over its training batches as its ``Budget`` times them
-   (``module.train_seconds``), over the bare step at the same precision. Goal: >= 0.95.
+2. platform / bare: latentlab's Lightning loop (``train_autoencoder``, ``train_ldm``: budget,
+   checkpoints, EMA) over a bare step of the same model, batch and precision. The two are timed
+   in pairs: after each of the platform's training batches (as its ``Budget`` times them,
+   ``module.train_seconds``) one bare step runs on its own copy of the model, in the same process
+   and the same second. Goal: >= 0.95.
 
 Rates are the batch over the median step time, so a stray slow step (another process, the
-allocator, a checkpoint) does not decide a ratio: over whole-run means, 30-step runs moved the
-ratios by +-0.1 from one run of the script to the next. A process also speeds up over its first
-minute (the same bare loop ran up to 20 % faster on a second pass), so the loops run in the order
-bare, platform, platform, bare (neither gains from its place) and each one's better reading counts.
+allocator, a checkpoint) does not decide a ratio. Timing the two loops one after the other did
+not work on this shared 2-core machine: the same bare loop ran 15-25 % apart between two passes
+a minute apart, more than the difference to be measured; paired steps see the same machine.
 
 All ratios come from one run of this script; results in reports/benchmarks/precision.json.
 """
@@ -63,25 +64,36 @@ def timed(step, steps: int, batch: int) -> float:
     return batch / statistics.median(times)
 
 
-class StepTimes(L.Callback):
-    """Each training batch's share of ``module.train_seconds``, as the platform's ``Budget``
-    (which runs before this callback) timed it."""
+class PairedSteps(L.Callback):
+    """Each platform training batch's share of ``module.train_seconds`` (as the platform's
+    ``Budget``, which runs before this callback, timed it), each followed by one timed
+    ``bare_step()``."""
 
-    def __init__(self):
-        self.times: list[float] = []
+    def __init__(self, bare_step):
+        self.bare_step = bare_step
+        self.platform: list[float] = []
+        self.bare: list[float] = []
         self._before = 0.0
 
     def on_train_batch_start(self, trainer, module, *_) -> None:
         self._before = float(module.train_seconds)
 
     def on_train_batch_end(self, trainer, module, *_) -> None:
-        self.times.append(float(module.train_seconds) - self._before)
+        self.platform.append(float(module.train_seconds) - self._before)
+        started = time.perf_counter()
+        self.bare_step()
+        self.bare.append(time.perf_counter() - started)
 
-    def rate(self, batch: int) -> float:
-        return batch / statistics.median(self.times[WARMUP:])  # the same warm-up as ``timed``
+    def rates(self, batch: int) -> tuple[float, float]:
+        """(platform, bare) img/s at the median step time, after the warm-up steps."""
+        return tuple(batch / statistics.median(times[WARMUP:]) for times in (self.platform, self.bare))
 
 
 def bare_autoencoder(params, images: torch.Tensor, bf16: bool, steps: int) -> float:
+    return timed(bare_autoencoder_step(params, images, bf16), steps, params.ae.batch_size)
+
+
+def bare_autoencoder_step(params, images: torch.Tensor, bf16: bool):
     torch.manual_seed(0)
     stage = build_first_stage(params.ae, 64).train()
     if bf16:
@@ -100,7 +112,7 @@ def bare_autoencoder(params, images: torch.Tensor, bf16: bool, steps: int) -> fl
         loss.backward()
         optimizer.step()
 
-    return timed(step, steps, params.ae.batch_size)
+    return step
 
 
 def ldm_module(params, factor: int) -> tuple[LatentDiffusionModule, torch.Tensor, torch.Tensor]:
@@ -113,6 +125,10 @@ def ldm_module(params, factor: int) -> tuple[LatentDiffusionModule, torch.Tensor
 
 
 def bare_ldm(module: LatentDiffusionModule, latents, cond, batch: int, bf16: bool, steps: int) -> float:
+    return timed(bare_ldm_step(module, latents, cond, batch, bf16), steps, batch)
+
+
+def bare_ldm_step(module: LatentDiffusionModule, latents, cond, batch: int, bf16: bool):
     optimizer = module.configure_optimizers()
 
     def step():
@@ -123,7 +139,7 @@ def bare_ldm(module: LatentDiffusionModule, latents, cond, batch: int, bf16: boo
         optimizer.step()
         module.ema.step(module.unet.parameters())
 
-    return timed(step, steps, batch)
+    return step
 
 
 def main(steps: int) -> dict:
@@ -141,33 +157,25 @@ def main(steps: int) -> dict:
         row["ldm_bf16_img_per_s"] = bare_ldm(module, latents, cond, params.ldm.batch_size, True, steps)
         ae_precision = resolve_precision("auto", "autoencoder")
         ldm_precision = resolve_precision("auto", "ldm", latents.shape[-1])
-        ae_rates, ldm_rates = [], []
-        for _ in range(2):  # twice in a row, between the bare loops' two readings
-            with tempfile.TemporaryDirectory() as tmp:
-                ae_times, ldm_times = StepTimes(), StepTimes()
-                train_autoencoder(
-                    params.ae, images, resolution=64, checkpoint_dir=Path(tmp) / "ae", seed=0, callbacks=[ae_times]
-                )
-                ae_rates.append(ae_times.rate(params.ae.batch_size))
-                module, latents, cond = ldm_module(params, factor)
-                train_ldm(
-                    module, params.ldm, latents, cond, checkpoint_dir=Path(tmp) / "ldm", seed=0, callbacks=[ldm_times]
-                )
-                ldm_rates.append(ldm_times.rate(params.ldm.batch_size))
-        row["ae_platform_img_per_s"], row["ldm_platform_img_per_s"] = max(ae_rates), max(ldm_rates)
-        # The bare loops once more: the better of each loop's two readings counts.
         ae_bf16, ldm_bf16 = ae_precision == "bf16-mixed", ldm_precision == "bf16-mixed"
-        row["ae_bare_again_img_per_s"] = bare_autoencoder(params, images, ae_bf16, steps)
-        row["ldm_bare_again_img_per_s"] = bare_ldm(module, latents, cond, params.ldm.batch_size, ldm_bf16, steps)
-        bare_ae = max(row["ae_bf16_img_per_s" if ae_bf16 else "ae_fp32_img_per_s"], row["ae_bare_again_img_per_s"])
-        bare_ldm_rate = max(
-            row["ldm_bf16_img_per_s" if ldm_bf16 else "ldm_fp32_img_per_s"], row["ldm_bare_again_img_per_s"]
-        )
+        with tempfile.TemporaryDirectory() as tmp:
+            ae_pairs = PairedSteps(bare_autoencoder_step(params, images, ae_bf16))
+            train_autoencoder(
+                params.ae, images, resolution=64, checkpoint_dir=Path(tmp) / "ae", seed=0, callbacks=[ae_pairs]
+            )
+            bare_module, latents, cond = ldm_module(params, factor)
+            ldm_pairs = PairedSteps(bare_ldm_step(bare_module, latents, cond, params.ldm.batch_size, ldm_bf16))
+            module, latents, cond = ldm_module(params, factor)
+            train_ldm(
+                module, params.ldm, latents, cond, checkpoint_dir=Path(tmp) / "ldm", seed=0, callbacks=[ldm_pairs]
+            )
+        row["ae_platform_img_per_s"], row["ae_paired_bare_img_per_s"] = ae_pairs.rates(params.ae.batch_size)
+        row["ldm_platform_img_per_s"], row["ldm_paired_bare_img_per_s"] = ldm_pairs.rates(params.ldm.batch_size)
         row |= {
             "ae_bf16_over_fp32": row["ae_bf16_img_per_s"] / row["ae_fp32_img_per_s"],
             "ldm_bf16_over_fp32": row["ldm_bf16_img_per_s"] / row["ldm_fp32_img_per_s"],
-            "ae_platform_over_bare": row["ae_platform_img_per_s"] / bare_ae,
-            "ldm_platform_over_bare": row["ldm_platform_img_per_s"] / bare_ldm_rate,
+            "ae_platform_over_bare": row["ae_platform_img_per_s"] / row["ae_paired_bare_img_per_s"],
+            "ldm_platform_over_bare": row["ldm_platform_img_per_s"] / row["ldm_paired_bare_img_per_s"],
             "precision": {"autoencoder": ae_precision, "ldm": ldm_precision},
         }
         results[factor] = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}

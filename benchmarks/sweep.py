@@ -6,8 +6,11 @@ Reads MLflow only. Training = the children's ``wall_time_s`` (batches only); sam
 evaluate runs' sample counts over their measured img/s (headline and DDIM curve) plus the LDM
 runs' FID-during-training time (``fid_eval_s``) and sample-grid time (``grid_s``, where
 recorded). The rest of the sweep run's wall time is
-overhead: data, feature extraction for metrics, latent encoding, grids, checkpoints, MLflow,
-Prefect. Writes reports/benchmarks/sweep-<run>.json.
+overhead: feature extraction for metrics, latent encoding, grids, checkpoints, MLflow, Prefect.
+The sweep run starts once the data version and the FID feature network are ready, so building
+the data (its own ``data`` run) and training the extractor (its own run, ``wall_time_s``) are
+outside it: the command's wall time minus the sweep run's is their cost and Prefect's start.
+Writes reports/benchmarks/sweep-<run>.json.
 """
 
 from __future__ import annotations
