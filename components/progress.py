@@ -9,9 +9,11 @@ starts and ends and a status line at least every ``TICK_S`` seconds while it run
 
 The sweep's ETA comes from its budgets: each factor is expected to take its training budget
 plus the time outside training (latents, grids, FID, evaluation) that the latest finished
-factor took, or ``OVERHEAD_S`` before any has. The latest, not the mean: factors run in
-ascending f and that time shrinks with f (f = 1 samples 64x64 pixels: 6 min of it on the main
-job, f = 2 about 3), so the latest is the closest guide and, if anything, pessimistic.
+factor of its kind took, or ``OVERHEAD_S`` before any has. The latest, not the mean: factors run
+in ascending f and that time shrinks with f (f = 2 about 3 min on the main job, f = 32 seconds),
+so the latest is the closest guide and, if anything, pessimistic. Of its kind: pixel space
+(f = 1) samples 64x64 pixels, 6 min of it, so projecting it onto the latent factors put the
+main job's ETA 20 minutes late until f = 2 finished.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class Phase:
 @dataclass
 class FactorClock:
     budget_s: float | None  # training seconds it is given (None: a step budget)
+    pixel_space: bool = False  # f = 1: no first stage, and the slowest sampling by far
     started: float | None = None
     finished: float | None = None
 
@@ -93,8 +96,9 @@ class FactorClock:
 class SweepPlan:
     """The sweep's factors and their budgets, and from them and the clock, its ETA."""
 
-    def __init__(self, factors: dict[str, float | None], workers: int = 1):
-        self.factors = {label: FactorClock(budget) for label, budget in factors.items()}
+    def __init__(self, factors: dict[str, float | None], workers: int = 1, pixel_space: Iterable[str] = ()):
+        pixel = set(pixel_space)
+        self.factors = {label: FactorClock(budget, label in pixel) for label, budget in factors.items()}
         self.workers = max(1, workers)
 
     def keep(self, names: list[str]) -> None:
@@ -105,22 +109,27 @@ class SweepPlan:
         """ "f=8 (3/6)": the factor's place in the sweep."""
         return f"{name} ({list(self.factors).index(name) + 1}/{len(self.factors)})"
 
-    def overhead_s(self) -> float:
-        """Time outside training per factor: the latest finished factor's (why: the module's docstring)."""
+    def overhead_s(self, clock: FactorClock) -> float:
+        """Time outside training for ``clock``'s factor: the latest finished factor's of its kind
+        (why: the module's docstring)."""
         seen = [
             (c.finished, c.finished - c.started - c.budget_s)
             for c in self.factors.values()
-            if c.finished and c.budget_s
+            if c.finished and c.budget_s and c.pixel_space == clock.pixel_space
         ]
         return max(0.0, max(seen)[1]) if seen else OVERHEAD_S
 
     def expected_s(self, clock: FactorClock) -> float:
         """A factor's whole duration: its budget and the overhead; for a step budget, as long as
-        the latest finished factor took (or the overhead alone before any finished)."""
+        the latest finished factor of its kind took (or the overhead alone before any finished)."""
         if clock.budget_s is not None:
-            return clock.budget_s + self.overhead_s()
-        done = [(c.finished, c.finished - c.started) for c in self.factors.values() if c.finished]
-        return max(done)[1] if done else self.overhead_s()
+            return clock.budget_s + self.overhead_s(clock)
+        done = [
+            (c.finished, c.finished - c.started)
+            for c in self.factors.values()
+            if c.finished and c.pixel_space == clock.pixel_space
+        ]
+        return max(done)[1] if done else self.overhead_s(clock)
 
     def remaining_s(self, now: float, training_left: dict[str, float]) -> float:
         """Seconds until the last factor ends. ``training_left``: running factors' training budget

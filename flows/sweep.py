@@ -158,7 +158,11 @@ def sweep_flow(
     ``return_state=True`` and read ``state.result(raise_on_failure=False)``)."""
     cells = [(f, r) for r in range(params.sweep.seeds) for f in params.sweep.factors]  # every f, then again
     per_cell = {(f, r): params.for_factor(f, r) for f, r in cells}  # all valid before any work
-    plan = progress.SweepPlan({_name(cell): _training_budget_s(per_cell[cell]) for cell in cells}, params.sweep.workers)
+    plan = progress.SweepPlan(
+        {_name(cell): _training_budget_s(per_cell[cell]) for cell in cells},
+        params.sweep.workers,
+        pixel_space=[_name(cell) for cell in cells if cell[0] == 1],
+    )
     with progress.sweep_plan(plan):
         result = _sweep(params, experiment, cells, per_cell, plan, factor_deployment)
     if result.failed:

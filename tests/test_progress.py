@@ -12,16 +12,18 @@ from components import progress
 from components.progress import Reporter, SweepPlan, Training
 
 
-def test_eta_is_the_budgets_plus_the_overhead_the_latest_finished_factor_took():
-    plan = SweepPlan({"f=1": 50.0, "f=4": 100.0, "f=8": 50.0})
-    assert plan.remaining_s(0.0, {}) == 50 + 100 + 50 + 3 * 120  # nothing finished: the prior overhead
+def test_eta_is_the_budgets_plus_the_overhead_the_latest_finished_factor_of_its_kind_took():
+    plan = SweepPlan({"f=1": 50.0, "f=2": 100.0, "f=4": 100.0, "f=8": 50.0}, pixel_space=["f=1"])
+    assert plan.remaining_s(0.0, {}) == 50 + 100 + 100 + 50 + 4 * 120  # nothing finished: the prior overhead
     plan.factors["f=1"].started, plan.factors["f=1"].finished = 0.0, 450.0  # 400 s outside training
-    assert plan.remaining_s(450.0, {}) == 100 + 50 + 2 * 400
-    plan.factors["f=4"].started, plan.factors["f=4"].finished = 450.0, 750.0  # then only 200 s
-    assert plan.remaining_s(750.0, {}) == 50 + 200
-    plan.factors["f=8"].started = 750.0
-    assert plan.remaining_s(850.0, {}) == 150  # 100 s into its expected 250
-    assert plan.remaining_s(1150.0, {"f=8": 30.0}) == 30  # overdue, but 30 s of its budget are left
+    assert plan.remaining_s(450.0, {}) == 100 + 100 + 50 + 3 * 120  # pixel space's is no guide to latents
+    plan.factors["f=2"].started, plan.factors["f=2"].finished = 450.0, 850.0  # 300 s
+    assert plan.remaining_s(850.0, {}) == 100 + 50 + 2 * 300
+    plan.factors["f=4"].started, plan.factors["f=4"].finished = 850.0, 1150.0  # then only 200 s
+    assert plan.remaining_s(1150.0, {}) == 50 + 200
+    plan.factors["f=8"].started = 1150.0
+    assert plan.remaining_s(1250.0, {}) == 150  # 100 s into its expected 250
+    assert plan.remaining_s(1550.0, {"f=8": 30.0}) == 30  # overdue, but 30 s of its budget are left
     assert SweepPlan({"f=4": 100.0, "f=8": 100.0}, workers=2).remaining_s(0.0, {}) == 220
 
 
