@@ -7,8 +7,8 @@ For each factor, on random data shaped like the default preset's:
 
 1. bf16 vs fp32: img/s of a bare training step (forward, loss, backward, Adam) of the first
    stage (AutoencoderKL, L1 + 1 - SSIM + KL; bf16 autocast + channels_last vs fp32 NCHW) and of the LDM UNet
-   (the default diffusion loss; bf16 autocast vs fp32). This is what ``components.training.bf16_pays`` is
-   decided from.
+   (the default diffusion loss; bf16 autocast vs fp32), the two steps alternating on two copies of
+   the model. This is what ``components.training.bf16_pays`` is decided from.
 2. platform / bare: latentlab's Lightning loop (``train_autoencoder``, ``train_ldm``: budget,
    checkpoints, EMA) over a bare step of the same model, batch and precision. The two are timed
    in pairs: after each of the platform's training batches (as its ``Budget`` times them,
@@ -52,16 +52,18 @@ OUT = Path("reports/benchmarks")
 WARMUP = 10
 
 
-def timed(step, steps: int, batch: int) -> float:
-    """img/s of ``step()`` at its median time, after ``WARMUP`` calls."""
+def alternating(first, second, steps: int, batch: int) -> tuple[float, float]:
+    """img/s of ``first()`` and of ``second()`` at their median times, called in turn (so both
+    see the same machine), after ``WARMUP`` calls each."""
     for _ in range(WARMUP):
-        step()
-    times = []
+        first(), second()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(steps):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return batch / statistics.median(times)
+        for step, spent in zip((first, second), times, strict=True):
+            started = time.perf_counter()
+            step()
+            spent.append(time.perf_counter() - started)
+    return tuple(batch / statistics.median(spent) for spent in times)
 
 
 class PairedSteps(L.Callback):
@@ -87,10 +89,6 @@ class PairedSteps(L.Callback):
     def rates(self, batch: int) -> tuple[float, float]:
         """(platform, bare) img/s at the median step time, after the warm-up steps."""
         return tuple(batch / statistics.median(times[WARMUP:]) for times in (self.platform, self.bare))
-
-
-def bare_autoencoder(params, images: torch.Tensor, bf16: bool, steps: int) -> float:
-    return timed(bare_autoencoder_step(params, images, bf16), steps, params.ae.batch_size)
 
 
 def bare_autoencoder_step(params, images: torch.Tensor, bf16: bool):
@@ -124,10 +122,6 @@ def ldm_module(params, factor: int) -> tuple[LatentDiffusionModule, torch.Tensor
     return module, torch.randn(n, channels, size, size), torch.randint(0, 11, (n,))
 
 
-def bare_ldm(module: LatentDiffusionModule, latents, cond, batch: int, bf16: bool, steps: int) -> float:
-    return timed(bare_ldm_step(module, latents, cond, batch, bf16), steps, batch)
-
-
 def bare_ldm_step(module: LatentDiffusionModule, latents, cond, batch: int, bf16: bool):
     optimizer = module.configure_optimizers()
 
@@ -148,13 +142,27 @@ def main(steps: int) -> dict:
         params = load_params("params/default.yaml", [f"ae.factor={factor}", f"ae.max_steps={steps + WARMUP}"])
         params = params.model_copy(update={"ldm": params.ldm.model_copy(update={"max_steps": steps + WARMUP})})
         images = torch.randint(0, 256, (params.ae.batch_size * 16, 3, 64, 64), dtype=torch.uint8)
-        row = {
-            "ae_fp32_img_per_s": bare_autoencoder(params, images, False, steps),
-            "ae_bf16_img_per_s": bare_autoencoder(params, images, True, steps),
-        }
-        module, latents, cond = ldm_module(params, factor)
-        row["ldm_fp32_img_per_s"] = bare_ldm(module, latents, cond, params.ldm.batch_size, False, steps)
-        row["ldm_bf16_img_per_s"] = bare_ldm(module, latents, cond, params.ldm.batch_size, True, steps)
+        row = dict(
+            zip(
+                ("ae_fp32_img_per_s", "ae_bf16_img_per_s"),
+                alternating(
+                    bare_autoencoder_step(params, images, False),
+                    bare_autoencoder_step(params, images, True),
+                    steps,
+                    params.ae.batch_size,
+                ),
+                strict=True,
+            )
+        )
+        fp32_module, latents, cond = ldm_module(params, factor)
+        bf16_module, _, _ = ldm_module(params, factor)
+        batch = params.ldm.batch_size
+        row["ldm_fp32_img_per_s"], row["ldm_bf16_img_per_s"] = alternating(
+            bare_ldm_step(fp32_module, latents, cond, batch, False),
+            bare_ldm_step(bf16_module, latents, cond, batch, True),
+            steps,
+            batch,
+        )
         ae_precision = resolve_precision("auto", "autoencoder")
         ldm_precision = resolve_precision("auto", "ldm", latents.shape[-1])
         ae_bf16, ldm_bf16 = ae_precision == "bf16-mixed", ldm_precision == "bf16-mixed"

@@ -1,7 +1,8 @@
 """The first stage's loss (Esser et al.'s VQGAN loss, as the LDM paper uses it).
 
-L1 (or L2, ``ae.pixel_loss``) + perceptual term + KL or codebook term + a patch discriminator's hinge loss whose weight
-adapts to the ratio of gradient norms at the decoder's last layer and starts at ``disc_start``.
+L1 (or L2: ``ae.pixel_loss``) + perceptual term + KL or codebook term + a patch
+discriminator's hinge loss whose weight adapts to the ratio of gradient norms at the decoder's
+last layer and starts at ``disc_start``.
 The perceptual term is LPIPS when VGG weights are on disk, else 1 - SSIM, which needs no
 weights; ``perceptual_name`` says which one a run used.
 """

@@ -71,7 +71,7 @@ def domain_extractor(params: Params, data_version: str, experiment: str) -> Extr
                 steps=params.eval.extractor_steps,  # seed 0 always: one network per data version
                 log=lambda step, metrics: log_metrics(run.info.run_id, metrics, step),
             )
-            # Training time, as the other networks' (benchmarks/sweep.py counts it as training).
+            # Its training time, as the autoencoder and LDM runs record theirs.
             wall_time_s = time.perf_counter() - started
             accuracy = features.held_out_accuracy(state, val_images, val_labels)
             metrics = {"extractor_val_acc": accuracy, "wall_time_s": wall_time_s}
