@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from itertools import pairwise
 from pathlib import Path
@@ -219,16 +218,17 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["throughput", "quality", "ablation", "bare"])
     parser.add_argument("--minutes", type=float, default=None, help="training minutes per run")
-    parser.add_argument("--factor", type=int, default=8, help="ablation: which f (bare: only this f, if given)")
+    parser.add_argument("--factor", type=int, default=None, help="ablation: which f (8); bare: only this f")
     parser.add_argument("--variants", nargs="*", help="ablation: only these (names as in VARIANTS)")
     args = parser.parse_args()
     if args.what == "throughput":
         rows = throughput()
     elif args.what == "bare":
-        rows = bare(args.minutes, (args.factor,) if "--factor" in sys.argv else FACTORS)
+        rows = bare(args.minutes, (args.factor,) if args.factor else FACTORS)
     elif args.what == "quality":
         rows = quality(args.minutes)
     else:
+        args.factor = args.factor or 8
         rows = ablation(args.factor, args.minutes or 1.5, args.variants)
     OUT.mkdir(parents=True, exist_ok=True)
     name = args.what if args.what != "ablation" or not args.variants else f"ablation-f{args.factor}"
