@@ -6,7 +6,7 @@
 For each factor, on random data shaped like the default preset's:
 
 1. bf16 vs fp32: img/s of a bare training step (forward, loss, backward, Adam) of the first
-   stage (AutoencoderKL, L1 + 1 - SSIM + KL; bf16 autocast + channels_last vs fp32 NCHW) and of the LDM UNet
+   stage (AutoencoderKL, the pixel loss + 1 - SSIM + KL; bf16 autocast + channels_last vs fp32 NCHW) and of the LDM UNet
    (the default diffusion loss; bf16 autocast vs fp32), the two steps alternating on two copies of
    the model. This is what ``components.training.bf16_pays`` is decided from.
 2. platform / bare: latentlab's Lightning loop (``train_autoencoder``, ``train_ldm``: budget,
@@ -104,7 +104,9 @@ def bare_autoencoder_step(params, images: torch.Tensor, bf16: bool):
     def step():
         with torch.autocast("cpu", torch.bfloat16) if bf16 else nullcontext():
             out = stage.reconstruct(x)
-            reconstruction = (out.image - x).abs().mean() + params.ae.perceptual_weight * perceptual(out.image, x)
+            error = out.image - x  # the platform's pixel term (ae.pixel_loss)
+            pixel = error.abs().mean() if params.ae.pixel_loss == "l1" else error.square().mean()
+            reconstruction = pixel + params.ae.perceptual_weight * perceptual(out.image, x)
             loss = reconstruction + params.ae.kl_weight * out.regularization
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -142,17 +144,12 @@ def main(steps: int) -> dict:
         params = load_params("params/default.yaml", [f"ae.factor={factor}", f"ae.max_steps={steps + WARMUP}"])
         params = params.model_copy(update={"ldm": params.ldm.model_copy(update={"max_steps": steps + WARMUP})})
         images = torch.randint(0, 256, (params.ae.batch_size * 16, 3, 64, 64), dtype=torch.uint8)
-        row = dict(
-            zip(
-                ("ae_fp32_img_per_s", "ae_bf16_img_per_s"),
-                alternating(
-                    bare_autoencoder_step(params, images, False),
-                    bare_autoencoder_step(params, images, True),
-                    steps,
-                    params.ae.batch_size,
-                ),
-                strict=True,
-            )
+        row = {}
+        row["ae_fp32_img_per_s"], row["ae_bf16_img_per_s"] = alternating(
+            bare_autoencoder_step(params, images, False),
+            bare_autoencoder_step(params, images, True),
+            steps,
+            params.ae.batch_size,
         )
         fp32_module, latents, cond = ldm_module(params, factor)
         bf16_module, _, _ = ldm_module(params, factor)

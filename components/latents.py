@@ -34,7 +34,8 @@ def cached_latents(
         stage.to(memory_format=torch.channels_last)
     with torch.autocast(stage.device.type, torch.bfloat16, enabled=bf16):
         encoded = {name: stage.encode_images(images, progress=True) for name, images in splits.items()}
-    stage.to(memory_format=torch.contiguous_format)
+    if bf16:
+        stage.to(memory_format=torch.contiguous_format)  # as loaded, for the decoding that follows
     latents = {name: z.float().contiguous() for name, z in encoded.items()}
     write_atomically(cache_file, lambda partial: save_file(latents, partial))
     return latents
