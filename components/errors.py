@@ -3,6 +3,8 @@
 import re
 from urllib.parse import urlsplit
 
+RESULT_NEUTRAL = True  # messages, never what a run computes: not part of any stage's code identity
+
 
 class UserError(Exception):
     """Bad input or an unmet precondition the user can fix; the message says how."""

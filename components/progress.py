@@ -33,6 +33,8 @@ from typing import TypeVar
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+RESULT_NEUTRAL = True  # what reaches the console, never what a run computes: not part of any stage's code identity
+
 T = TypeVar("T")
 log = logging.getLogger("latentlab")
 TICK_S = 25.0  # a log file hears from a running phase this often (the promise: every 30 s)
@@ -325,7 +327,6 @@ factor, sweep_plan = reporter.factor, reporter.sweep_plan
 
 # ------------------------------------------------------------------------------------ verbosity
 
-_PREFECT_DIR = str(Path(importlib.util.find_spec("prefect").origin).parent)
 _CHATTY = ("pytorch_lightning", "lightning", "lightning_fabric", "mlflow")  # their INFO lines: hardware, database setup
 
 
@@ -337,13 +338,15 @@ class _Verbosity(logging.Filter):
     def __init__(self, level: int):
         super().__init__()
         self.level = level
+        # Found here, not at import: model and data code import this module without Prefect.
+        self.prefect_dir = str(Path(importlib.util.find_spec("prefect").origin).parent)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.WARNING or self.level > 0:
             return True
         if self.level < 0:
             return False
-        return not record.pathname.startswith(_PREFECT_DIR) and not record.name.startswith(_CHATTY)
+        return not record.pathname.startswith(self.prefect_dir) and not record.name.startswith(_CHATTY)
 
 
 def configure(level: int = 0) -> None:
