@@ -25,7 +25,7 @@ from components.conditioning import Conditioner  # noqa: E402
 from components.diffusion import LatentDiffusionModule  # noqa: E402
 from components.first_stage import build_first_stage  # noqa: E402
 from components.params import load_params  # noqa: E402
-from components.training import resolve_precision  # noqa: E402
+from components.precision import decide  # noqa: E402
 
 OUT = Path("reports/benchmarks")
 BUDGET_S = 180
@@ -36,7 +36,7 @@ def ae_step(factor: int):
     stage = build_first_stage(params.ae, 64).train()
     optimizer = torch.optim.Adam(stage.parameters(), lr=1e-3)
     x = torch.rand(params.ae.batch_size, 3, 64, 64) * 2 - 1
-    bf16 = resolve_precision(params.ae.precision, "autoencoder") == "bf16-mixed"
+    bf16 = decide(params.ae.precision, "autoencoder").value == "bf16-mixed"
 
     def loss_of(model, x):
         out = model.reconstruct(x)
@@ -54,7 +54,7 @@ def ldm_step(factor: int):
     optimizer = torch.optim.AdamW(module.unet.parameters(), lr=1e-3)
     batch = params.ldm.batch_size
     z, cond = torch.randn(batch, channels, size, size), torch.randint(0, 11, (batch,))
-    bf16 = resolve_precision(params.ldm.precision, "ldm", size) == "bf16-mixed"
+    bf16 = decide(params.ldm.precision, "ldm", size).value == "bf16-mixed"
     return module, optimizer, lambda m, z, c: m.loss(z, c), (z, cond), bf16, batch
 
 

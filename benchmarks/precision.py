@@ -8,7 +8,7 @@ For each factor, on random data shaped like the default preset's:
 1. bf16 vs fp32: img/s of a bare training step (forward, loss, backward, Adam) of the first
    stage (AutoencoderKL, the pixel loss + 1 - SSIM + KL; bf16 autocast + channels_last vs fp32 NCHW) and of the LDM UNet
    (the default diffusion loss; bf16 autocast vs fp32), the two steps alternating on two copies of
-   the model. This is what ``components.training.bf16_pays`` is decided from.
+   the model. The tables in ``components.precision`` (what ``precision: auto`` follows) come from this.
 2. platform / bare: latentlab's Lightning loop (``train_autoencoder``, ``train_ldm``: budget,
    checkpoints, EMA) over a bare step of the same model, batch and precision. The two are timed
    in pairs: after each of the platform's training batches (as its ``Budget`` times them,
@@ -44,7 +44,7 @@ from components.images import to_float
 from components.ldm_training import train_ldm
 from components.losses import PerceptualLoss
 from components.params import load_params
-from components.training import resolve_precision
+from components.precision import decide
 
 OUT = Path("reports/benchmarks")
 # Steps before timing starts: the first steps of a process run up to 20 % slower (allocator,
@@ -160,8 +160,8 @@ def main(steps: int) -> dict:
             steps,
             batch,
         )
-        ae_precision = resolve_precision("auto", "autoencoder")
-        ldm_precision = resolve_precision("auto", "ldm", latents.shape[-1])
+        ae_decided, ldm_decided = decide("auto", "autoencoder"), decide("auto", "ldm", latents.shape[-1])
+        ae_precision, ldm_precision = ae_decided.value, ldm_decided.value
         ae_bf16, ldm_bf16 = ae_precision == "bf16-mixed", ldm_precision == "bf16-mixed"
         with tempfile.TemporaryDirectory() as tmp:
             ae_pairs = PairedSteps(bare_autoencoder_step(params, images, ae_bf16))
@@ -182,6 +182,7 @@ def main(steps: int) -> dict:
             "ae_platform_over_bare": row["ae_platform_img_per_s"] / row["ae_paired_bare_img_per_s"],
             "ldm_platform_over_bare": row["ldm_platform_img_per_s"] / row["ldm_paired_bare_img_per_s"],
             "precision": {"autoencoder": ae_precision, "ldm": ldm_precision},
+            "precision_rule": {"autoencoder": ae_decided.rule, "ldm": ldm_decided.rule},
         }
         results[factor] = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
         print(factor, results[factor], flush=True)

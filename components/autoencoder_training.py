@@ -18,7 +18,8 @@ from components.images import to_float, to_pil, to_uint8
 from components.losses import AutoencoderLoss, PerceptualLoss
 from components.metrics import Reference, codebook_usage, psnr_ssim
 from components.params import AEParams
-from components.training import add_budget_buffers, fit, make_trainer, resolve_precision
+from components.precision import decide
+from components.training import add_budget_buffers, fit, make_trainer
 
 
 class AutoencoderModule(L.LightningModule):
@@ -98,9 +99,12 @@ def train_autoencoder(
     resolution: int,
     checkpoint_dir: Path,
     seed: int,
+    precision: str | None = None,
     callbacks: Sequence[L.Callback] = (),
 ) -> AutoencoderModule:
-    """Train (or resume) a first stage on uint8 images; ``callbacks`` report (``components.mlflow_callbacks``)."""
+    """Train (or resume) a first stage on uint8 images; ``callbacks`` report (``components.mlflow_callbacks``).
+    ``precision``: as the run decided it (``components.precision``); None decides here."""
+    precision = precision or decide(ae.precision, "autoencoder").value
     L.seed_everything(seed, verbose=False)
     module = AutoencoderModule(ae.model_dump(mode="json"), resolution)
     loader = DataLoader(TensorDataset(train_images), batch_size=ae.batch_size, shuffle=True, drop_last=True)
@@ -109,10 +113,9 @@ def train_autoencoder(
         ae.devices,
         Path(checkpoint_dir) / "ranks",
         f"{__name__}:train_rank",
-        {**rank_args, "seed": seed},
+        {**rank_args, "seed": seed, "precision": precision},
         {"train_images": train_images},
     ):
-        precision = resolve_precision(ae.precision, "autoencoder")
         trainer = make_trainer(ae, checkpoint_dir, list(callbacks), precision, manual_optimization=True)
         fit(trainer, module, loader, checkpoint_dir)
     return module.to(memory_format=torch.contiguous_format)  # NHWC is a training layout; files want NCHW
@@ -127,6 +130,7 @@ def train_rank(args: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         resolution=args["resolution"],
         checkpoint_dir=Path(args["checkpoint_dir"]),
         seed=args["seed"],
+        precision=args["precision"],
     )
 
 

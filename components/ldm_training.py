@@ -20,7 +20,8 @@ from components.first_stage import Autoencoder, FirstStage
 from components.grids import labeled_grid
 from components.images import to_pil
 from components.params import LDMParams
-from components.training import fit, make_trainer, resolve_precision
+from components.precision import decide
+from components.training import fit, make_trainer
 
 
 def sample_grid(
@@ -50,9 +51,12 @@ def train_ldm(
     *,
     checkpoint_dir: Path,
     seed: int,
+    precision: str | None = None,
     callbacks: list[L.Callback] = (),
 ) -> LatentDiffusionModule:
-    """Train (or resume) on cached latents; ``callbacks`` report (see ``components.mlflow_callbacks``)."""
+    """Train (or resume) on cached latents; ``callbacks`` report (see ``components.mlflow_callbacks``).
+    ``precision``: as the run decided it (``components.precision``); None decides here."""
+    precision = precision or decide(ldm.precision, "ldm", latents.shape[-1]).value
     L.seed_everything(seed, verbose=False)
     loader = DataLoader(TensorDataset(latents, cond), batch_size=ldm.batch_size, shuffle=True, drop_last=True)
     h, conditioner = module.hparams, module.conditioner
@@ -63,12 +67,12 @@ def train_ldm(
         "context_dim": conditioner.dim,
         "checkpoint_dir": str(checkpoint_dir),
         "seed": seed,
+        "precision": precision,
     }
     tensors = {"latents": latents, "cond": cond}
     if conditioner.mode == "text":  # a fixed table, not a parameter that DDP would hand over
         tensors["text_states"] = conditioner.table
     with distributed.ranks(ldm.devices, Path(checkpoint_dir) / "ranks", f"{__name__}:train_rank", rank_args, tensors):
-        precision = resolve_precision(ldm.precision, "ldm", latents.shape[-1])
         trainer = make_trainer(ldm, checkpoint_dir, list(callbacks), precision)
         fit(trainer, module, loader, checkpoint_dir)
     return module
@@ -84,7 +88,15 @@ def train_rank(args: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     module = LatentDiffusionModule(**model, conditioner=conditioner)
     ldm = LDMParams.model_validate(args["budget"])
     checkpoint_dir = Path(args["checkpoint_dir"])
-    train_ldm(module, ldm, tensors["latents"], tensors["cond"], checkpoint_dir=checkpoint_dir, seed=args["seed"])
+    train_ldm(
+        module,
+        ldm,
+        tensors["latents"],
+        tensors["cond"],
+        checkpoint_dir=checkpoint_dir,
+        seed=args["seed"],
+        precision=args["precision"],
+    )
 
 
 def export_pipeline(module: LatentDiffusionModule, stage: Autoencoder, classes: list[str], directory: Path) -> Path:

@@ -24,6 +24,7 @@ from components.errors import UserError
 from components.params import TrainingBudget
 
 LAST = "last.ckpt"
+CHECKPOINT = "checkpoint"  # the run artifact folder a training run shares its latest LAST in (mlflow_callbacks)
 
 # Noise on every training that says nothing about it: Lightning's advertisement for its cloud
 # logger, and a deprecation inside Lightning's own use of torch's pytree.
@@ -208,30 +209,6 @@ def check_one_batch(images: int, budget: TrainingBudget, section: str) -> None:
         )
 
 
-def bf16_hardware() -> bool:
-    """A GPU with bf16, or a CPU with AMX or AVX-512 bf16 instructions."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def bf16_pays(model: str, size: int) -> bool:
-    """Whether bf16 autocast speeds up a training step of ``model`` on ``size``-pixel inputs, as
-    measured here (``python benchmarks/precision.py``, 2-core Xeon with AMX, default widths):
-    the autoencoder 1.28-1.43x at f = 4..16; the LDM UNet 1.19x on 16x16 latents but 0.92x on
-    8x8 and 0.86x on 4x4, where its casts cost more than its small matmuls save. On CUDA: always."""
-    return torch.cuda.is_available() or model == "autoencoder" or size >= 16
-
-
-def resolve_precision(requested: str, model: str, size: int = 0) -> str:
-    """``auto``: bf16 autocast where the hardware has it and it pays for ``model`` at ``size``."""
-    if requested != "auto":
-        return requested
-    return "bf16-mixed" if bf16_pays(model, size) and bf16_hardware() else "32-true"
-
-
 def make_trainer(
     budget: TrainingBudget,
     checkpoint_dir: Path,
@@ -239,7 +216,7 @@ def make_trainer(
     precision: str = "32-true",
     manual_optimization: bool = False,
 ) -> L.Trainer:
-    """``precision``: resolved (``resolve_precision``), not ``auto``. With ``budget.devices`` > 1,
+    """``precision``: decided (``components.precision.decide``), not ``auto``. With ``budget.devices`` > 1,
     inside ``distributed.ranks`` (which starts the other processes); ``manual_optimization``:
     the module steps several optimisers, so each backward leaves some parameters out."""
     Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
