@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from components.errors import UserError
+from components.workspace import DATA_DIR, DATA_DVC, DVC_DIR, dvc_config
 
 REMOTE_NAME = "latentlab"
 
@@ -32,7 +33,7 @@ def dvc(root: Path, *args: str) -> str:
 
 def ensure_repo(root: Path) -> None:
     """Make ``root`` a DVC repository if it is not one (inside git when git is there)."""
-    if (root / ".dvc").is_dir():
+    if (root / DVC_DIR).is_dir():
         return
     in_git = subprocess.run(["git", "rev-parse", "--git-dir"], cwd=root, capture_output=True).returncode == 0
     dvc(root, "init", *([] if in_git else ["--no-scm"]))
@@ -47,10 +48,10 @@ def use_remote(root: Path, url: str, endpoint: str | None = None) -> bool:
     from the usual AWS variables or profiles, never from params.
     """
     section = f'remote "{REMOTE_NAME}"'
-    local = _config(root / ".dvc" / "config.local").get(section, {})
+    local = _config(dvc_config(root, local=True)).get(section, {})
     changed = False
     if "://" in url:
-        if _config(root / ".dvc" / "config").get(section, {}).get("url") != url:
+        if _config(dvc_config(root)).get(section, {}).get("url") != url:
             dvc(root, "remote", "add", "--project", "--force", "--default", REMOTE_NAME, url)
             changed = True
         if "url" in local:  # an earlier directory remote would override it
@@ -72,12 +73,12 @@ def _config(path: Path) -> dict:
     return ConfigObj(str(path)).dict() if path.exists() else {}
 
 
-def add(root: Path, target: str = "data") -> str:
+def add(root: Path, target: str = str(DATA_DIR)) -> str:
     dvc(root, "add", target)
     return version(root, f"{target}.dvc")
 
 
-def push(root: Path, target: str = "data") -> None:
+def push(root: Path, target: str = str(DATA_DIR)) -> None:
     dvc(root, "push", "--remote", REMOTE_NAME, f"{target}.dvc")
 
 
@@ -102,7 +103,7 @@ def unreachable(url: str, endpoint: str | None, timeout: float = 3.0) -> str | N
     return None
 
 
-def version(root: Path, dvc_file: str = "data.dvc") -> str | None:
+def version(root: Path, dvc_file: str | Path = DATA_DVC) -> str | None:
     """The md5 recorded for the tracked output, or None when there is no such file yet."""
     path = root / dvc_file
     if not path.exists():
@@ -111,12 +112,12 @@ def version(root: Path, dvc_file: str = "data.dvc") -> str | None:
     return outs[0].get("md5")
 
 
-def is_up_to_date(root: Path, dvc_file: str = "data.dvc") -> bool:
+def is_up_to_date(root: Path, dvc_file: str | Path = DATA_DVC) -> bool:
     """True when the workspace holds exactly what ``dvc_file`` records."""
     if not (root / dvc_file).exists():
         return False
     try:
-        return json.loads(dvc(root, "status", "--json", dvc_file) or "{}") == {}
+        return json.loads(dvc(root, "status", "--json", str(dvc_file)) or "{}") == {}
     except (UserError, json.JSONDecodeError):
         return False
 
@@ -127,19 +128,19 @@ def restore(data_version: str, workspace: Path, *, cache_dir: Path, remote: str,
     workspace = Path(workspace)
     workspace.mkdir(parents=True, exist_ok=True)
     if version(workspace) == data_version and is_up_to_date(workspace):
-        return workspace / "data"
-    if not (workspace / ".dvc").is_dir():
+        return workspace / DATA_DIR
+    if not (workspace / DVC_DIR).is_dir():
         dvc(workspace, "init", "--no-scm", "-q")
     dvc(workspace, "config", "--local", "cache.dir", str(Path(cache_dir).resolve()))
     use_remote(workspace, remote, endpoint)
-    (workspace / "data.dvc").write_text(
-        yaml.safe_dump({"outs": [{"md5": data_version, "hash": "md5", "path": "data"}]})
+    (workspace / DATA_DVC).write_text(
+        yaml.safe_dump({"outs": [{"md5": data_version, "hash": "md5", "path": str(DATA_DIR)}]})
     )
     try:
-        dvc(workspace, "pull", "--remote", REMOTE_NAME, "data.dvc")
+        dvc(workspace, "pull", "--remote", REMOTE_NAME, str(DATA_DVC))
     except UserError as exc:
         raise UserError(
             f"Data version {data_version} is neither in the DVC cache ({cache_dir}) nor on the remote {remote}: "
             "point data.remote (and data.remote_endpoint) at the remote it was pushed to.\n" + str(exc)
         ) from None
-    return workspace / "data"
+    return workspace / DATA_DIR

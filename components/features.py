@@ -31,10 +31,10 @@ from torch.nn import functional as F
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torchvision.transforms import v2
-from tqdm.auto import tqdm
 
 from components.errors import UserError
 from components.images import to_float
+from components.progress import track
 
 EXTRACTOR = "latentlab-cnn"
 INCEPTION = "inception-v3-compat"
@@ -208,7 +208,7 @@ def train_domain_extractor(
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
         net.train()
         window_loss, window_right, window_seen = 0.0, 0, 0
-        for step in tqdm(range(1, steps + 1), desc="domain extractor", unit="step", leave=False, disable=None):
+        for step in track(range(1, steps + 1), "domain extractor"):
             index = torch.multinomial(weights, batch_size, replacement=True)
             batch = torch.cat([augment(group) for group in images[index].split(8)])
             target = labels[index]

@@ -18,9 +18,7 @@ from PIL import Image
 from components.errors import store_failure
 from components.params import TrainingBudget
 from components.tracking import log_metrics
-from components.training import LAST
-
-CHECKPOINT = "checkpoint"  # the artifact folder of a run's latest training checkpoint
+from components.training import CHECKPOINT, LAST
 
 logger = logging.getLogger("latentlab")
 

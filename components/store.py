@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import UserError
+from components.workspace import TRACKING_DB
 
-DEFAULT_DB = "mlflow.db"
-DEFAULT_ARTIFACT_DIR = "mlartifacts"
 DEFAULT_EXPERIMENT = "latentlab"
 TAG_STAGE = "latentlab.stage"
 
@@ -32,7 +31,7 @@ def tracking_uri() -> str:
 
 def default_uri() -> str:
     """``mlflow.db`` in the working directory."""
-    return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+    return f"sqlite:///{TRACKING_DB.resolve()}"
 
 
 def redact(value: Any) -> Any:
@@ -52,7 +51,7 @@ def check_store(uri: str | None = None) -> None:
         except requests.RequestException as exc:
             raise UserError(
                 f"The MLflow tracking server {redact(uri)} does not answer ({type(exc).__name__}): start it "
-                "(see the README), or unset MLFLOW_TRACKING_URI to use mlflow.db in this directory."
+                f"(see the README), or unset MLFLOW_TRACKING_URI to use {TRACKING_DB} in this directory."
             ) from None
     elif uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))

@@ -15,7 +15,8 @@ from pathlib import Path
 import mlflow
 
 from components import ownership
-from components.store import DEFAULT_ARTIFACT_DIR, DEFAULT_EXPERIMENT, default_uri, redact, tracking_uri
+from components.store import DEFAULT_EXPERIMENT, default_uri, redact, tracking_uri
+from components.workspace import ARTIFACTS_DIR
 
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
@@ -31,7 +32,7 @@ def use_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
     mlflow.set_tracking_uri(uri)  # (this also exports MLFLOW_TRACKING_URI to subprocesses)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
-        location = Path(DEFAULT_ARTIFACT_DIR).resolve().as_uri() if default_store else None
+        location = ARTIFACTS_DIR.resolve().as_uri() if default_store else None
         with suppress(mlflow.exceptions.MlflowException):  # lost a race with another process
             mlflow.create_experiment(name, artifact_location=location)
         experiment = mlflow.get_experiment_by_name(name)

@@ -1,7 +1,15 @@
-"""Where a project keeps its files: the prepared dataset and the ``.latentlab/`` state folder.
+"""Where a project keeps its files: every path latentlab reads or writes below the working
+directory, named here so that a reader (or a later change that moves state elsewhere) finds them
+all in one place:
 
-Every path below the working directory is named here, so a reader (or a later change that
-moves state elsewhere) finds them all in one place.
+- the prepared dataset ``data/``, DVC's record of it ``data.dvc`` and DVC's folder ``.dvc/``
+  (its config and cache), in the project and in each data version's checkout;
+- the default parameters ``params/default.yaml`` (else the copy latentlab is installed with);
+- the default MLflow store: ``mlflow.db`` and its artifacts ``mlartifacts/``;
+- the ``.latentlab/`` state folder and the sweep reports under ``reports/``.
+
+It owns their names only (and which dataset the stages read, ``reading_data``); what is in the
+files belongs to the modules that write them.
 """
 
 from __future__ import annotations
@@ -13,7 +21,14 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 
+RESULT_NEUTRAL = True  # where files lie, never what a run computes: not part of any stage's code identity
+
 DATA_DIR = Path("data")
+DATA_DVC = Path("data.dvc")  # DVC names it after data/; its md5 is the data version
+DVC_DIR = Path(".dvc")
+PARAMS_FILE = Path("params") / "default.yaml"
+TRACKING_DB = Path("mlflow.db")  # the MLflow store while MLFLOW_TRACKING_URI is unset (SQLite)
+ARTIFACTS_DIR = Path("mlartifacts")  # that store's run artifacts
 STATE_DIR = Path(".latentlab")
 REPORTS_DIR = Path("reports")
 
@@ -53,6 +68,23 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
+def dvc_config(root: Path, local: bool = False) -> Path:
+    """The DVC config of the DVC project at ``root``: ``config`` (git tracks it: shared remotes)
+    or ``config.local`` (this machine's remote directory and endpoint)."""
+    return root / DVC_DIR / ("config.local" if local else "config")
+
+
+def dvc_cache(root: Path) -> Path:
+    """The DVC cache of the DVC project at ``root``: every data version built or pulled there."""
+    return root / DVC_DIR / "cache"
+
+
+def default_params() -> Path:
+    """The parameters a command runs with when given none: the project's ``params/default.yaml``,
+    else the one beside the installed latentlab (a command run outside a checkout)."""
+    return PARAMS_FILE if PARAMS_FILE.exists() else Path(__file__).resolve().parents[1] / PARAMS_FILE
+
+
 def data_state_file() -> Path:
     """Which source fingerprint ``data/`` was last built from, and its DVC version."""
     return STATE_DIR / "data-state.json"
@@ -83,6 +115,12 @@ def extractor_file(key: str) -> Path:
 def fidelity_cache() -> Path:
     """torch-fidelity's cache of reference-set features."""
     return STATE_DIR / "fidelity-cache"
+
+
+def precision_cache() -> Path:
+    """bf16 against fp32 measured on this machine's processor (``components.precision``), one
+    file per processor, torch version, model and size."""
+    return STATE_DIR / "precision"
 
 
 def report_dir(sweep_run_id: str) -> Path:
