@@ -127,7 +127,7 @@ def ablation(factor: int, minutes: float, variants: list[str] | None = None) -> 
 def quality(minutes: float | None = None) -> list[dict]:
     import mlflow
 
-    from flows.autoencoder import autoencoder_flow
+    from flows.pipeline import autoencoder_flow
 
     rows = []
     for factor in FACTORS:
@@ -135,7 +135,7 @@ def quality(minutes: float | None = None) -> list[dict]:
         budget = [f"ae.max_minutes={minutes or sweep.ae_minutes}", "ae.max_steps=1000000"]
         params = load_params("params/default.yaml", [f"ae.factor={factor}", *budget])
         result = autoencoder_flow(params)
-        run = mlflow.get_run(result.run_id)
+        run = mlflow.get_run(result.autoencoder_run)
         m = run.data.metrics
         rows.append(
             {

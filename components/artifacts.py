@@ -4,13 +4,13 @@ machine or a notebook loads them back from a run id alone.
 - An autoencoder run holds ``diffusers/``, the first stage in diffusers' layout (its config
   carries the latent scale), and ``weights/autoencoder.safetensors``.
 - An LDM run holds ``ldm/``: ``ldm.json`` (LDM parameters, latent shape, conditioning, the
-  autoencoder run it was trained on) beside ``ldm_ema.safetensors``; and ``pipeline/``, a
+  first stage it was trained on) beside ``ldm_ema.safetensors``; and ``pipeline/``, a
   diffusers pipeline for use outside latentlab.
 - Both also log a pyfunc model (``components/pyfunc``), registered as ``autoencoder-f<f>-<reg>``
   and ``ldm`` (a version per run, alias ``f<f>`` on the version a sweep last evaluated for f and
   ``best`` on its best f), so ``mlflow.pyfunc.load_model("models:/ldm@f8")`` works anywhere.
 
-So loading an LDM needs its run id, its autoencoder run (named in ``ldm.json``) and, for the
+So loading an LDM needs its run id, its first stage (named in ``ldm.json``) and, for the
 conditioning table, the dataset's labels or captions; never the latents.
 Downloads are kept under ``.latentlab/models/<run id>/``.
 """
@@ -37,10 +37,9 @@ from components.conditioning import Conditioning, conditioning_for
 from components.dataset import read_manifest, records_by_split
 from components.diffusion import LatentDiffusionModule, read_config
 from components.errors import UserError
-from components.first_stage import Autoencoder, FirstStage, load_first_stage
-from components.mlflow_callbacks import CHECKPOINT
+from components.first_stage import Autoencoder, FirstStage, FirstStageRef, load_first_stage
 from components.params import LDMParams
-from components.training import LAST
+from components.training import CHECKPOINT, LAST
 
 FIRST_STAGE = "diffusers"
 LDM = "ldm"
@@ -129,9 +128,16 @@ def log_pyfunc(code: Path, artifacts: dict[str, Path], params: dict[str, Any]) -
     return info.model_uri
 
 
-def first_stage_of(ae_run_id: str) -> FirstStage:
-    """The first stage an autoencoder run published; no run ("") is pixel space."""
-    return load_first_stage(local_copy(ae_run_id, FIRST_STAGE)) if ae_run_id else FirstStage()
+def first_stage_of(first: FirstStageRef) -> FirstStage:
+    """The first stage ``first`` names: what its autoencoder run published, or pixel space."""
+    run_id = first.autoencoder_run
+    return FirstStage() if run_id is None else load_first_stage(local_copy(run_id, FIRST_STAGE))
+
+
+def first_stage_in(config: dict[str, Any]) -> FirstStageRef:
+    """The first stage an LDM's ``ldm.json`` names (``autoencoder_run_id``: its older spelling)."""
+    named = config.get("first_stage") or config.get("autoencoder_run_id")
+    return FirstStageRef(named, config["factor"]) if named else FirstStageRef.pixels(config.get("data_version", ""), 0)
 
 
 def publish_ldm(module: LatentDiffusionModule, **facts: Any) -> None:
@@ -177,4 +183,4 @@ def load_ldm(run_id: str, data_dir: Path, seed: int = 0) -> TrainedLDM:
         seed=seed,
     )
     module = LatentDiffusionModule.from_pretrained(directory, conditioning.conditioner)
-    return TrainedLDM(module, first_stage_of(config["autoencoder_run_id"]), conditioning, config)
+    return TrainedLDM(module, first_stage_of(first_stage_in(config)), conditioning, config)

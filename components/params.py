@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from components.errors import UserError
+from components.workspace import PARAMS_FILE
 
 FACTORS = (1, 2, 4, 8, 16, 32)
 UNLIMITED_STEPS = 10**9  # a time budget's step cap
@@ -27,9 +28,20 @@ def downsampling_levels(factor: int) -> int:
     return factor.bit_length() - 1
 
 
+def reporting(default: Any, **field: Any) -> Any:
+    """A field that changes how a run reports (log intervals, grids, where it runs), not what it
+    learns: left out of run keys (``Section.shaping``), so changing it reuses trained models."""
+    return Field(default, json_schema_extra={"reporting": True}, **field)
+
+
 class Section(BaseModel):
     # Unknown keys are typos, never silently ignored.
     model_config = ConfigDict(extra="forbid")
+
+    def shaping(self) -> dict[str, Any]:
+        """The section's values that shape a result (every field not declared ``reporting``)."""
+        extra = {name: f.json_schema_extra or {} for name, f in type(self).model_fields.items()}
+        return self.model_dump(mode="json", exclude={name for name, e in extra.items() if e.get("reporting")})
 
 
 class DataParams(Section):
@@ -65,19 +77,19 @@ class TrainingBudget(Section):
     lr: float = Field(3e-4, gt=0)
     max_steps: int = Field(400, ge=1, description="optimisation steps (batches)")
     max_minutes: float | None = Field(None, gt=0, description="wall-time cap, resumable")
-    log_every: int = Field(10, ge=1)
-    image_every: int = Field(500, ge=1, description="steps between image grids")
-    checkpoint_every: int = Field(100, ge=1, description="steps between resumable checkpoints")
+    log_every: int = reporting(10, ge=1)
+    image_every: int = reporting(500, ge=1, description="steps between image grids")
+    checkpoint_every: int = reporting(100, ge=1, description="steps between resumable checkpoints")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="cosine: decay the learning rate to 0 over the budget (steps or minutes)"
     )
-    checkpoint_minutes: float = Field(
+    checkpoint_minutes: float = reporting(
         0, ge=0, description="and at least this many minutes between them (a save costs ~0.2 s: not every few steps)"
     )
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
         "auto", description="auto: bf16-mixed where the hardware has bf16 and it pays for this model (measured)"
     )
-    accelerator: Literal["auto", "cpu", "cuda"] = "auto"
+    accelerator: Literal["auto", "cpu", "cuda"] = reporting("auto", description="where it trains (auto: a GPU if any)")
     devices: int = Field(
         1, ge=1, description="training processes; more than one: DDP (gloo on CPU, NCCL on CUDA), batch_size each"
     )
@@ -149,10 +161,10 @@ class LDMParams(TrainingBudget):
     sample_steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0)
     guidance_scale: float = Field(2.0, ge=1.0)
-    samples_per_class: int = Field(4, ge=1, description="per row of the sample grid")
-    fid_every: int = Field(500, ge=1, description="steps between FID evaluations during training (and at the end)")
-    fid_samples: int = Field(64, ge=8, description="samples per FID evaluation during training")
-    fid_sample_steps: int = Field(10, ge=1, description="DDIM steps of those samples")
+    samples_per_class: int = reporting(4, ge=1, description="per row of the sample grid")
+    fid_every: int = reporting(500, ge=1, description="steps between FID evaluations during training (and at the end)")
+    fid_samples: int = reporting(64, ge=8, description="samples per FID evaluation during training")
+    fid_sample_steps: int = reporting(10, ge=1, description="DDIM steps of those samples")
 
     @field_validator("widths")
     @classmethod
@@ -283,6 +295,14 @@ class Params(Section):
             return f"equal steps: ae {s.ae_steps}, ldm {s.ldm_steps} per factor"
         return f"equal wall time: ae {s.ae_minutes:g} min, ldm {s.ldm_minutes:g} min per factor"
 
+    def shaping(self, name: str) -> Any:
+        """What of ``name`` (a section, ``section.key`` or ``seed``) shapes a result, JSON-able."""
+        head, _, key = name.partition(".")
+        value = getattr(self, head)
+        if key:
+            return value.model_dump(mode="json", include={key})[key]
+        return value.shaping() if isinstance(value, Section) else value
+
     def flat(self, *sections: str) -> dict[str, Any]:
         """Dotted-name view (``ae.factor``) as logged to MLflow, of some sections or all."""
         tree = self.model_dump(mode="json")
@@ -384,7 +404,7 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
         key = ".".join(str(part) for part in error["loc"]) or "(top level)"
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
-            message = "unknown parameter; check the spelling against params/default.yaml"
+            message = f"unknown parameter; check the spelling against {PARAMS_FILE}"
         value = error.get("input")
         shown = "" if isinstance(value, dict) or error["type"] == "missing" else f" = {value!r}"
         lines.append(f"  {key}{shown}: {message}")

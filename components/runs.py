@@ -1,10 +1,11 @@
 """Run identity: what makes two runs the same, the tags that say so, and how a stage finds the
 run it may reuse or must resume.
 
-A stage's run is identified by a *run key*: a hash of everything that decides its result (the
-data version or the run it builds on, the parameters that shape it, and the code that computes
-it). Settings that only change how a run reports (log intervals, grid sizes) are left out, so
-changing them reuses the trained model. Every key of every stage is decided in this module.
+A stage's run is identified by a *run key* (``run_key``): a hash of everything that decides its
+result: the data version or the run it builds on, the parameters that shape it (settings
+declared ``reporting`` beside the parameter are left out, so changing them reuses the trained
+model) and its code (``components.code_identity``). Each stage says what its key is made of
+(``flows.stage.Stage.key``).
 
 Before a stage works it claims its key (``ReuseOrResume.claim``): a finished run with its key is
 reused, a run with its key that crashed or was killed is reopened and resumed (its checkpoints
@@ -21,15 +22,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.entities import Run, RunStatus
 
 from components import ownership
+from components.code_identity import code_hash
 from components.errors import UserError
-from components.params import Params
+from components.precision import Precision
 from components.store import TAG_STAGE, RunGlance, check_run, redact
 from components.tracking import git_state, log_dataset
 
@@ -40,13 +41,15 @@ TAG_FACTOR = "latentlab.factor"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_GIT_DIRTY = "latentlab.git_dirty"
 TAG_RUN_KEY = "latentlab.run_key"
-TAG_AE_RUN = "latentlab.ae_run_id"  # on LDM and evaluate runs
+TAG_AE_RUN = "latentlab.ae_run_id"  # on LDM and evaluate runs of an autoencoder (not pixel space)
+TAG_FIRST_STAGE = "latentlab.first_stage"  # on LDM and evaluate runs: ``FirstStageRef.id``
 TAG_LDM_RUN = "latentlab.ldm_run_id"  # on evaluate runs
 TAG_FID_EXTRACTOR = "latentlab.fid_extractor"
 TAG_REFERENCE_SPLIT = "latentlab.reference_split"  # the real images FIDs were computed against
 TAG_PERCEPTUAL = "latentlab.perceptual"
 TAG_SEED = "latentlab.seed"  # on training runs
 TAG_PRECISION = "latentlab.precision"  # on training runs: the precision it trained in
+TAG_PRECISION_RULE = "latentlab.precision_rule"  # and which rule chose it (``components.precision``)
 TAG_LATENT_SHAPE = "latentlab.latent_shape"
 TAG_SMALL_SAMPLE = "latentlab.small_sample"
 TAG_SMALL_SAMPLE_NOTE = "latentlab.small_sample_note"
@@ -57,47 +60,8 @@ TAG_REPRODUCED_STAGE = "latentlab.reproduced_stage"
 TAG_REPRODUCED_RUN = "latentlab.reproduced_run_id"
 TAG_WITHIN_TOLERANCE = "latentlab.within_tolerance"
 FACTOR_TAG_PREFIX = "latentlab.sweep.f"
-NO_AUTOENCODER = "none (pixel space)"  # TAG_AE_RUN of a pixel-space (f = 1) model
 
-# --- what each stage's identity is made of -------------------------------------------------------
-
-REPO = Path(__file__).resolve().parents[1]
-# The code that computes each stage's result: a change to it means training again.
-DATA_CODE = ("components/sources.py", "components/dataset.py")
-AUTOENCODER_CODE = (
-    "components/first_stage.py",
-    "components/losses.py",
-    "components/autoencoder_training.py",
-    "components/training.py",
-    "components/images.py",
-)
-LDM_CODE = (
-    "components/diffusion.py",
-    "components/conditioning.py",
-    "components/ldm_training.py",
-    "components/latents.py",
-    "components/training.py",
-    "components/images.py",
-)
-EVALUATION_CODE = ("components/evaluation.py", "components/metrics.py", "components/features.py")
-EXTRACTOR_CODE = ("components/features.py",)
-ALL_CODE = ("components", "flows")
-# Settings that change how training reports, not what it learns.
-REPORTING_ONLY = {"log_every", "image_every", "checkpoint_every", "checkpoint_minutes", "accelerator"}
-LDM_REPORTING_ONLY = REPORTING_ONLY | {"fid_every", "fid_samples", "fid_sample_steps", "samples_per_class"}
-
-
-def code_hash(*names: str) -> str:
-    """sha256 of these repository files (or every ``.py`` file of these folders): each file's
-    path and bytes, in path order, so a renamed, added or removed module counts too."""
-    digest = hashlib.sha256()
-    for name in names:
-        path = REPO / name
-        for file in sorted(path.glob("*.py")) if path.is_dir() else [path]:
-            content = file.read_bytes()
-            digest.update(f"{file.relative_to(REPO).as_posix()}\0{len(content)}\0".encode())
-            digest.update(content)
-    return digest.hexdigest()
+# --- what a run's identity is made of --------------------------------------------------------
 
 
 def run_key(kind: str, *parts: Any) -> str:
@@ -106,49 +70,14 @@ def run_key(kind: str, *parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def stage_code_hash(entries: tuple[str, ...]) -> str:
+    """The code identity of a stage whose entry modules are ``entries`` (``components.code_identity``)."""
+    return code_hash(*entries) if entries else ""
+
+
 def data_build_key(source_fingerprint: str) -> str:
     """``data/`` is rebuilt when its source or the code that prepares it changes."""
-    return run_key("data", source_fingerprint, code_hash(*DATA_CODE))
-
-
-def data_run_key(data_version: str) -> str:
-    """One ``data`` run per data version."""
-    return run_key("data-run", data_version)
-
-
-def autoencoder_key(params: Params, data_version: str) -> str:
-    """A trained first stage: data, the parameters that shape it, and its code."""
-    shaping = params.ae.model_dump(mode="json", exclude=REPORTING_ONLY)
-    return run_key(
-        "autoencoder", data_version, params.data.resolution, params.seed, shaping, code_hash(*AUTOENCODER_CODE)
-    )
-
-
-def first_stage_id(ae_run_id: str, data_version: str, resolution: int) -> str:
-    """What an LDM's latents come from: an autoencoder run, or the pixels of a data version."""
-    return ae_run_id or f"pixels-{data_version}-{resolution}"
-
-
-def ldm_key(params: Params, first_stage: str) -> str:
-    """A trained denoiser: its first stage (``first_stage_id``), the LDM parameters, its code."""
-    shaping = params.ldm.model_dump(mode="json", exclude=LDM_REPORTING_ONLY)
-    return run_key("ldm", first_stage, params.seed, shaping, code_hash(*LDM_CODE))
-
-
-def evaluation_key(params: Params, ldm_run_id: str) -> str:
-    """An evaluation: the LDM run, how it is evaluated, and the metrics' code."""
-    return run_key("evaluate", ldm_run_id, params.eval.model_dump(mode="json"), code_hash(*EVALUATION_CODE))
-
-
-def extractor_key(params: Params, data_version: str) -> str:
-    """The domain feature extractor, trained once per data version (not per training seed: every
-    seed of a sweep must be scored by the same network)."""
-    return run_key("extractor", data_version, params.eval.extractor_steps, code_hash(*EXTRACTOR_CODE))
-
-
-def sweep_key(params: Params, data_version: str) -> str:
-    """A sweep: data version, every parameter, and the code of every stage."""
-    return run_key("sweep", data_version, params.model_dump(mode="json"), code_hash(*ALL_CODE))
+    return run_key("data", source_fingerprint, code_hash("components.sources", "components.dataset"))
 
 
 # --- opening, finding and reopening runs ---------------------------------------------------------
@@ -317,14 +246,25 @@ def run_of_stage(run_id: str, stages: tuple[str, ...], command: str) -> Run:
 # What a command reads from a run of each stage it accepts (``run_of_stage``).
 REQUIRED_TAGS = {
     "autoencoder": (TAG_DATA_VERSION, TAG_FACTOR),
-    "ldm": (TAG_DATA_VERSION, TAG_FACTOR, TAG_AE_RUN),
+    "ldm": (TAG_DATA_VERSION, TAG_FACTOR),
 }
 
 
-def autoencoder_run_of(run: Run) -> str:
-    """The autoencoder run an LDM or evaluate run used; "" for a pixel-space model."""
-    tag = run.data.tags.get(TAG_AE_RUN, "")
-    return "" if tag == NO_AUTOENCODER else tag
+def autoencoder_run_of(run: Run) -> str | None:
+    """The autoencoder run an LDM or evaluate run used; None for a pixel-space model."""
+    tag = run.data.tags.get(TAG_AE_RUN)
+    return tag if tag and not tag.startswith("none") else None  # ("none (pixel space)": runs before TAG_FIRST_STAGE)
+
+
+def precision_tags(precision: Precision) -> dict[str, str]:
+    return {TAG_PRECISION: precision.value, TAG_PRECISION_RULE: precision.rule}
+
+
+def recorded_precision(tags: dict[str, str]) -> Precision | None:
+    """The precision a training run recorded: decided once, read by whatever resumes or uses it."""
+    if TAG_PRECISION not in tags:
+        return None
+    return Precision(tags[TAG_PRECISION], tags.get(TAG_PRECISION_RULE, "recorded by the run"))
 
 
 # --- a sweep's record of which runs answer for each factor ---------------------------------------

@@ -1,159 +1,112 @@
-"""The autoencoder flow: data version -> first stage for one factor f -> MLflow run + registry.
+"""The autoencoder stage: data version -> first stage for one factor f -> MLflow run + registry.
 
-Trained once per run key (``components.runs.autoencoder_key``): a rerun finds the finished run
-and returns it; a run that crashed or was killed is resumed from its checkpoint into the same
-MLflow run.
+Its run is named by the data version, the seed, the resolution, the ``ae`` section and the code
+of ``components.autoencoder_training``; a rerun reuses the finished run, a run that crashed or
+was killed resumes from its checkpoint into the same MLflow run (``flows.stage``). Pixel space
+(f = 1) has no stage run: ``first_stage`` names it instead.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import mlflow
-import torch
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from mlflow.entities import Run
 
 import components.autoencoder_training as ae_training
-from components import artifacts, progress, workspace
+from components import artifacts, workspace
 from components.autoencoder_training import AutoencoderModule
 from components.dataset import load_split
-from components.first_stage import build_first_stage
-from components.metrics import Reference
+from components.first_stage import FirstStageRef, pixel_space
 from components.mlflow_callbacks import MLflowReporter, ShareCheckpoints
-from components.params import Params
+from components.precision import decide
 from components.runs import (
     TAG_DATA_VERSION,
     TAG_FID_EXTRACTOR,
     TAG_PERCEPTUAL,
-    TAG_PRECISION,
     TAG_SEED,
-    ReuseOrResume,
-    autoencoder_key,
-    first_stage_id,
+    precision_tags,
+    recorded_precision,
     seeded_name,
 )
-from components.tracking import register_once, use_experiment
-from components.training import check_one_batch, resolve_precision
-from flows.data import DataVersion, data_flow
+from components.tracking import register_once
+from components.training import check_one_batch
 from flows.extractor import reference
-from flows.retries import STORE_RETRIES
+from flows.stage import DataVersion, Stage, StageRun, log, run_stage
 
 PREVIEW_IMAGES = 8
 
 
-@dataclass(frozen=True)
-class AutoencoderRun:
-    run_id: str  # "" for pixel space (f = 1: nothing to train)
-    factor: int
-    regularizer: str
-    data_version: str
-    reused: bool
-    resolution: int
+class AutoencoderStage(Stage):
+    name = title = "autoencoder"
+    code = ("components.autoencoder_training",)
+    sections = ("seed", "data.resolution", "ae")
+    logged = ("seed", "data", "ae", "eval")  # eval: the extractor rFID uses
 
-    @property
-    def first_stage_id(self) -> str:
-        """What latents made with this first stage are named and keyed by."""
-        return first_stage_id(self.run_id, self.data_version, self.resolution)
+    def factor(self) -> int:
+        return self.params.ae.factor
 
+    def model_name(self) -> str:
+        return f"autoencoder-f{self.params.ae.factor}-{self.params.ae.regularizer}"
 
-def model_name(params: Params) -> str:
-    return f"autoencoder-f{params.ae.factor}-{params.ae.regularizer}"
+    def run_name(self) -> str:
+        return seeded_name(f"ae-f{self.params.ae.factor}-{self.params.ae.regularizer}", self.params.seed)
 
+    def prepare(self, resumed: Run | None) -> None:
+        self.val = reference(self.params, self.data, self.experiment, "val")  # (may train the extractor)
+        self.images, _ = load_split(workspace.data_dir(), "train")
+        check_one_batch(len(self.images), self.params.ae, "ae")
+        self.precision = (resumed and recorded_precision(resumed.data.tags)) or decide(
+            self.params.ae.precision, "autoencoder"
+        )
 
-@task(cache_policy=NO_CACHE, **STORE_RETRIES)
-def train(
-    params: Params, train_images: torch.Tensor, preview: torch.Tensor, run_id: str, resuming: bool
-) -> AutoencoderModule:
-    """``resuming``: the run was interrupted, perhaps on another machine (its checkpoint is fetched then)."""
+    def tags(self) -> dict[str, str]:
+        return {TAG_SEED: str(self.params.seed), **precision_tags(self.precision)}
 
-    def grid(module: AutoencoderModule):
-        return ae_training.reconstruction_grid(module, preview)
+    def train(self, run_id: str, resuming: bool) -> None:
+        checkpoints = workspace.checkpoint_dir("ae", run_id)
+        if resuming and artifacts.fetch_checkpoint(run_id, checkpoints):  # (a new run has none to fetch)
+            log.info("Resuming run %s from the checkpoint it shared (trained on another machine)", run_id)
+        preview = self.val.images[:PREVIEW_IMAGES]
+        self.module: AutoencoderModule = ae_training.train_autoencoder(
+            self.params.ae,
+            self.images,
+            resolution=self.params.data.resolution,
+            checkpoint_dir=checkpoints,
+            seed=self.params.seed,
+            precision=self.precision.value,
+            callbacks=[
+                MLflowReporter(
+                    run_id, self.params.ae, lambda m: ae_training.reconstruction_grid(m, preview), "reconstructions"
+                ),
+                ShareCheckpoints(run_id, checkpoints),
+            ],
+        )
+        mlflow.set_tag(TAG_PERCEPTUAL, self.module.perceptual.name)
 
-    checkpoints = workspace.checkpoint_dir("ae", run_id)
-    if resuming and artifacts.fetch_checkpoint(run_id, checkpoints):  # (a new run has none to fetch)
-        get_run_logger().info("Resuming run %s from the checkpoint it shared (trained on another machine)", run_id)
-    return ae_training.train_autoencoder(
-        params.ae,
-        train_images,
-        resolution=params.data.resolution,
-        checkpoint_dir=checkpoints,
-        seed=params.seed,
-        callbacks=[MLflowReporter(run_id, params.ae, grid, "reconstructions"), ShareCheckpoints(run_id, checkpoints)],
-    )
-
-
-@task(cache_policy=NO_CACHE, **STORE_RETRIES)
-def evaluate(module: AutoencoderModule, val: Reference) -> dict[str, float]:
-    """PSNR/SSIM and rFID of the val split's reconstructions (the paper's Table 8)."""
-    metrics = ae_training.evaluate_autoencoder(module, val)
-    mlflow.log_metrics(metrics, step=int(module.steps))
-    mlflow.set_tag(TAG_FID_EXTRACTOR, val.extractor.tag)
-    mlflow.log_image(ae_training.reconstruction_grid(module, val.images[:16]), "reconstructions_final.png")
-    get_run_logger().info(
-        "Autoencoder f=%d: %s", module.stage.factor, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-    )
-    return metrics
-
-
-@task(cache_policy=NO_CACHE, **STORE_RETRIES)
-def publish(
-    module: AutoencoderModule, params: Params, train_images: torch.Tensor, run_id: str, data_version: str
-) -> str:
-    """The latent scale, the weights as artifacts, then one registry version."""
-    scale = module.stage.fit_scale(train_images)
-    mlflow.log_metric("latent_scale_factor", scale)
-    source = artifacts.publish_autoencoder(module.stage, module.stage.state_dict())
-    version = register_once(model_name(params), run_id, source, {TAG_DATA_VERSION: data_version})
-    get_run_logger().info("Registered %s version %s", model_name(params), version)
-    artifacts.drop_checkpoint(run_id)
-    return version
+    def publish(self, run_id: str) -> None:
+        """PSNR/SSIM and rFID of val's reconstructions (the paper's Table 8), the latent scale,
+        the weights as artifacts, then one registry version."""
+        module = self.module
+        metrics = ae_training.evaluate_autoencoder(module, self.val)
+        mlflow.log_metrics(metrics, step=int(module.steps))
+        mlflow.set_tag(TAG_FID_EXTRACTOR, self.val.extractor.tag)
+        mlflow.log_image(ae_training.reconstruction_grid(module, self.val.images[:16]), "reconstructions_final.png")
+        log.info("Autoencoder f=%d: %s", self.factor(), ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        mlflow.log_metric("latent_scale_factor", module.stage.fit_scale(self.images))
+        source = artifacts.publish_autoencoder(module.stage, module.stage.state_dict())
+        version = register_once(self.model_name(), run_id, source, {TAG_DATA_VERSION: self.data.version})
+        log.info("Registered %s version %s", self.model_name(), version)
+        artifacts.drop_checkpoint(run_id)
 
 
-@flow(name="train-ae")
-def autoencoder_flow(
-    params: Params,
-    experiment: str = "latentlab",
-    parent_run_id: str | None = None,
-    data: DataVersion | None = None,
-    fresh: bool = False,
-) -> AutoencoderRun:
-    """The first stage for ``params.ae.factor``: reused if trained, resumed if interrupted.
-    ``data``: the data version already prepared by a calling flow (else prepared here);
-    ``fresh``: train anew even when a matching run exists (``reproduce``)."""
-    logger = get_run_logger()
-    data = data or data_flow(params, experiment)
-    ae = params.ae
+def first_stage(stage: AutoencoderStage, *, parent_run_id: str | None = None, fresh: bool = False) -> FirstStageRef:
+    """The first stage for ``stage``'s factor: pixel space, or its autoencoder run (reused if
+    trained, resumed if interrupted, else trained)."""
+    ae = stage.params.ae
+    if pixel_space(ae.factor):
+        log.info("f=%d is pixel space: no first stage to train", ae.factor)
+        return FirstStageRef.pixels(stage.data.version, stage.params.data.resolution)
+    run: StageRun = run_stage(stage, parent_run_id=parent_run_id, fresh=fresh)
+    return FirstStageRef(run.run_id, ae.factor, recorded_precision(run.tags).value, run.reused)
 
-    def result(run_id: str, reused: bool) -> AutoencoderRun:
-        return AutoencoderRun(run_id, ae.factor, ae.regularizer, data.version, reused, params.data.resolution)
 
-    if not build_first_stage(ae, params.data.resolution).trainable:
-        logger.info("f=%d is pixel space: no first stage to train", ae.factor)
-        return result("", reused=True)
-    key = autoencoder_key(params, data.version)
-    with ReuseOrResume.claim(use_experiment(experiment), "autoencoder", key, fresh=fresh, log=logger.info) as recorded:
-        if recorded.reusable is not None:
-            logger.info("Reusing finished autoencoder run %s (%s)", recorded.reusable.info.run_id, model_name(params))
-            return result(recorded.reusable.info.run_id, reused=True)
-        if recorded.resumable is not None:
-            logger.info("Resuming interrupted autoencoder run %s", recorded.resumable.info.run_id)
-        val = reference(params, data.version, experiment, "val")  # (may train the extractor: its own run)
-        train_images, _ = load_split(workspace.data_dir(), "train")
-        check_one_batch(len(train_images), ae, "ae")
-        with recorded.start(
-            data_version=data.version,
-            params=params.flat("seed", "data", "ae", "eval"),  # eval: the extractor rFID uses
-            run_name=seeded_name(f"ae-f{ae.factor}-{ae.regularizer}", params.seed),
-            factor=ae.factor,
-            tags={TAG_SEED: str(params.seed), TAG_PRECISION: resolve_precision(ae.precision, "autoencoder")},
-            parent_run_id=parent_run_id,
-        ) as run:
-            with progress.phase("autoencoder training"):
-                preview = val.images[:PREVIEW_IMAGES]
-                module = train(params, train_images, preview, run.info.run_id, resuming=recorded.resumable is not None)
-            mlflow.set_tag(TAG_PERCEPTUAL, module.perceptual.name)
-            with progress.phase("autoencoder evaluation and export"):
-                evaluate(module, val)
-                publish(module, params, train_images, run.info.run_id, data.version)
-        return result(run.info.run_id, reused=False)
+__all__ = ["AutoencoderStage", "DataVersion", "first_stage"]

@@ -16,18 +16,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from components import progress
+from components import progress, workspace
 from components.errors import Reported, UserError, store_failure
 from components.params import Params, load_params
 from components.store import DEFAULT_EXPERIMENT
 
 console = Console(stderr=True)
-PACKAGED_PARAMS = Path(__file__).resolve().parents[1] / "params" / "default.yaml"
-
-
-def _default_params() -> Path:
-    local = Path("params/default.yaml")
-    return local if local.exists() else PACKAGED_PARAMS
 
 
 def cmd_data(params: Params, args: argparse.Namespace) -> None:
@@ -48,38 +42,39 @@ def cmd_data(params: Params, args: argparse.Namespace) -> None:
 def cmd_train_ae(params: Params, args: argparse.Namespace) -> None:
     import mlflow
 
-    from flows.autoencoder import autoencoder_flow
+    from flows.pipeline import autoencoder_flow
 
     result = autoencoder_flow(params, experiment=args.experiment)
-    if not result.run_id:
+    if result.autoencoder_run is None:
         console.print("f=1 is pixel space: there is no autoencoder to train.")
         return
-    metrics = mlflow.get_run(result.run_id).data.metrics
+    metrics = mlflow.get_run(result.autoencoder_run).data.metrics
     shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("psnr", "ssim", "rfid") if k in metrics)
     verb = "Reused" if result.reused else "Trained"
-    console.print(f"[bold green]{verb} autoencoder f={result.factor} ({result.regularizer})[/]: {shown}")
-    print(result.run_id)
+    console.print(f"[bold green]{verb} autoencoder f={result.factor} ({params.ae.regularizer})[/]: {shown}")
+    print(result.autoencoder_run)
 
 
 def cmd_train_ldm(params: Params, args: argparse.Namespace) -> None:
-    from flows.ldm import ldm_flow
+    from flows.pipeline import ldm_flow
 
     result = ldm_flow(params, experiment=args.experiment)
     verb = "Reused" if result.reused else "Trained"
     console.print(
-        f"[bold green]{verb} latent diffusion model f={result.factor}[/] (autoencoder run {result.ae_run_id or 'none'})"
+        f"[bold green]{verb} latent diffusion model f={result.tags['latentlab.factor']}[/] "
+        f"(first stage {result.tags['latentlab.first_stage']})"
     )
     print(result.run_id)
 
 
 def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
-    from flows.evaluate import evaluate_flow
+    from flows.pipeline import evaluate_flow
 
     result = evaluate_flow(params, args.run, experiment=args.experiment)
     m = result.metrics
     verb = "Reused evaluation" if result.reused else "Evaluated"
     console.print(
-        f"[bold green]{verb} f={result.factor}[/]: FID {m['fid']:.4g}{_interval(m, 'fid')}, "
+        f"[bold green]{verb} f={result.tags['latentlab.factor']}[/]: FID {m['fid']:.4g}{_interval(m, 'fid')}, "
         f"KID {m['kid_mean']:.4g}{_interval(m, 'kid')}, "
         f"precision {m['precision']:.3g}, recall {m['recall']:.3g}, {m['sample_img_per_s']:.3g} samples/s"
     )
@@ -287,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, handler) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--params", type=Path, default=None, help="YAML preset (default params/default.yaml)")
+        sub.add_argument("--params", type=Path, default=None, help=f"YAML preset (default {workspace.PARAMS_FILE})")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. ae.factor=8")
         sub.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
         loudness = sub.add_mutually_exclusive_group()
@@ -346,7 +341,7 @@ def _check_before_prefect(params: Params, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        params = load_params(args.params or _default_params(), args.set)
+        params = load_params(args.params or workspace.default_params(), args.set)
         if args.command not in ("ui", "serve", "deploy"):
             _check_before_prefect(params, args)
         _quiet_user_errors()

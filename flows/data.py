@@ -6,8 +6,8 @@ A second run with the same source and parameters finds ``data/`` current and cha
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from PIL import Image
@@ -18,18 +18,11 @@ from components import dvc, ownership, progress, workspace
 from components.dataset import build_dataset, is_current, read_manifest, read_records, remember_build
 from components.grids import labeled_grid
 from components.params import DataParams, Params, flatten
-from components.runs import ReuseOrResume, data_build_key, data_run_key
+from components.runs import data_build_key
 from components.sources import load_source
 from components.store import redact
-from components.tracking import use_experiment
 from components.workspace import DATA_DIR
-
-
-@dataclass(frozen=True)
-class DataVersion:
-    version: str
-    run_id: str
-    manifest: dict
+from flows.stage import DataVersion, Stage, run_stage
 
 
 @task(cache_policy=NO_CACHE)
@@ -73,7 +66,7 @@ def data_version_here(params: DataParams, version: str, root: Path = Path(".")) 
         return dvc.restore(
             version,
             root / workspace.version_checkout(version),
-            cache_dir=root / ".dvc" / "cache",
+            cache_dir=workspace.dvc_cache(root),
             remote=remote,
             endpoint=params.remote_endpoint,
         )
@@ -105,26 +98,31 @@ def version_data(params: DataParams, root: Path, build: str, rebuilt: bool) -> s
     return version
 
 
-@task(cache_policy=NO_CACHE)
-def record_data_run(params: DataParams, root: Path, version: str, manifest: dict, experiment: str) -> str:
-    """One MLflow ``data`` run per version: counts, parameters, bad-file report, sample grid."""
-    key = data_run_key(version)
-    with ReuseOrResume.claim(use_experiment(experiment), "data", key, log=get_run_logger().info) as recorded:
-        if recorded.reusable is not None:
-            return recorded.reusable.info.run_id
+class DataStage(Stage):
+    """One MLflow ``data`` run per data version: counts, parameters, bad-file report, sample grid."""
+
+    name = "data"
+    sections = ()  # the version is the identity: same bytes, same run
+
+    def __init__(self, params: Params, data: DataVersion, root: Path, experiment: str = "latentlab"):
+        super().__init__(params, data, experiment)
+        self.root = root
+
+    def run_name(self) -> str:
+        return f"data-{self.data.version[:8]}"
+
+    def logged_params(self) -> dict[str, Any]:
+        return flatten({"data": self.params.data.model_dump(mode="json")})
+
+    def publish(self, run_id: str) -> None:
+        manifest = self.data.manifest
         counts = manifest["counts"]
-        with recorded.start(
-            data_version=version,
-            params=flatten({"data": params.model_dump(mode="json")}),
-            run_name=f"data-{version[:8]}",
-        ) as run:
-            mlflow.log_metrics({f"n_{split}": counts[split] for split in ("total", "train", "val", "skipped")})
-            mlflow.log_metric("n_classes", len(manifest["classes"]))
-            for label, per_split in counts["per_class"].items():
-                mlflow.log_metric(f"class_count/{_slug(label)}", per_split["train"] + per_split["val"])
-            mlflow.log_dict(manifest, "manifest.json")
-            mlflow.log_image(_sample_grid(root / DATA_DIR, params.grid_per_class), "samples_per_class.png")
-            return run.info.run_id
+        mlflow.log_metrics({f"n_{split}": counts[split] for split in ("total", "train", "val", "skipped")})
+        mlflow.log_metric("n_classes", len(manifest["classes"]))
+        for label, per_split in counts["per_class"].items():
+            mlflow.log_metric(f"class_count/{_slug(label)}", per_split["train"] + per_split["val"])
+        mlflow.log_dict(manifest, "manifest.json")
+        mlflow.log_image(_sample_grid(self.root / DATA_DIR, self.params.data.grid_per_class), "samples_per_class.png")
 
 
 def _sample_grid(data_dir: Path, per_class: int) -> Image.Image:
@@ -151,5 +149,5 @@ def data_flow(params: Params, experiment: str = "latentlab", root: Path = Path("
     ):  # one builder of data/ at a time
         manifest, build, rebuilt = prepare_data(params.data, root)
         version = version_data(params.data, root, build, rebuilt)
-        run_id = record_data_run(params.data, root, version, manifest, experiment)
-    return DataVersion(version, run_id, manifest)
+        recorded = run_stage(DataStage(params, DataVersion(version, "", manifest), root, experiment))
+    return DataVersion(version, recorded.run_id, manifest)

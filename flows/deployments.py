@@ -18,10 +18,8 @@ from prefect.exceptions import ObjectNotFound
 from prefect.workers.process import ProcessWorker
 
 from components.params import Params
-from flows.autoencoder import autoencoder_flow
 from flows.data import data_flow
-from flows.evaluate import evaluate_flow
-from flows.ldm import ldm_flow
+from flows.pipeline import autoencoder_flow, evaluate_flow, ldm_flow
 from flows.sweep import factor_flow, sweep_flow
 
 POOL = "latentlab"

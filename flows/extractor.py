@@ -1,8 +1,9 @@
-"""Which network measures sample quality, and the real images it compares against.
+"""The extractor stage, and the real images samples are compared against.
 
 The standard ``inception-v3-compat`` is used when its weights are given (numbers comparable with
-papers); otherwise an offline domain CNN, trained once per data version on the train split's
-labels, logged to MLflow and reused: from the local cache, else from its MLflow run.
+papers; ``components.evaluation.uses_inception``); otherwise an offline domain CNN, trained once
+per data version on the train split's labels as an ``evaluate`` run with the role
+``feature-extractor``, and reused: from the local copy, else from its MLflow run.
 """
 
 from __future__ import annotations
@@ -13,77 +14,79 @@ import time
 
 import mlflow
 import torch
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from mlflow.entities import Run
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import components.features as features
-from components import progress, workspace
+from components import workspace
 from components.dataset import load_split, read_manifest
+from components.evaluation import reference_split, uses_inception
 from components.features import INCEPTION_ENV, Extractor
 from components.metrics import Reference
 from components.params import Params
-from components.runs import TAG_FID_EXTRACTOR, TAG_ROLE, ReuseOrResume, extractor_key
-from components.tracking import log_metrics, use_experiment
+from components.runs import TAG_FID_EXTRACTOR, TAG_ROLE
+from components.tracking import log_metrics
+from flows.stage import DataVersion, Stage, log, run_stage
 
 ARTIFACT_DIR = "extractor"
 
 
-@task(cache_policy=NO_CACHE)
-def domain_extractor(params: Params, data_version: str, experiment: str) -> Extractor:
-    """The trained domain CNN for this data version: cached file, else its MLflow run, else train."""
-    key = extractor_key(params, data_version)
-    local = workspace.extractor_file(key)
-    if local.exists():
-        try:
-            return features.extractor_from_file(local)
-        except SafetensorError:
-            get_run_logger().warning("The extractor copy %s is damaged; fetching it again", local)
-    with ReuseOrResume.claim(use_experiment(experiment), "evaluate", key, log=get_run_logger().info) as recorded:
-        if recorded.reusable is not None:
-            run_id = recorded.reusable.info.run_id
-            fetched = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{ARTIFACT_DIR}/{local.name}")
-            workspace.write_atomically(local, lambda partial: shutil.copyfile(fetched, partial))
-            return features.extractor_from_file(local)
-        classes = read_manifest(workspace.data_dir())["classes"]
-        (images, labels), (val_images, val_labels) = (_labelled(split, classes) for split in ("train", "val"))
-        get_run_logger().info(
+class ExtractorStage(Stage):
+    """One network per data version (seed 0 always: every seed of a sweep is scored by it)."""
+
+    name, title = "evaluate", "domain extractor"
+    code = ("components.features",)
+    sections = ("eval.extractor_steps",)
+
+    def upstream(self) -> list[str]:
+        return ["extractor", self.data.version]  # (its own kind of evaluate run)
+
+    def run_name(self) -> str:
+        return f"extractor-{self.data.version[:8]}"
+
+    @property
+    def local(self):
+        return workspace.extractor_file(self.key())
+
+    def reuse(self, run: Run) -> None:
+        fetched = mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, artifact_path=f"{ARTIFACT_DIR}/{self.local.name}"
+        )
+        workspace.write_atomically(self.local, lambda partial: shutil.copyfile(fetched, partial))
+
+    def prepare(self, resumed: Run | None) -> None:
+        self.classes = read_manifest(workspace.data_dir())["classes"]
+        self.train_split, self.val_split = (_labelled(split, self.classes) for split in ("train", "val"))
+
+    def tags(self) -> dict[str, str]:
+        return {TAG_ROLE: "feature-extractor"}
+
+    def train(self, run_id: str, resuming: bool) -> None:
+        (images, labels), (val_images, val_labels) = self.train_split, self.val_split
+        steps = self.params.eval.extractor_steps
+        log.info(
             "Training the domain feature extractor on %d images, %d classes (once per data version)",
             len(images),
-            len(classes),
+            len(self.classes),
         )
-        with (
-            recorded.start(
-                data_version=data_version,
-                params={"eval.extractor_steps": params.eval.extractor_steps},
-                run_name=f"extractor-{data_version[:8]}",
-                tags={TAG_ROLE: "feature-extractor"},
-                parent_run_id=active.info.run_id if (active := mlflow.active_run()) else None,
-            ) as run,
-            progress.phase("domain extractor training"),
-        ):
-            started = time.perf_counter()
-            state = features.train_domain_extractor(
-                images,
-                labels,
-                len(classes),
-                steps=params.eval.extractor_steps,  # seed 0 always: one network per data version
-                log=lambda step, metrics: log_metrics(run.info.run_id, metrics, step),
-            )
-            # Its training time, as the autoencoder and LDM runs record theirs.
-            wall_time_s = time.perf_counter() - started
-            accuracy = features.held_out_accuracy(state, val_images, val_labels)
-            metrics = {"extractor_val_acc": accuracy, "wall_time_s": wall_time_s}
-            log_metrics(run.info.run_id, metrics, params.eval.extractor_steps)
-            get_run_logger().info(
-                "Domain extractor: %.1f %% held-out accuracy on %d classes", 100 * accuracy, len(classes)
-            )
-            workspace.write_atomically(local, lambda partial: save_file(state, partial))
-            mlflow.log_artifact(str(local), ARTIFACT_DIR)
-            extractor = features.extractor_from_file(local)
-            mlflow.set_tag(TAG_FID_EXTRACTOR, extractor.tag)
-        return extractor
+        started = time.perf_counter()
+        state = features.train_domain_extractor(
+            images, labels, len(self.classes), steps=steps, log=lambda step, metrics: log_metrics(run_id, metrics, step)
+        )
+        # Its training time, as the autoencoder and LDM runs record theirs.
+        metrics = {"extractor_val_acc": features.held_out_accuracy(state, val_images, val_labels)}
+        log_metrics(run_id, metrics | {"wall_time_s": time.perf_counter() - started}, steps)
+        log.info(
+            "Domain extractor: %.1f %% held-out accuracy on %d classes",
+            100 * metrics["extractor_val_acc"],
+            len(self.classes),
+        )
+        workspace.write_atomically(self.local, lambda partial: save_file(state, partial))
+
+    def publish(self, run_id: str) -> None:
+        mlflow.log_artifact(str(self.local), ARTIFACT_DIR)
+        mlflow.set_tag(TAG_FID_EXTRACTOR, features.extractor_from_file(self.local).tag)
 
 
 def _labelled(split: str, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,35 +95,31 @@ def _labelled(split: str, classes: list[str]) -> tuple[torch.Tensor, torch.Tenso
     return images, torch.tensor([classes.index(r.label) if r.label in classes else -1 for r in records])
 
 
-def choose_extractor(params: Params, data_version: str, experiment: str) -> Extractor:
-    """``eval.extractor``: auto = Inception when weights are given (param or env), else domain."""
-    if uses_inception(params):
+def choose_extractor(params: Params, data: DataVersion, experiment: str) -> Extractor:
+    """Inception when its weights are given, else the domain CNN of this data version: its local
+    copy, else its MLflow run, else trained now."""
+    if uses_inception(params.eval):
         return features.inception_extractor(params.eval.inception_weights or os.environ.get(INCEPTION_ENV))
-    return domain_extractor(params, data_version, experiment)
-
-
-def uses_inception(params: Params) -> bool:
-    """``eval.extractor``: auto = Inception when weights are given (param or env), else domain."""
-    weights = params.eval.inception_weights or os.environ.get(INCEPTION_ENV)
-    return params.eval.extractor == "inception" or (params.eval.extractor == "auto" and bool(weights))
-
-
-def reference_split(params: Params) -> str:
-    """``eval.reference_split``; auto: images the feature network never saw. The domain
-    extractor trains on the train split and would reward memorising it, so it is scored
-    against val; Inception never saw this data, so train, as the paper."""
-    if params.eval.reference_split != "auto":
-        return params.eval.reference_split
-    return "train" if uses_inception(params) else "val"
+    stage = ExtractorStage(params, data, experiment)
+    if stage.local.exists():
+        try:
+            return features.extractor_from_file(stage.local)
+        except SafetensorError:
+            log.warning("The extractor copy %s is damaged; fetching it again", stage.local)
+    active = mlflow.active_run()
+    run_stage(stage, parent_run_id=active.info.run_id if active else None)
+    return features.extractor_from_file(stage.local)
 
 
 def reference(
-    params: Params, data_version: str, experiment: str, split: str, cond: torch.Tensor | None = None
+    params: Params, data: DataVersion, experiment: str, split: str | None = None, cond: torch.Tensor | None = None
 ) -> Reference:
-    """The real images of ``split`` (with their condition indices; else all 0) to compare with."""
+    """The real images of ``split`` (default ``eval.reference_split``), with their condition
+    indices (else all 0), to compare samples with."""
+    split = split or reference_split(params.eval)
     images, _ = load_split(workspace.data_dir(), split)
-    extractor = choose_extractor(params, data_version, experiment)
+    extractor = choose_extractor(params, data, experiment)
     indices = cond if cond is not None else torch.zeros(len(images), dtype=torch.long)
     return Reference.of(
-        images, indices, extractor, data_version=data_version, split=split, cache_dir=workspace.fidelity_cache()
+        images, indices, extractor, data_version=data.version, split=split, cache_dir=workspace.fidelity_cache()
     )

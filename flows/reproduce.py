@@ -31,9 +31,9 @@ from components.runs import (
     stage_run,
 )
 from components.tracking import use_experiment
-from flows.autoencoder import autoencoder_flow
-from flows.data import DataVersion, data_version_here
-from flows.ldm import ldm_flow
+from flows.data import data_version_here
+from flows.pipeline import autoencoder_flow, ldm_flow
+from flows.stage import DataVersion
 
 STAGES = ("autoencoder", "ldm")
 CODE_PATHS = ("components", "flows")
@@ -121,7 +121,7 @@ def reproduce_flow(
         workspace.reading_data(data_dir),
     ):
         if stage == "autoencoder":
-            new_run_id = autoencoder_flow(run_params, experiment, run.info.run_id, data, fresh=True).run_id
+            new_run_id = autoencoder_flow(run_params, experiment, run.info.run_id, data, fresh=True).autoencoder_run
         else:
             new_run_id = ldm_flow(run_params, experiment, run.info.run_id, data, fresh=True).run_id
         comparisons = compare(original, new_run_id, params.reproduce.metrics)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Run
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
@@ -37,21 +38,20 @@ from components.regression import (
 )
 from components.runs import (
     FINISHED,
+    TAG_AE_RUN,
     TAG_BUDGET,
     FactorEntry,
-    ReuseOrResume,
     read_sweep_entries,
-    sweep_key,
     write_factor_entry,
 )
 from components.sweep_summary import collect
 from components.tracking import use_experiment
 from flows.cancellation import cancel_flow_runs
-from flows.data import DataVersion, data_flow, data_version_here
-from flows.evaluate import evaluate_flow
+from flows.data import data_flow, data_version_here
 from flows.extractor import choose_extractor
-from flows.ldm import ldm_flow
+from flows.pipeline import STAGES, evaluate_flow, ldm_flow
 from flows.report import report_flow
+from flows.stage import DataVersion, Stage, log, run_stage
 
 Cell = tuple[int, int]  # (factor, repeat): repeat r trains with seed + r
 
@@ -87,7 +87,7 @@ def _factor(params: Params, experiment: str, sweep_run_id: str, data: DataVersio
     try:
         with progress.factor(_name((factor, repeat))):
             ldm = ldm_flow(params, experiment, sweep_run_id, data)
-            entry = replace(entry, ae=ldm.ae_run_id, ldm=ldm.run_id)
+            entry = replace(entry, ae=ldm.tags.get(TAG_AE_RUN, ""), ldm=ldm.run_id)
             evaluation = evaluate_flow(params, ldm.run_id, experiment, sweep_run_id, data)
             entry = replace(entry, evaluate=evaluation.run_id, status=FINISHED)
     except Exception as exc:  # noqa: BLE001 (one factor must not sink the sweep)
@@ -178,6 +178,60 @@ def _training_budget_s(params: Params) -> float | None:
     return None if None in minutes else 60 * sum(minutes)
 
 
+class SweepStage(Stage):
+    """The sweep's own run: every (factor, repeat) cell's runs recorded on it, then the report.
+    A finished sweep with a cell that did not finish is reopened to redo just that cell."""
+
+    name = "sweep"
+    code = tuple(code for stage in STAGES for code in stage.code) + ("components.report",)
+    sections = ("seed", "data", "ae", "ldm", "eval", "sweep", "reproduce")
+    orchestrates = True
+
+    def __init__(self, params: Params, data: DataVersion, cells: list[Cell], per_cell: dict[Cell, Params], **how: Any):
+        super().__init__(params, data, how.pop("experiment"))
+        self.cells, self.per_cell, self.how = cells, per_cell, how
+        self.comparable = comparable_key(params, data.version)
+
+    def run_name(self) -> str:
+        return f"sweep-{self.key()[:6]}"
+
+    def logged_params(self) -> dict[str, Any]:
+        return self.params.flat()
+
+    def left(self, run: Run | None) -> list[Cell]:
+        done = read_sweep_entries(run.data.tags) if run else {}
+        return [cell for cell in self.cells if not (cell in done and done[cell].finished)]
+
+    def complete(self, run: Run) -> bool:
+        return not self.left(run)
+
+    def reuse(self, run: Run) -> None:
+        log.info("Sweep %s already finished with these parameters: nothing to do", run.info.run_id)
+        self.how["plan"].keep([])
+        self.report = report_flow(run.info.run_id, self.experiment, log=False)
+
+    def prepare(self, resumed: Run | None) -> None:
+        self.todo = self.left(resumed)
+        self.how["plan"].keep([_name(cell) for cell in self.todo])
+        choose_extractor(self.params, self.data, self.experiment)  # once, before factors race to train it
+        if resumed:
+            log.info("Resuming sweep %s: %s left", resumed.info.run_id, ", ".join(map(_name, self.todo)))
+
+    def tags(self) -> dict[str, str]:
+        return {TAG_BUDGET: self.params.budget_description(), TAG_COMPARABLE: self.comparable}
+
+    def train(self, run_id: str, resuming: bool) -> None:
+        for factor, repeat in self.todo:
+            write_factor_entry(run_id, factor, FactorEntry(), repeat)
+        how = self.how
+        run_factors(self.todo, self.per_cell, self.experiment, run_id, self.data, how["workers"], how["deployment"])
+
+    def publish(self, run_id: str) -> None:
+        for cell, entry in sorted(read_sweep_entries(mlflow.get_run(run_id).data.tags).items()):
+            log.info("%s: %s", _name(cell), entry.status)
+        self.report = report_flow(run_id, self.experiment)
+
+
 def _sweep(
     params: Params,
     experiment: str,
@@ -186,42 +240,18 @@ def _sweep(
     plan: progress.SweepPlan,
     factor_deployment: str | None,
 ) -> SweepRun:
-    logger = get_run_logger()
     data = data_flow(params, experiment)
-    key, comparable = sweep_key(params, data.version), comparable_key(params, data.version)
-    experiment_id = use_experiment(experiment)
-    with ReuseOrResume.claim(experiment_id, "sweep", key, log=logger.info) as recorded:
-        previous = recorded.resumable or recorded.reusable
-        done = read_sweep_entries(previous.data.tags) if previous else {}
-        todo = [cell for cell in cells if not (cell in done and done[cell].finished)]
-        plan.keep([_name(cell) for cell in todo])
-        if previous and not todo and previous.info.status == "FINISHED":
-            logger.info("Sweep %s already finished with these parameters: nothing to do", previous.info.run_id)
-            report = report_flow(previous.info.run_id, experiment, log=False)
-            return SweepRun(previous.info.run_id, done, report, reused=True)
-        choose_extractor(params, data.version, experiment)  # once, before factors race to train it
-        if previous:
-            logger.info("Resuming sweep %s: %s left", previous.info.run_id, ", ".join(map(_name, todo)))
-        with recorded.start(
-            data_version=data.version,
-            params=params.flat(),
-            run_name=f"sweep-{recorded.key[:6]}",
-            tags={TAG_BUDGET: params.budget_description(), TAG_COMPARABLE: comparable},
-            reopen=previous,
-        ) as run:
-            sweep_run_id = run.info.run_id
-            for factor, repeat in todo:
-                write_factor_entry(sweep_run_id, factor, FactorEntry(), repeat)
-            results = run_factors(
-                todo, per_cell, experiment, sweep_run_id, data, params.sweep.workers, factor_deployment
-            )
-            entries = {**done, **results}
-            for cell, entry in sorted(entries.items()):
-                logger.info("%s: %s", _name(cell), entry.status)
-            report = report_flow(sweep_run_id, experiment)
-        complete = all(entry.finished for entry in entries.values())
-        found = check_regressions(experiment_id, sweep_run_id, comparable) if complete else []
-        return SweepRun(sweep_run_id, entries, report, reused=False, regressions=found)
+    how = {"plan": plan, "workers": params.sweep.workers, "deployment": factor_deployment}
+    stage = SweepStage(params, data, cells, per_cell, experiment=experiment, **how)
+    run = run_stage(stage)
+    entries = read_sweep_entries(run.tags)
+    complete = all(entries.get(cell, FactorEntry()).finished for cell in cells)
+    found = (
+        []
+        if run.reused or not complete
+        else check_regressions(use_experiment(experiment), run.run_id, stage.comparable)
+    )
+    return SweepRun(run.run_id, entries, stage.report, reused=run.reused, regressions=found)
 
 
 def run_factors(

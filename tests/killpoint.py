@@ -59,9 +59,10 @@ def latent_cache_half_written(save_file: Callable) -> Callable:
 
 def arm(point: str) -> None:
     if point == "autoencoder publish":  # trained, checkpoint written, nothing logged yet
-        flows.autoencoder.publish = held_before(point, flows.autoencoder.publish)
+        stage = flows.autoencoder.AutoencoderStage
+        stage.publish = held_before(point, stage.publish)
     elif point == "LDM publish":
-        flows.ldm.publish = held_before(point, flows.ldm.publish)
+        flows.ldm.LDMStage.publish = held_before(point, flows.ldm.LDMStage.publish)
     elif point == "model download":
         mlflow.artifacts.download_artifacts = first_stage_downloaded_not_renamed(mlflow.artifacts.download_artifacts)
     elif point == "latent cache write":

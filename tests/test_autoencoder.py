@@ -17,8 +17,8 @@ from components.first_stage import build_first_stage, load_first_stage
 from components.losses import AutoencoderLoss, PerceptualLoss
 from components.metrics import codebook_usage
 from components.params import AEParams
-from components.training import resolve_precision
-from flows.autoencoder import autoencoder_flow
+from components.precision import decide
+from flows.pipeline import autoencoder_flow
 
 TINY = dict(base_channels=8, channel_mult=[1, 1, 2, 2, 2, 2], attention=False)
 
@@ -184,10 +184,10 @@ def test_train_ae_records_registers_and_reuses(project, ae_smoke, smoke_params, 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # (default 10 s; this run: 1 s)
     params = smoke_params(*ae_smoke)
     result = autoencoder_flow(params)
-    run = mlflow.get_run(result.run_id)
+    run = mlflow.get_run(result.autoencoder_run)
     assert run.info.status == "FINISHED"
     assert "system/cpu_utilization_percentage" in run.data.metrics  # beside the loss, over time
-    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [result.data_version]
+    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [run.data.tags["latentlab.data_version"]]
     assert {"psnr", "ssim", "rfid", "train_loss", "train_img_per_s"} <= set(run.data.metrics)
     assert run.data.tags["latentlab.factor"] == "4"
     assert run.data.tags["latentlab.perceptual"] == "ssim"
@@ -197,31 +197,35 @@ def test_train_ae_records_registers_and_reuses(project, ae_smoke, smoke_params, 
 
     client = mlflow.MlflowClient()
     (version,) = client.search_model_versions("name = 'autoencoder-f4-kl'")
-    assert version.run_id == result.run_id
+    assert version.run_id == result.autoencoder_run
     assert version.tags["latentlab.data_version"] == result.data_version
-    tags = mlflow.get_run(result.run_id).data.tags
-    assert tags["latentlab.seed"] == "0" and tags["latentlab.precision"] == resolve_precision("auto", "autoencoder")
+    tags = mlflow.get_run(result.autoencoder_run).data.tags
+    assert tags["latentlab.seed"] == "0" and tags["latentlab.precision"] == decide("auto", "autoencoder").value
 
     # The exported weights are the trained model: same reconstructions without latentlab's module.
     weights = load_file(
-        mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="weights/autoencoder.safetensors")
+        mlflow.artifacts.download_artifacts(
+            run_id=result.autoencoder_run, artifact_path="weights/autoencoder.safetensors"
+        )
     )
-    stage = load_first_stage(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="diffusers"))
+    stage = load_first_stage(
+        mlflow.artifacts.download_artifacts(run_id=result.autoencoder_run, artifact_path="diffusers")
+    )
     assert (stage.factor, stage.regularizer) == (4, "kl")
-    assert stage.scale == mlflow.get_run(result.run_id).data.metrics["latent_scale_factor"] != 1.0
+    assert stage.scale == mlflow.get_run(result.autoencoder_run).data.metrics["latent_scale_factor"] != 1.0
     assert set(weights) == set(stage.state_dict())
     assert all(torch.equal(weights[k], v) for k, v in stage.state_dict().items())
-    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    artifacts = {a.path for a in client.list_artifacts(result.autoencoder_run)}
     assert {"reconstructions_final.png", "weights", "diffusers"} <= artifacts
-    assert client.get_metric_history(result.run_id, "train_loss")[-1].step == 6
+    assert client.get_metric_history(result.autoencoder_run, "train_loss")[-1].step == 6
 
     started = time.perf_counter()
     again = autoencoder_flow(params)
-    assert again.run_id == result.run_id and again.reused
+    assert again.autoencoder_run == result.autoencoder_run and again.reused
     assert time.perf_counter() - started < 30
 
     changed = autoencoder_flow(smoke_params(*ae_smoke, "ae.lr=1e-3"))
-    assert changed.run_id != result.run_id and not changed.reused
+    assert changed.autoencoder_run != result.autoencoder_run and not changed.reused
     assert len(ae_runs()) == 2
     assert len(client.search_model_versions("name = 'autoencoder-f4-kl'")) == 2
 
@@ -230,7 +234,7 @@ def test_train_ae_records_registers_and_reuses(project, ae_smoke, smoke_params, 
 def test_vq_reports_codebook_usage(project, ae_smoke, smoke_params):
     params = smoke_params(*ae_smoke, "ae.regularizer=vq", "ae.codebook_size=32")
     result = autoencoder_flow(params)
-    metrics = mlflow.get_run(result.run_id).data.metrics
+    metrics = mlflow.get_run(result.autoencoder_run).data.metrics
     assert 0 < metrics["codebook_usage"] <= 1 and metrics["codebook_perplexity"] >= 1
     assert mlflow.MlflowClient().search_model_versions("name = 'autoencoder-f4-vq'")
 
@@ -282,14 +286,13 @@ def test_killed_training_resumes_into_the_same_run_on_another_machine(project, r
     assert client.list_artifacts(finished.info.run_id, "checkpoint") == []  # published: dropped
 
 
-def test_auto_precision_is_bf16_only_where_the_hardware_has_it_and_it_pays(monkeypatch):
-    import components.training as training
-
-    monkeypatch.setattr(training, "bf16_hardware", lambda: True)
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it_and_it_pays(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_precision("auto", "autoencoder") == "bf16-mixed"
-    assert resolve_precision("auto", "ldm", 8) == "32-true"  # measured slower on a CPU at 8x8 latents
-    assert resolve_precision("auto", "ldm", 16) == "bf16-mixed"  # and faster at 16x16
-    assert resolve_precision("32-true", "autoencoder") == "32-true"
-    monkeypatch.setattr(training, "bf16_hardware", lambda: False)
-    assert resolve_precision("auto", "autoencoder") == "32-true"
+    for bf16_cpu in ("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz [amx_bf16 avx512_bf16]", "AMD EPYC [avx512_bf16]"):
+        assert decide("auto", "autoencoder", processor=bf16_cpu).value == "bf16-mixed"
+        assert decide("auto", "ldm", 8, processor=bf16_cpu).value == "32-true"  # measured slower at 8x8 latents
+        assert decide("auto", "ldm", 16, processor=bf16_cpu).value == "bf16-mixed"  # and faster at 16x16
+        assert decide("32-true", "autoencoder", processor=bf16_cpu).value == "32-true"
+    old_cpu = "Intel(R) Xeon(R) CPU E5-2690 v4 @ 2.60GHz [no bf16]"
+    assert decide("auto", "autoencoder", processor=old_cpu, cache_dir=tmp_path).value == "32-true"
+    assert decide("auto", "ldm", 16, processor=old_cpu, cache_dir=tmp_path).value == "32-true"

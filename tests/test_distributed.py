@@ -17,7 +17,7 @@ from components.errors import UserError
 from components.ldm_training import train_ldm
 from components.params import LDMParams
 from components.training import LAST, check_one_batch
-from flows.ldm import ldm_flow
+from flows.pipeline import ldm_flow
 
 
 def test_two_processes_train_resume_and_keep_one_ema(tmp_path):
@@ -70,7 +70,10 @@ def test_the_stages_train_on_two_processes_into_one_run_each_logging_once(projec
     runs = mlflow.search_runs(experiment_names=["latentlab"], output_format="list")
     by_stage = sorted(r.data.tags["latentlab.stage"] for r in runs)
     assert by_stage.count("autoencoder") == 1 and by_stage.count("ldm") == 1
-    for run_id, name, section in ((result.ae_run_id, "ae", params.ae), (result.run_id, "ldm", params.ldm)):
+    for run_id, name, section in (
+        (result.tags["latentlab.ae_run_id"], "ae", params.ae),
+        (result.run_id, "ldm", params.ldm),
+    ):
         run = mlflow.get_run(run_id)
         assert run.info.status == "FINISHED" and run.data.params[f"{name}.devices"] == "2"
         steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]

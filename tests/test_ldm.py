@@ -17,7 +17,7 @@ from components.diffusion import LatentDiffusionModule, build_unet, noise_schedu
 from components.first_stage import build_first_stage
 from components.latents import cached_latents
 from components.params import AEParams, LDMParams
-from flows.ldm import ldm_flow
+from flows.pipeline import ldm_flow
 
 TINY = LDMParams(widths=[16, 32], batch_size=4, sample_steps=3)
 

@@ -125,9 +125,9 @@ def test_params_come_back_from_a_runs_flattened_strings(repo):
 
 
 def test_auto_reference_split_avoids_the_images_the_domain_extractor_trained_on(monkeypatch):
-    from flows.extractor import reference_split
+    from components.evaluation import reference_split
 
     monkeypatch.delenv("LATENTLAB_INCEPTION_WEIGHTS", raising=False)
-    assert reference_split(load_params()) == "val"
-    assert reference_split(load_params(None, ["eval.extractor=inception"])) == "train"  # as the paper
-    assert reference_split(load_params(None, ["eval.reference_split=train"])) == "train"
+    assert reference_split(load_params().eval) == "val"
+    assert reference_split(load_params(None, ["eval.extractor=inception"]).eval) == "train"  # as the paper
+    assert reference_split(load_params(None, ["eval.reference_split=train"]).eval) == "train"

@@ -1,32 +1,16 @@
-"""Run identity (components/runs.py): run keys, code hashes, finding a run to reuse or resume, the
+"""Run identity (components/runs.py): run keys, finding a run to reuse or resume, the
 contract's tags, and a sweep's per-factor record, on a real (SQLite) MLflow store."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import mlflow
 import pytest
 
 from components import runs
-from components.params import load_params
 
 STAGE, KEY = "autoencoder", "0123456789abcdef0123"
-
-
-@pytest.fixture
-def code_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A stand-in repository holding every file the run keys hash, as ``runs.REPO``."""
-    root = tmp_path / "repo"
-    names = {*runs.DATA_CODE, *runs.AUTOENCODER_CODE, *runs.LDM_CODE, *runs.EVALUATION_CODE, *runs.EXTRACTOR_CODE}
-    for folder in runs.ALL_CODE:
-        (root / folder).mkdir(parents=True, exist_ok=True)
-    for name in names:
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(f"# {name}\n")
-    monkeypatch.setattr(runs, "REPO", root)
-    return root
 
 
 def record(experiment_id: str, stage: str = STAGE, key: str = KEY, status: str = "FINISHED") -> str:
@@ -64,95 +48,6 @@ def test_run_key_is_stable_for_equal_inputs():
 )
 def test_run_key_differs_when_any_part_or_the_kind_differs(other):
     assert runs.run_key(*other) != runs.run_key("ldm", "abc", 3, {"lr": 0.1, "widths": [16, 32]})
-
-
-def test_code_hash_changes_when_a_files_bytes_change(code_tree):
-    name = runs.AUTOENCODER_CODE[0]
-    before = runs.code_hash(name)
-    assert runs.code_hash(name) == before
-    (code_tree / name).write_bytes((code_tree / name).read_bytes() + b" ")
-    assert runs.code_hash(name) != before
-
-
-def test_code_hash_of_a_folder_hashes_its_py_files_in_path_order(code_tree):
-    folder = code_tree / "pkg"
-    folder.mkdir()
-    (folder / "b.py").write_text("b = 2\n")
-    (folder / "a.py").write_text("a = 1\n")
-    (folder / "notes.txt").write_text("not code")
-    before = runs.code_hash("pkg")
-    assert before == runs.code_hash("pkg/a.py", "pkg/b.py") != runs.code_hash("pkg/b.py", "pkg/a.py")
-    (folder / "notes.txt").write_text("other notes")
-    assert runs.code_hash("pkg") == before
-    (folder / "b.py").write_text("b = 3\n")
-    assert runs.code_hash("pkg") != before
-    (folder / "c.py").write_text("c = 4\n")
-    assert runs.code_hash("pkg") != runs.code_hash("pkg/a.py", "pkg/b.py")
-
-
-def test_code_hash_sees_added_and_renamed_modules_even_when_bytes_stay(code_tree):
-    folder = code_tree / "pkg"
-    folder.mkdir()
-    (folder / "a.py").write_text("a = 1\n")
-    before = runs.code_hash("pkg")
-    (folder / "empty.py").write_text("")
-    with_empty = runs.code_hash("pkg")
-    assert with_empty != before
-    (folder / "empty.py").rename(folder / "void.py")
-    assert runs.code_hash("pkg") != with_empty
-
-
-@pytest.mark.parametrize(
-    "setting", ["ae.log_every=7", "ae.image_every=7", "ae.checkpoint_every=7", "ae.accelerator=cpu"]
-)
-def test_reporting_only_settings_do_not_change_the_autoencoder_key(code_tree, setting):
-    assert runs.autoencoder_key(load_params(None, [setting]), "v1") == runs.autoencoder_key(load_params(), "v1")
-
-
-@pytest.mark.parametrize("setting", ["ae.lr=1e-3", "seed=1", "ae.regularizer=vq", "data.resolution=32"])
-def test_what_shapes_the_autoencoder_changes_its_key(code_tree, setting):
-    assert runs.autoencoder_key(load_params(None, [setting]), "v1") != runs.autoencoder_key(load_params(), "v1")
-
-
-def test_another_data_version_changes_the_autoencoder_key(code_tree):
-    assert runs.autoencoder_key(load_params(), "v2") != runs.autoencoder_key(load_params(), "v1")
-
-
-def test_the_autoencoder_key_follows_its_own_code_only(code_tree):
-    before = runs.autoencoder_key(load_params(), "v1")
-    ldm_only = sorted(set(runs.LDM_CODE) - set(runs.AUTOENCODER_CODE))[0]
-    (code_tree / ldm_only).write_text("changed = True\n")
-    assert runs.autoencoder_key(load_params(), "v1") == before
-    (code_tree / runs.AUTOENCODER_CODE[0]).write_text("changed = True\n")
-    assert runs.autoencoder_key(load_params(), "v1") != before
-
-
-@pytest.mark.parametrize(
-    "setting",
-    [
-        "ldm.fid_every=7",
-        "ldm.fid_samples=9",
-        "ldm.fid_sample_steps=7",
-        "ldm.samples_per_class=7",
-        "ldm.log_every=7",
-        "ldm.image_every=7",
-        "ldm.checkpoint_every=7",
-        "ldm.accelerator=cpu",
-    ],
-)
-def test_reporting_only_settings_do_not_change_the_ldm_key(code_tree, setting):
-    assert runs.ldm_key(load_params(None, [setting]), "ae-run") == runs.ldm_key(load_params(), "ae-run")
-
-
-@pytest.mark.parametrize("setting", ["ldm.lr=2e-4", "seed=1", "ldm.conditioning=text", "ldm.widths=[16, 32]"])
-def test_what_shapes_the_ldm_changes_its_key(code_tree, setting):
-    assert runs.ldm_key(load_params(None, [setting]), "ae-run") != runs.ldm_key(load_params(), "ae-run")
-
-
-def test_another_first_stage_changes_the_ldm_key(code_tree):
-    pixels = runs.first_stage_id("", "v1", 64)
-    assert runs.ldm_key(load_params(), pixels) != runs.ldm_key(load_params(), "ae-run")
-    assert pixels != runs.first_stage_id("", "v2", 64) and runs.first_stage_id("ae-run", "v1", 64) == "ae-run"
 
 
 # --- finding a run to reuse or resume ---------------------------------------------------------------
@@ -292,7 +187,7 @@ def test_tags_other_than_factor_entries_are_ignored(mlflow_store):
 
 
 @pytest.mark.parametrize(
-    ("tag", "expected"), [(runs.NO_AUTOENCODER, ""), ("0a1b2c3d", "0a1b2c3d"), (None, "")], ids=str
+    ("tag", "expected"), [("none (pixel space)", None), ("0a1b2c3d", "0a1b2c3d"), (None, None)], ids=str
 )
 def test_autoencoder_run_of_reads_the_tag_and_gives_nothing_for_pixel_space(mlflow_store, tag, expected):
     client = mlflow.MlflowClient()
@@ -303,7 +198,7 @@ def test_autoencoder_run_of_reads_the_tag_and_gives_nothing_for_pixel_space(mlfl
 
 def test_a_deleted_run_or_one_missing_its_tags_is_refused_by_name(mlflow_store):
     client = mlflow.MlflowClient()
-    tags = {runs.TAG_DATA_VERSION: "v1", runs.TAG_FACTOR: "8", runs.TAG_AE_RUN: "abc"}
+    tags = {runs.TAG_DATA_VERSION: "v1", runs.TAG_FACTOR: "8"}
     whole = record(mlflow_store, "ldm")
     for name, value in tags.items():
         client.set_tag(whole, name, value)
@@ -311,7 +206,7 @@ def test_a_deleted_run_or_one_missing_its_tags_is_refused_by_name(mlflow_store):
 
     stripped = record(mlflow_store, "ldm")
     client.set_tag(stripped, runs.TAG_FACTOR, "8")
-    with pytest.raises(runs.UserError, match=r"lacks the tags latentlab.data_version, latentlab.ae_run_id"):
+    with pytest.raises(runs.UserError, match=r"lacks the tag latentlab.data_version that every ldm run"):
         runs.run_of_stage(stripped, ("ldm",), "latentlab evaluate --run")
 
     client.delete_run(whole)

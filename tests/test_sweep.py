@@ -15,9 +15,8 @@ import pytest
 
 from components import workspace
 from components.errors import UserError
-from components.runs import first_stage_id
-from flows.evaluate import evaluate_flow
-from flows.ldm import ldm_flow
+from components.first_stage import FirstStageRef
+from flows.pipeline import evaluate_flow, ldm_flow
 from flows.reproduce import reproduce_flow
 from flows.sweep import sweep_flow
 
@@ -76,7 +75,7 @@ def test_sweep_marks_a_failed_factor_redoes_only_it_then_reuses_everything(proje
     from flows.data import data_flow
 
     version = data_flow(params).version
-    pixels = first_stage_id("", version, params.data.resolution)
+    pixels = FirstStageRef.pixels(version, params.data.resolution).id
     poisoned = project / workspace.latent_cache(pixels)  # f=1's latent cache: a folder in its place
     poisoned.mkdir(parents=True)  # (a damaged file would be encoded again; this cannot be replaced)
     state = sweep_flow(params, return_state=True)
@@ -355,7 +354,7 @@ def test_reproduce_restores_the_data_version_and_matches(project, tiny, git):
     git(project, "add", "components")
     git(project, "commit", "-q", "-m", "code")
     params = tiny("ae.factor=4")
-    from flows.autoencoder import autoencoder_flow
+    from flows.pipeline import autoencoder_flow
 
     original = autoencoder_flow(params)
     (project / "data" / "notes.txt").write_text("the user's data/ moved on since")  # not the run's version now
