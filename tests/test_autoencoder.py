@@ -198,7 +198,7 @@ def test_train_ae_records_registers_and_reuses(project, ae_smoke, smoke_params, 
     client = mlflow.MlflowClient()
     (version,) = client.search_model_versions("name = 'autoencoder-f4-kl'")
     assert version.run_id == result.autoencoder_run
-    assert version.tags["latentlab.data_version"] == result.data_version
+    assert version.tags["latentlab.data_version"] == run.data.tags["latentlab.data_version"]
     tags = mlflow.get_run(result.autoencoder_run).data.tags
     assert tags["latentlab.seed"] == "0" and tags["latentlab.precision"] == decide("auto", "autoencoder").value
 
