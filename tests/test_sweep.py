@@ -146,7 +146,7 @@ def test_sweep_marks_a_failed_factor_redoes_only_it_then_reuses_everything(proje
         mlflow.log_metrics(better)
     entry = {**json.loads(sweep.data.tags["latentlab.sweep.f4"]), "evaluate": fake.info.run_id}
     mlflow.MlflowClient().set_tag(result.run_id, "latentlab.sweep.f4", json.dumps(entry))
-    monkeypatch.setattr("flows.sweep.sweep_key", lambda params, version: "new-code-" + version[:8])
+    monkeypatch.setattr("flows.sweep.SweepStage.key", lambda stage: "new-code-" + stage.data.version[:8])
     state = sweep_flow(params, fail_on_regression=True, return_state=True)
     assert state.is_failed() and state.message.startswith("worse than the previous sweep: f=4: FID")
     nightly = mlflow.get_run(state.result(raise_on_failure=False).run_id)
