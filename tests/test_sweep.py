@@ -356,24 +356,24 @@ def test_reproduce_restores_the_data_version_and_matches(project, tiny, git):
     params = tiny("ae.factor=4")
     from flows.pipeline import autoencoder_flow
 
-    original = autoencoder_flow(params)
+    original = autoencoder_flow(params).autoencoder_run
     (project / "data" / "notes.txt").write_text("the user's data/ moved on since")  # not the run's version now
     data_hash = _tree_hash(project / "data")
 
-    result = reproduce_flow(params, original.run_id)
+    result = reproduce_flow(params, original)
     assert result.within_tolerance, result.comparisons
     assert {c.metric for c in result.comparisons} >= {"psnr", "ssim", "rfid"}
     run = mlflow.get_run(result.run_id)
-    assert run.data.tags["latentlab.stage"] == "reproduce" and run.data.tags["latentlab.reproduces"] == original.run_id
+    assert run.data.tags["latentlab.stage"] == "reproduce" and run.data.tags["latentlab.reproduces"] == original
     assert run.data.tags["latentlab.within_tolerance"] == "true"
     assert mlflow.get_run(result.new_run_id).data.tags["mlflow.parentRunId"] == result.run_id
-    version = mlflow.get_run(original.run_id).data.tags["latentlab.data_version"].removesuffix(".dir")
+    version = mlflow.get_run(original).data.tags["latentlab.data_version"].removesuffix(".dir")
     assert (project / ".latentlab" / "data-versions" / version / "data" / "manifest.json").exists()
     assert _tree_hash(project / "data") == data_hash  # the user's data/ untouched
 
     (project / "components" / "code.py").write_text("x = 2\n")
     with pytest.raises(UserError, match="--allow-code-change"):
-        reproduce_flow(params, original.run_id)
+        reproduce_flow(params, original)
 
 
 def test_reproduce_of_an_ldm_run_scores_with_the_runs_own_extractor_and_matches(project, tiny):
