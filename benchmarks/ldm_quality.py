@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components import artifacts, workspace  # noqa: E402
 from components.conditioning import conditioning_for  # noqa: E402
+from components.contract import TAG_DATA_VERSION
 from components.dataset import load_split, read_manifest  # noqa: E402
 from components.diffusion import LatentDiffusionModule  # noqa: E402
 from components.evaluation import generate  # noqa: E402
@@ -37,8 +38,8 @@ from components.features import extractor_from_file  # noqa: E402
 from components.ldm_training import train_ldm  # noqa: E402
 from components.metrics import Reference  # noqa: E402
 from components.params import load_params  # noqa: E402
-from components.runs import TAG_DATA_VERSION, read_factor_entries  # noqa: E402
 from components.store import tracking_uri  # noqa: E402
+from components.sweep_summary import read_factor_entries  # noqa: E402
 
 COMPARISONS = {
     "loss": {
@@ -65,7 +66,7 @@ def measure(sweep_run_id: str, variants: dict[str, dict], budgets: dict[int, str
     classes = read_manifest(workspace.data_dir())["classes"]
     rows = []
     for factor, budget in budgets.items():
-        stage = artifacts.first_stage_of(entries[factor].ae)
+        stage = artifacts.first_stage_of(entries[factor].run("autoencoder"))
         z = stage.encode_images(images["train"][0])
         for name, overrides in variants.items():
             unlimited = "ldm.max_minutes=null" if "max_steps" in budget else f"ldm.max_steps={10**7}"

@@ -22,8 +22,9 @@ from pathlib import Path
 import mlflow
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from components.runs import TAG_BUDGET, read_sweep_entries  # noqa: E402
+from components.contract import TAG_BUDGET
 from components.store import tracking_uri  # noqa: E402
+from components.sweep_summary import read_sweep_entries  # noqa: E402
 
 
 def main(sweep_run_id: str) -> dict:
@@ -33,17 +34,18 @@ def main(sweep_run_id: str) -> dict:
     total = (sweep.info.end_time - sweep.info.start_time) / 1000
     training = sampling = 0.0
     for entry in read_sweep_entries(sweep.data.tags).values():  # every factor and seed
-        for run_id in (entry.ae, entry.ldm):
+        ae, ldm, evaluation = (entry.run(stage) for stage in ("autoencoder", "ldm", "evaluate"))
+        for run_id in (ae, ldm):
             if run_id:
                 training += client.get_run(run_id).data.metrics.get("wall_time_s", 0.0)
-        if entry.ldm:  # FID during training; sample grids (an autoencoder's are reconstructions)
+        if ldm:  # FID during training; sample grids (an autoencoder's are reconstructions)
             for name in ("fid_eval_s", "grid_s"):
-                sampling += sum(m.value for m in client.get_metric_history(entry.ldm, name))
-        if entry.evaluate:
-            run = client.get_run(entry.evaluate)
+                sampling += sum(m.value for m in client.get_metric_history(ldm, name))
+        if evaluation:
+            run = client.get_run(evaluation)
             params, metrics = run.data.params, run.data.metrics
             sampling += int(params["eval.samples"]) / metrics["sample_img_per_s"]
-            for point in client.get_metric_history(entry.evaluate, "ddim_sample_img_per_s"):
+            for point in client.get_metric_history(evaluation, "ddim_sample_img_per_s"):
                 sampling += int(params["eval.curve_samples"]) / point.value
     result = {
         "sweep_run_id": sweep_run_id,

@@ -44,7 +44,6 @@ from components.training import CHECKPOINT, LAST
 FIRST_STAGE = "diffusers"
 LDM = "ldm"
 PIPELINE = "pipeline"
-LDM_MODEL = "ldm"  # the registered model: one version per LDM run with a pipeline (f > 1)
 
 
 def local_copy(run_id: str, artifact_path: str) -> Path:

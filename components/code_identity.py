@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,3 +185,17 @@ def _is_docstring(statement: ast.stmt | None) -> bool:
         and isinstance(statement.value, ast.Constant)
         and isinstance(statement.value.value, str)
     )
+
+
+def git_state(cwd: str | Path = ".") -> tuple[str, bool]:
+    """(commit, dirty) of the repository at ``cwd``; ("unknown", True) outside git."""
+    try:
+        commit = _git(cwd, "rev-parse", "HEAD")
+        dirty = bool(_git(cwd, "status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", True
+    return commit, dirty
+
+
+def _git(cwd: str | Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()

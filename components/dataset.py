@@ -17,7 +17,7 @@ import csv
 import hashlib
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +28,31 @@ from PIL import Image, ImageOps
 
 from components.errors import UserError
 from components.progress import track
-from components.sources import BadFile, Item
 from components.workspace import data_state_file, write_atomically
 
 MANIFEST = "manifest.json"
 METADATA = "metadata.csv"
 IMAGES = "images"
 FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image a source offers for the dataset (``components.sources``), loaded only when built."""
+
+    name: str  # stable, unique path of the prepared image under data/images/, without suffix
+    origin: str  # what a report calls it: the source file, or the emoji's code points
+    label: str
+    caption: str
+    load: Callable[[], Image.Image]  # a fully decoded image; raises on a bad file
+
+
+@dataclass(frozen=True)
+class BadFile:
+    """A source file that could not be read, and why: the manifest lists it."""
+
+    path: str
+    reason: str
 
 
 @dataclass(frozen=True)

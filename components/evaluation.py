@@ -20,8 +20,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from components import workspace  # noqa: E402
+from components.dataset import load_split  # noqa: E402
 from components.diffusion import LatentDiffusionModule  # noqa: E402
-from components.features import INCEPTION_ENV  # noqa: E402
+from components.features import INCEPTION_ENV, Extractor  # noqa: E402
 from components.first_stage import FirstStage  # noqa: E402
 from components.grids import labeled_grid  # noqa: E402
 from components.images import to_pil  # noqa: E402
@@ -125,6 +127,16 @@ def reference_split(ev: EvalParams) -> str:
     if ev.reference_split != "auto":
         return ev.reference_split
     return "train" if uses_inception(ev) else "val"
+
+
+def reference(extractor: Extractor, data_version: str, split: str, cond: torch.Tensor | None = None) -> Reference:
+    """The real images of ``split`` in ``data/``, with their condition indices (else all 0), to
+    compare samples with; their features are cached per data version, split and extractor."""
+    images, _ = load_split(workspace.data_dir(), split)
+    indices = cond if cond is not None else torch.zeros(len(images), dtype=torch.long)
+    return Reference.of(
+        images, indices, extractor, data_version=data_version, split=split, cache_dir=workspace.fidelity_cache()
+    )
 
 
 def sample_as_told(

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import mlflow
 
+from components.contract import TAG_STAGE
 from components.params import Params
-from components.runs import TAG_STAGE, run_key
+from components.runs import run_key
 from components.sweep_summary import FactorRow, SweepSummary
 
 TAG_COMPARABLE = "latentlab.comparable"  # on sweep runs: data version + params, not code

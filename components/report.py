@@ -296,14 +296,14 @@ def factor_table(rows: list[FactorRow]) -> dict[str, list]:
     columns["ldm_steps"] = [r.ldm_steps for r in rows]
     columns["latent"] = [r.latent_shape for r in rows]
     columns["fid_extractor"] = [r.fid_extractor for r in rows]
-    for stage in ("ae", "ldm", "evaluate"):
-        columns[f"{stage}_run"] = [getattr(r, f"{stage}_run_id") for r in rows]
+    for stage in dict.fromkeys(stage for r in rows for stage in r.runs):  # every stage any factor ran
+        columns[f"{stage}_run"] = [r.runs.get(stage) for r in rows]
     return columns
 
 
 COLUMNS = (
     "f", "status", "latent", "rFID", "PSNR", "SSIM", "FID", "KID", "precision", "recall", "LDM img/s",
-    "AE img/s", "sample img/s", "LDM steps", "wall time", "FLOPs/step", "extractor", "runs (ae/ldm/eval)",
+    "AE img/s", "sample img/s", "LDM steps", "wall time", "FLOPs/step", "extractor", "runs",
 )  # fmt: skip
 
 
@@ -329,7 +329,7 @@ def _table(rows: list[FactorRow]) -> list[str]:
             _duration(r.wall_time_s),
             _si(r.flops_per_step),
             f"`{r.fid_extractor}`" if r.fid_extractor else DASH,
-            "/".join((i or DASH)[:8] for i in (r.ae_run_id, r.ldm_run_id, r.evaluate_run_id)),
+            "/".join(run_id[:8] for run_id in r.runs.values()) or DASH,
         ]
         out.append("| " + " | ".join(cells) + " |")
     return out

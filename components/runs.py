@@ -19,47 +19,32 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.entities import Run, RunStatus
 
 from components import ownership
-from components.code_identity import code_hash
+from components.code_identity import code_hash, git_state
+from components.contract import (
+    TAG_AE_RUN,
+    TAG_DATA_VERSION,
+    TAG_FACTOR,
+    TAG_GIT_COMMIT,
+    TAG_GIT_DIRTY,
+    TAG_PRECISION,
+    TAG_PRECISION_RULE,
+    TAG_RUN_KEY,
+    TAG_STAGE,
+)
 from components.errors import UserError
 from components.precision import Precision
-from components.store import TAG_STAGE, RunGlance, check_run, redact
-from components.tracking import git_state, log_dataset
-
-# --- tag names (the interface contract, and latentlab's own) -------------------------------------
-# TAG_STAGE ("latentlab.stage") is components.store's: the command line reads it before MLflow loads.
-TAG_DATA_VERSION = "latentlab.data_version"
-TAG_FACTOR = "latentlab.factor"
-TAG_GIT_COMMIT = "mlflow.source.git.commit"
-TAG_GIT_DIRTY = "latentlab.git_dirty"
-TAG_RUN_KEY = "latentlab.run_key"
-TAG_AE_RUN = "latentlab.ae_run_id"  # on LDM and evaluate runs of an autoencoder (not pixel space)
-TAG_FIRST_STAGE = "latentlab.first_stage"  # on LDM and evaluate runs: ``FirstStageRef.id``
-TAG_LDM_RUN = "latentlab.ldm_run_id"  # on evaluate runs
-TAG_FID_EXTRACTOR = "latentlab.fid_extractor"
-TAG_REFERENCE_SPLIT = "latentlab.reference_split"  # the real images FIDs were computed against
-TAG_PERCEPTUAL = "latentlab.perceptual"
-TAG_SEED = "latentlab.seed"  # on training runs
-TAG_PRECISION = "latentlab.precision"  # on training runs: the precision it trained in
-TAG_PRECISION_RULE = "latentlab.precision_rule"  # and which rule chose it (``components.precision``)
-TAG_LATENT_SHAPE = "latentlab.latent_shape"
-TAG_SMALL_SAMPLE = "latentlab.small_sample"
-TAG_SMALL_SAMPLE_NOTE = "latentlab.small_sample_note"
-TAG_ROLE = "latentlab.role"  # "feature-extractor" on the domain extractor's evaluate run
-TAG_BUDGET = "latentlab.budget"  # on sweep runs
-TAG_REPRODUCES = "latentlab.reproduces"
-TAG_REPRODUCED_STAGE = "latentlab.reproduced_stage"
-TAG_REPRODUCED_RUN = "latentlab.reproduced_run_id"
-TAG_WITHIN_TOLERANCE = "latentlab.within_tolerance"
-FACTOR_TAG_PREFIX = "latentlab.sweep.f"
+from components.store import RunGlance, check_run, redact
 
 # --- what a run's identity is made of --------------------------------------------------------
 
@@ -83,6 +68,20 @@ def data_build_key(source_fingerprint: str) -> str:
 # --- opening, finding and reopening runs ---------------------------------------------------------
 
 TRAINING_STAGES = ("autoencoder", "ldm")  # the runs that record system metrics (CPU, memory, GPU)
+
+
+def log_dataset(version: str, remote: str | None, context: str) -> None:
+    """The data version as the active run's input dataset (the MLflow UI's Dataset column):
+    digest = DVC's md5 of ``data/``, source = the DVC remote it can be pulled from."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    where = remote or "data"
+    where = where if "://" in where else str(Path(where).resolve())
+    with warnings.catch_warnings():  # (a local path "can be interpreted in multiple ways": all local)
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(redact(where))
+    mlflow.log_input(MetaDataset(source, name=f"data-{version[:8]}", digest=version[:36]), context=context)
 
 
 @contextmanager
@@ -267,67 +266,6 @@ def recorded_precision(tags: dict[str, str]) -> Precision | None:
     return Precision(tags[TAG_PRECISION], tags.get(TAG_PRECISION_RULE, "recorded by the run"))
 
 
-# --- a sweep's record of which runs answer for each factor ---------------------------------------
-
-FINISHED = "finished"
-
-
-@dataclass(frozen=True)
-class FactorEntry:
-    """The runs that answer for one factor of a sweep, and how far it got."""
-
-    ae: str = ""
-    ldm: str = ""
-    evaluate: str = ""
-    status: str = "queued"  # queued | running | finished | "failed: <why>"
-
-    @property
-    def finished(self) -> bool:
-        return self.status == FINISHED
-
-
 def seeded_name(name: str, seed: int) -> str:
     """A run name that tells a sweep's repeats apart in the UI: ``ldm-f8``, ``ldm-f8-seed1``."""
     return name if seed == 0 else f"{name}-seed{seed}"
-
-
-def factor_tag(factor: int, repeat: int = 0) -> str:
-    """``latentlab.sweep.f8``; with ``sweep.seeds`` > 1, repeat r (seed = seed + r) is ``...f8.r<r>``."""
-    return f"{FACTOR_TAG_PREFIX}{factor}" + (f".r{repeat}" if repeat else "")
-
-
-def write_factor_entry(sweep_run_id: str, factor: int, entry: FactorEntry, repeat: int = 0) -> None:
-    mlflow.MlflowClient().set_tag(sweep_run_id, factor_tag(factor, repeat), json.dumps(asdict(entry)))
-
-
-def read_sweep_entries(tags: dict[str, str]) -> dict[tuple[int, int], FactorEntry]:
-    """Every (factor, repeat) a sweep run recorded; a damaged tag reads as an unfinished entry
-    that says so (a sweep then redoes it; a report shows it)."""
-    entries = {}
-    for name, value in tags.items():
-        cell = _cell(name.removeprefix(FACTOR_TAG_PREFIX)) if name.startswith(FACTOR_TAG_PREFIX) else None
-        if cell is None:
-            continue
-        try:
-            fields = json.loads(value)
-            entries[cell] = FactorEntry(
-                **{k: str(fields.get(k) or "") for k in ("ae", "ldm", "evaluate")},
-                status=str(fields.get("status") or "unknown"),
-            )
-        except (ValueError, TypeError, AttributeError):
-            entries[cell] = FactorEntry(status=f"unreadable tag: {value!r}")
-    return entries
-
-
-def read_factor_entries(tags: dict[str, str], repeat: int = 0) -> dict[int, FactorEntry]:
-    """Each factor's entry for one repeat (the first seed unless told)."""
-    return {f: entry for (f, r), entry in read_sweep_entries(tags).items() if r == repeat}
-
-
-def _cell(suffix: str) -> tuple[int, int] | None:
-    """ "8" -> (8, 0), "8.r2" -> (8, 2); anything else is not a factor tag."""
-    factor, _, repeat = suffix.partition(".r")
-    digits = [factor, repeat or "0"]
-    if not all(d.isascii() and d.isdigit() for d in digits):
-        return None
-    return int(factor), int(repeat or 0)

@@ -20,27 +20,13 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
+from components.dataset import BadFile, Item
 from components.errors import UserError
 from components.params import DataParams
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 CAPTIONS_FILE = "captions.csv"
 UNLABELED = "unlabeled"
-
-
-@dataclass(frozen=True)
-class Item:
-    name: str  # stable, unique path of the prepared image under data/images/, without suffix
-    origin: str  # what a report calls it: the source file, or the emoji's code points
-    label: str
-    caption: str
-    load: Callable[[], Image.Image]  # a fully decoded image; raises on a bad file
-
-
-@dataclass(frozen=True)
-class BadFile:
-    path: str
-    reason: str
 
 
 @dataclass(frozen=True)

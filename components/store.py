@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from components.contract import TAG_STAGE
 from components.errors import UserError
 from components.workspace import TRACKING_DB
 
 DEFAULT_EXPERIMENT = "latentlab"
-TAG_STAGE = "latentlab.stage"
 
 # user:password@ (the password may hold "/" and "@": up to the last "@"), or a bare token@
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?:[^/:@\s]+:\S*|[^/@\s]+)@", re.IGNORECASE)

@@ -1,7 +1,7 @@
 """A sweep as recorded in MLflow: one row per factor, read back from the runs the sweep names.
 
 A sweep run records, per factor f, the ids of its autoencoder, LDM and evaluate runs
-(``components.runs.FactorEntry``); everything here is read back from those runs, so a report can
+(``FactorEntry``, below); everything here is read back from those runs, so a report can
 be regenerated long after the sweep, on another machine, from the tracking store only.
 """
 
@@ -10,20 +10,19 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mlflow
 from PIL import Image
 
-from components.runs import (
+from components.contract import (
+    FACTOR_TAG_PREFIX,
     TAG_BUDGET,
     TAG_DATA_VERSION,
     TAG_FID_EXTRACTOR,
     TAG_LATENT_SHAPE,
     TAG_SEED,
     TAG_SMALL_SAMPLE,
-    FactorEntry,
-    read_sweep_entries,
 )
 
 EVALUATE_METRICS = (
@@ -59,9 +58,7 @@ class FactorRow:
     flops_per_step: float | None = None
     fid_extractor: str | None = None  # of the evaluate run: the one the verdict's FID comes from
     small_sample: bool = False
-    ae_run_id: str | None = None
-    ldm_run_id: str | None = None
-    evaluate_run_id: str | None = None
+    runs: dict[str, str] = field(default_factory=dict)  # stage name -> run id, of the runs that exist
     fid_by_step: list[tuple[int, float]] = field(default_factory=list)  # LDM fid vs training step
     ldm_fid_extractor: str | None = None
     ddim: list[tuple[int, float, float]] = field(default_factory=list)  # (DDIM steps, fid, sample img/s)
@@ -84,6 +81,79 @@ class SweepSummary:
     data_version: str | None
     budget: str | None
     rows: list[FactorRow]
+
+
+# ------------------------------------------------------------- the sweep's record, per (factor, repeat)
+
+FINISHED = "finished"
+OLD_STAGE_NAMES = {"ae": "autoencoder"}  # as sweeps before stage-named entries wrote them
+
+
+@dataclass(frozen=True)
+class FactorEntry:
+    """The runs that answer for one factor (and repeat) of a sweep, by stage, and how far it got.
+    Any stage a factor runs is recorded by its name: a new stage needs no field here."""
+
+    runs: dict[str, str] = field(default_factory=dict)  # stage name -> run id, in the order they ran
+    status: str = "queued"  # queued | running | finished | "failed: <why>"
+
+    @property
+    def finished(self) -> bool:
+        return self.status == FINISHED
+
+    def run(self, stage: str) -> str:
+        """The run id of ``stage``, or "" when the factor has none (yet)."""
+        return self.runs.get(stage, "")
+
+    def with_run(self, stage: str, run_id: str) -> FactorEntry:
+        """This entry with ``stage``'s run recorded (an empty id records nothing: pixel space
+        has no autoencoder run)."""
+        return replace(self, runs={**self.runs, stage: run_id}) if run_id else self
+
+
+def factor_tag(factor: int, repeat: int = 0) -> str:
+    """``latentlab.sweep.f8``; with ``sweep.seeds`` > 1, repeat r (seed = seed + r) is ``...f8.r<r>``."""
+    return f"{FACTOR_TAG_PREFIX}{factor}" + (f".r{repeat}" if repeat else "")
+
+
+def write_factor_entry(sweep_run_id: str, factor: int, entry: FactorEntry, repeat: int = 0) -> None:
+    """The tag's JSON: each stage's run id under the stage's name, and ``status``."""
+    value = json.dumps({**entry.runs, "status": entry.status})
+    mlflow.MlflowClient().set_tag(sweep_run_id, factor_tag(factor, repeat), value)
+
+
+def read_sweep_entries(tags: dict[str, str]) -> dict[tuple[int, int], FactorEntry]:
+    """Every (factor, repeat) a sweep run recorded; a damaged tag reads as an unfinished entry
+    that says so (a sweep then redoes it; a report shows it)."""
+    entries = {}
+    for name, value in tags.items():
+        cell = _cell(name.removeprefix(FACTOR_TAG_PREFIX)) if name.startswith(FACTOR_TAG_PREFIX) else None
+        if cell is None:
+            continue
+        try:
+            fields = json.loads(value)
+            if not isinstance(fields, dict):
+                raise TypeError(f"not an object: {type(fields).__name__}")
+            status = str(fields.pop("status", None) or "unknown")
+            runs = {OLD_STAGE_NAMES.get(k, k): str(v) for k, v in fields.items() if v}
+            entries[cell] = FactorEntry(runs, status)
+        except (ValueError, TypeError, AttributeError):
+            entries[cell] = FactorEntry(status=f"unreadable tag: {value!r}")
+    return entries
+
+
+def read_factor_entries(tags: dict[str, str], repeat: int = 0) -> dict[int, FactorEntry]:
+    """Each factor's entry for one repeat (the first seed unless told)."""
+    return {f: entry for (f, r), entry in read_sweep_entries(tags).items() if r == repeat}
+
+
+def _cell(suffix: str) -> tuple[int, int] | None:
+    """ "8" -> (8, 0), "8.r2" -> (8, 2); anything else is not a factor tag."""
+    factor, _, repeat = suffix.partition(".r")
+    digits = [factor, repeat or "0"]
+    if not all(d.isascii() and d.isdigit() for d in digits):
+        return None
+    return int(factor), int(repeat or 0)
 
 
 # ----------------------------------------------------------------------------------------- collect
@@ -122,17 +192,17 @@ def _row(client: mlflow.MlflowClient, factor: int, child: FactorEntry | None, im
     if child is None:
         return row  # planned in sweep.factors, never started
     row.status = child.status
-    ae, ldm, ev = (_get_run(client, run_id) for run_id in (child.ae, child.ldm, child.evaluate))
+    found = {stage: _get_run(client, run_id) for stage, run_id in child.runs.items()}
+    row.runs = {stage: run.info.run_id for stage, run in found.items() if run is not None}
+    ae, ldm, ev = (found.get(stage) for stage in ("autoencoder", "ldm", "evaluate"))
     wall = []
     if ae is not None:
         m = ae.data.metrics
-        row.ae_run_id = ae.info.run_id
         row.rfid, row.psnr, row.ssim = m.get("rfid"), m.get("psnr"), m.get("ssim")
         row.ae_img_per_s = _mean(_history(client, ae.info.run_id, "train_img_per_s"))
         wall.append(m.get("wall_time_s"))
     if ldm is not None:
         m = ldm.data.metrics
-        row.ldm_run_id = ldm.info.run_id
         row.latent_shape = ldm.data.tags.get(TAG_LATENT_SHAPE)
         row.ldm_img_per_s = _mean(_history(client, ldm.info.run_id, "train_img_per_s"))
         row.ldm_steps = int(m["steps"]) if "steps" in m else None
@@ -144,7 +214,6 @@ def _row(client: mlflow.MlflowClient, factor: int, child: FactorEntry | None, im
         wall.append(m.get("wall_time_s"))
     if ev is not None:
         m = ev.data.metrics
-        row.evaluate_run_id = ev.info.run_id
         for name in EVALUATE_METRICS:
             setattr(row, name, m.get(name))
         row.fid_extractor = ev.data.tags.get(TAG_FID_EXTRACTOR)

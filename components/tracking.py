@@ -6,16 +6,13 @@ Lightning callbacks that report training: ``components.mlflow_callbacks``.)
 
 from __future__ import annotations
 
-import subprocess
 import time
-import warnings
 from contextlib import suppress
-from pathlib import Path
 
 import mlflow
 
 from components import ownership
-from components.store import DEFAULT_EXPERIMENT, default_uri, redact, tracking_uri
+from components.store import DEFAULT_EXPERIMENT, default_uri, tracking_uri
 from components.workspace import ARTIFACTS_DIR
 
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
@@ -53,34 +50,6 @@ def close_all_orphans() -> None:
     mlflow.set_tracking_uri(tracking_uri())
     for experiment in mlflow.search_experiments():
         ownership.close_orphans(experiment.experiment_id)
-
-
-def log_dataset(version: str, remote: str | None, context: str) -> None:
-    """The data version as the active run's input dataset (the MLflow UI's Dataset column):
-    digest = DVC's md5 of ``data/``, source = the DVC remote it can be pulled from."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
-    where = remote or "data"
-    where = where if "://" in where else str(Path(where).resolve())
-    with warnings.catch_warnings():  # (a local path "can be interpreted in multiple ways": all local)
-        warnings.simplefilter("ignore", UserWarning)
-        source = resolve_dataset_source(redact(where))
-    mlflow.log_input(MetaDataset(source, name=f"data-{version[:8]}", digest=version[:36]), context=context)
-
-
-def git_state(cwd: str | Path = ".") -> tuple[str, bool]:
-    """(commit, dirty) of the repository at ``cwd``; ("unknown", True) outside git."""
-    try:
-        commit = _git(cwd, "rev-parse", "HEAD")
-        dirty = bool(_git(cwd, "status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown", True
-    return commit, dirty
-
-
-def _git(cwd: str | Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def register_once(name: str, run_id: str, model_uri: str, tags: dict[str, str]) -> str:

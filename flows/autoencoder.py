@@ -8,28 +8,25 @@ was killed resumes from its checkpoint into the same MLflow run (``flows.stage``
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlflow
 from mlflow.entities import Run
 
 import components.autoencoder_training as ae_training
 from components import artifacts, workspace
 from components.autoencoder_training import AutoencoderModule
+from components.contract import TAG_DATA_VERSION, TAG_FID_EXTRACTOR, TAG_PERCEPTUAL, TAG_SEED
 from components.dataset import load_split
+from components.evaluation import reference
+from components.features import Extractor
 from components.first_stage import FirstStageRef, pixel_space
 from components.mlflow_callbacks import MLflowReporter, ShareCheckpoints
+from components.params import Params
 from components.precision import decide
-from components.runs import (
-    TAG_DATA_VERSION,
-    TAG_FID_EXTRACTOR,
-    TAG_PERCEPTUAL,
-    TAG_SEED,
-    precision_tags,
-    recorded_precision,
-    seeded_name,
-)
+from components.runs import precision_tags, recorded_precision, seeded_name
 from components.tracking import register_once
 from components.training import check_one_batch
-from flows.extractor import reference
 from flows.stage import DataVersion, Stage, StageRun, log, run_stage
 
 PREVIEW_IMAGES = 8
@@ -41,6 +38,11 @@ class AutoencoderStage(Stage):
     sections = ("seed", "data.resolution", "ae")
     logged = ("seed", "data", "ae", "eval")  # eval: the extractor rFID uses
 
+    def __init__(self, params: Params, data: DataVersion, experiment: str, *, extractor: Callable[[], Extractor]):
+        """``extractor``: gives the network rFID is computed with (it may train one)."""
+        super().__init__(params, data, experiment)
+        self.extractor = extractor
+
     def factor(self) -> int:
         return self.params.ae.factor
 
@@ -51,7 +53,7 @@ class AutoencoderStage(Stage):
         return seeded_name(f"ae-f{self.params.ae.factor}-{self.params.ae.regularizer}", self.params.seed)
 
     def prepare(self, resumed: Run | None) -> None:
-        self.val = reference(self.params, self.data, self.experiment, "val")  # (may train the extractor)
+        self.val = reference(self.extractor(), self.data.version, "val")
         self.images, _ = load_split(workspace.data_dir(), "train")
         check_one_batch(len(self.images), self.params.ae, "ae")
         self.precision = (resumed and recorded_precision(resumed.data.tags)) or decide(

@@ -87,7 +87,7 @@ def _interval(metrics: dict, name: str) -> str:
 
 
 def cmd_sweep(params: Params, args: argparse.Namespace) -> None:
-    from flows.sweep import sweep_flow
+    from flows.pipeline import sweep_flow
 
     # A sweep with a factor that did not finish ends Failed in Prefect and holds the sweep.
     state = sweep_flow(
@@ -226,7 +226,7 @@ def cmd_deploy(params: Params, args: argparse.Namespace) -> None:
 
 
 def cmd_serve(params: Params, args: argparse.Namespace) -> None:
-    from flows.sweep import sweep_flow
+    from flows.pipeline import sweep_flow
 
     _require_prefect_server("serve")
     console.print(f"Serving the sweep deployment 'latentlab-sweep' (cron: {args.cron or 'none, run on demand'})")

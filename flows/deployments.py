@@ -19,8 +19,7 @@ from prefect.workers.process import ProcessWorker
 
 from components.params import Params
 from flows.data import data_flow
-from flows.pipeline import autoencoder_flow, evaluate_flow, ldm_flow
-from flows.sweep import factor_flow, sweep_flow
+from flows.pipeline import autoencoder_flow, evaluate_flow, factor_flow, ldm_flow, sweep_flow
 
 POOL = "latentlab"
 SWEEP_QUEUE, WORK_QUEUE = "sweeps", "factors"

@@ -10,6 +10,7 @@ the finished evaluation is reused (``flows.stage``).
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 import mlflow
@@ -17,9 +18,7 @@ from mlflow.entities import Run
 
 import components.evaluation as evaluation
 from components import artifacts, workspace
-from components.errors import UserError
-from components.params import Params
-from components.runs import (
+from components.contract import (
     TAG_AE_RUN,
     TAG_FACTOR,
     TAG_FID_EXTRACTOR,
@@ -28,10 +27,11 @@ from components.runs import (
     TAG_REFERENCE_SPLIT,
     TAG_SMALL_SAMPLE,
     TAG_SMALL_SAMPLE_NOTE,
-    autoencoder_run_of,
-    seeded_name,
 )
-from flows.extractor import reference
+from components.errors import UserError
+from components.features import Extractor
+from components.params import Params
+from components.runs import autoencoder_run_of, seeded_name
 from flows.stage import DataVersion, Stage, log
 
 COPIED_FROM_AE = ("psnr", "ssim", "rfid")
@@ -42,9 +42,12 @@ class EvaluateStage(Stage):
     code = ("components.evaluation",)
     sections = ("eval",)  # (the seed and everything else come from the LDM run)
 
-    def __init__(self, params: Params, data: DataVersion, ldm_run: Run, experiment: str = "latentlab"):
+    def __init__(
+        self, params: Params, data: DataVersion, ldm_run: Run, experiment: str, *, extractor: Callable[[], Extractor]
+    ):
+        """``extractor``: gives the network the samples are scored with (it may train one)."""
         super().__init__(params, data, experiment)
-        self.ldm_run = ldm_run
+        self.ldm_run, self.extractor = ldm_run, extractor
 
     def upstream(self) -> list[str]:
         return [self.ldm_run.info.run_id]
@@ -62,8 +65,8 @@ class EvaluateStage(Stage):
         run_id = self.ldm_run.info.run_id
         self.model = artifacts.load_ldm(run_id, workspace.data_dir(), seed=self.params.seed)
         self.split = evaluation.reference_split(self.params.eval)
-        self.real = reference(
-            self.params, self.data, self.experiment, self.split, self.model.conditioning.cond[self.split]
+        self.real = evaluation.reference(
+            self.extractor(), self.data.version, self.split, self.model.conditioning.cond[self.split]
         )
         self.note = evaluation.small_sample_note(self.params.eval.samples)
         if self.note:

@@ -20,12 +20,11 @@ from safetensors.torch import save_file
 
 import components.features as features
 from components import workspace
+from components.contract import TAG_FID_EXTRACTOR, TAG_ROLE
 from components.dataset import load_split, read_manifest
-from components.evaluation import reference_split, uses_inception
+from components.evaluation import uses_inception
 from components.features import INCEPTION_ENV, Extractor
-from components.metrics import Reference
 from components.params import Params
-from components.runs import TAG_FID_EXTRACTOR, TAG_ROLE
 from components.tracking import log_metrics
 from flows.stage import DataVersion, Stage, log, run_stage
 
@@ -109,17 +108,3 @@ def choose_extractor(params: Params, data: DataVersion, experiment: str) -> Extr
     active = mlflow.active_run()
     run_stage(stage, parent_run_id=active.info.run_id if active else None)
     return features.extractor_from_file(stage.local)
-
-
-def reference(
-    params: Params, data: DataVersion, experiment: str, split: str | None = None, cond: torch.Tensor | None = None
-) -> Reference:
-    """The real images of ``split`` (default ``eval.reference_split``), with their condition
-    indices (else all 0), to compare samples with."""
-    split = split or reference_split(params.eval)
-    images, _ = load_split(workspace.data_dir(), split)
-    extractor = choose_extractor(params, data, experiment)
-    indices = cond if cond is not None else torch.zeros(len(images), dtype=torch.long)
-    return Reference.of(
-        images, indices, extractor, data_version=data.version, split=split, cache_dir=workspace.fidelity_cache()
-    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -20,15 +21,8 @@ from mlflow.entities import Run
 import components.ldm_training as ldm_training
 from components import artifacts, progress, workspace
 from components.conditioning import conditioning_for
-from components.dataset import load_split, read_manifest
-from components.diffusion import LatentDiffusionModule
-from components.evaluation import fid_during_training, reference_split
-from components.first_stage import FirstStageRef
-from components.latents import cached_latents
-from components.mlflow_callbacks import MLflowReporter, PeriodicEvaluation, ShareCheckpoints
-from components.params import Params
-from components.precision import decide
-from components.runs import (
+from components.contract import (
+    LDM_MODEL,
     TAG_AE_RUN,
     TAG_DATA_VERSION,
     TAG_FACTOR,
@@ -37,13 +31,19 @@ from components.runs import (
     TAG_LATENT_SHAPE,
     TAG_REFERENCE_SPLIT,
     TAG_SEED,
-    precision_tags,
-    recorded_precision,
-    seeded_name,
 )
+from components.dataset import load_split, read_manifest
+from components.diffusion import LatentDiffusionModule
+from components.evaluation import fid_during_training, reference, reference_split
+from components.features import Extractor
+from components.first_stage import FirstStageRef
+from components.latents import cached_latents
+from components.mlflow_callbacks import MLflowReporter, PeriodicEvaluation, ShareCheckpoints
+from components.params import Params
+from components.precision import decide
+from components.runs import precision_tags, recorded_precision, seeded_name
 from components.tracking import log_metrics, register_once
 from components.training import check_one_batch
-from flows.extractor import reference
 from flows.stage import DataVersion, Stage, log
 
 
@@ -53,9 +53,18 @@ class LDMStage(Stage):
     sections = ("seed", "ldm")
     logged = ("seed", "data", "ae", "ldm", "eval")  # eval: FID during training
 
-    def __init__(self, params: Params, data: DataVersion, first: FirstStageRef, experiment: str = "latentlab"):
+    def __init__(
+        self,
+        params: Params,
+        data: DataVersion,
+        first: FirstStageRef,
+        experiment: str,
+        *,
+        extractor: Callable[[], Extractor],
+    ):
+        """``extractor``: gives the network FID during training is computed with (it may train one)."""
         super().__init__(params, data, experiment)
-        self.first = first
+        self.first, self.extractor = first, extractor
 
     def upstream(self) -> list[str]:
         return [self.first.id]  # (an autoencoder run names its data version; pixel space's id does)
@@ -85,7 +94,7 @@ class LDMStage(Stage):
         )
         check_one_batch(len(self.latents["train"]), params.ldm, "ldm")
         self.split = reference_split(params.eval)
-        self.real = reference(params, self.data, self.experiment, self.split, self.conditioning.cond[self.split])
+        self.real = reference(self.extractor(), self.data.version, self.split, self.conditioning.cond[self.split])
         self.shape = self.stage.latent_shape(params.data.resolution)
         self.precision = (resumed and recorded_precision(resumed.data.tags)) or decide(
             params.ldm.precision, "ldm", self.shape[-1]
@@ -160,6 +169,6 @@ class LDMStage(Stage):
                     conditioning=self.params.ldm.conditioning,
                 )
             facts = {TAG_FACTOR: str(first.factor), TAG_DATA_VERSION: self.data.version}
-            version = register_once(artifacts.LDM_MODEL, run_id, model, facts)
-            log.info("Registered %s version %s (f=%d)", artifacts.LDM_MODEL, version, first.factor)
+            version = register_once(LDM_MODEL, run_id, model, facts)
+            log.info("Registered %s version %s (f=%d)", LDM_MODEL, version, first.factor)
         artifacts.drop_checkpoint(run_id)  # published: nothing resumes this run any more

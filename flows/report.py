@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from components import progress, workspace
-from components.artifacts import LDM_MODEL
+from components.contract import LDM_MODEL
 from components.report import best_factor, log_report, write_report
 from components.runs import run_of_stage
 from components.sweep_summary import SweepSummary, collect
@@ -20,10 +20,10 @@ from components.tracking import point_aliases, use_experiment
 
 def point_ldm_aliases(summary: SweepSummary) -> None:
     """``models:/ldm@f<f>``: the version this sweep evaluated for f; ``@best``: its verdict's f."""
-    runs = {f"f{row.factor}": row.ldm_run_id for row in summary.rows if row.ldm_run_id}
+    runs = {f"f{row.factor}": row.runs["ldm"] for row in summary.rows if "ldm" in row.runs}
     best = best_factor(summary)
-    if best is not None and best.ldm_run_id:
-        runs["best"] = best.ldm_run_id
+    if best is not None and "ldm" in best.runs:
+        runs["best"] = best.runs["ldm"]
     pointed = point_aliases(LDM_MODEL, runs)
     if pointed:
         get_run_logger().info("Model aliases: %s", ", ".join(f"{LDM_MODEL}@{a} = v{v}" for a, v in pointed.items()))

@@ -15,10 +15,7 @@ import mlflow
 from prefect import flow
 
 from components import workspace
-from components.dataset import read_manifest
-from components.errors import UserError
-from components.params import Params, params_from_run
-from components.runs import (
+from components.contract import (
     TAG_DATA_VERSION,
     TAG_FACTOR,
     TAG_GIT_COMMIT,
@@ -27,9 +24,11 @@ from components.runs import (
     TAG_REPRODUCES,
     TAG_STAGE,
     TAG_WITHIN_TOLERANCE,
-    run_of_stage,
-    stage_run,
 )
+from components.dataset import read_manifest
+from components.errors import UserError
+from components.params import Params, params_from_run
+from components.runs import run_of_stage, stage_run
 from components.tracking import use_experiment
 from flows.data import data_version_here
 from flows.pipeline import autoencoder_flow, ldm_flow

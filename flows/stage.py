@@ -24,6 +24,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from components import progress
+from components.contract import TAG_STAGE
 from components.params import Params
 from components.runs import ReuseOrResume, run_key, seeded_name, stage_code_hash
 from components.tracking import use_experiment
@@ -54,7 +55,7 @@ class StageRun:
 
     @classmethod
     def of(cls, run: Run, reused: bool) -> StageRun:
-        return cls(run.data.tags.get("latentlab.stage", ""), run.info.run_id, reused, run.data.tags, run.data.metrics)
+        return cls(run.data.tags.get(TAG_STAGE, ""), run.info.run_id, reused, run.data.tags, run.data.metrics)
 
 
 class Stage:

@@ -1,32 +1,36 @@
-"""The main job: one data version, then per factor f: autoencoder -> latents -> LDM -> evaluation.
+"""The sweep stage: the main job's own run, over every factor f (and repeat) of ``sweep.factors``.
 
 A parent ``sweep`` run nests every child it creates and records, per factor, which runs answer
-for it (tag ``latentlab.sweep.f<f>``: JSON of run ids and status; ``...f<f>.r<r>`` for repeat r
-of ``sweep.seeds``), so children reused from an earlier sweep count too. Factors are independent Prefect tasks (``sweep.workers`` at a time); a
-factor that fails is marked and the others finish. The sweep is identified by its data version,
-parameters and code: a rerun resumes the same run, redoing only what is missing, and a finished
-sweep is returned at once.
+for it (tag ``latentlab.sweep.f<f>``: JSON of each stage's run id and the status;
+``...f<f>.r<r>`` for repeat r of ``sweep.seeds``), so children reused from an earlier sweep count
+too. Factors are independent Prefect tasks (``sweep.workers`` at a time) or flow runs of a
+deployment; a factor that fails is marked and the others finish. The sweep is identified by its
+data version, parameters and code: a rerun resumes the same run, redoing only what is missing,
+and a finished sweep is returned at once. What one factor runs is composed in
+``flows.pipeline`` (``factor``), which hands it to this stage.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.entities import Run
-from prefect import flow, get_run_logger, task
+from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 from prefect.exceptions import TerminationSignal
 from prefect.futures import wait
-from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from components import ownership, progress, workspace
+from components import ownership, progress
+from components.contract import TAG_BUDGET
 from components.errors import Reported
+from components.features import Extractor
 from components.params import Params
 from components.regression import (
     TAG_COMPARABLE,
@@ -36,22 +40,11 @@ from components.regression import (
     previous_sweep,
     regressions,
 )
-from components.runs import (
-    FINISHED,
-    TAG_AE_RUN,
-    TAG_BUDGET,
-    FactorEntry,
-    read_sweep_entries,
-    write_factor_entry,
-)
-from components.sweep_summary import collect
+from components.sweep_summary import FactorEntry, collect, read_sweep_entries, write_factor_entry
 from components.tracking import use_experiment
 from flows.cancellation import cancel_flow_runs
-from flows.data import data_flow, data_version_here
-from flows.extractor import choose_extractor
-from flows.pipeline import STAGES, evaluate_flow, ldm_flow
 from flows.report import report_flow
-from flows.stage import DataVersion, Stage, log, run_stage
+from flows.stage import DataVersion, Stage, StageRun, log
 
 Cell = tuple[int, int]  # (factor, repeat): repeat r trains with seed + r
 
@@ -67,50 +60,17 @@ class SweepRun:
     @property
     def failed(self) -> dict[str, FactorEntry]:
         """Unfinished entries by name: "f=8", or "f=8 (repeat 1)" for a later seed."""
-        return {_name(cell): entry for cell, entry in sorted(self.entries.items()) if not entry.finished}
+        return {cell_name(cell): entry for cell, entry in sorted(self.entries.items()) if not entry.finished}
 
 
-def _name(cell: Cell) -> str:
+def cell_name(cell: Cell) -> str:
+    """ "f=8", or "f=8 (repeat 1)" for a later seed."""
     factor, repeat = cell
     return f"f={factor}" + (f" (repeat {repeat})" if repeat else "")
 
 
 class FactorFailed(Reported):
     """A factor that did not finish: its Prefect task or flow run ends Failed with this message."""
-
-
-def _factor(params: Params, experiment: str, sweep_run_id: str, data: DataVersion, repeat: int = 0) -> FactorEntry:
-    """Autoencoder -> LDM -> evaluation for one f and seed, its entry recorded on the sweep run.
-    A failure is recorded, then raised: Prefect shows the factor Failed, the sweep goes on."""
-    factor = params.ae.factor
-    entry = FactorEntry(status="running")
-    try:
-        with progress.factor(_name((factor, repeat))):
-            ldm = ldm_flow(params, experiment, sweep_run_id, data)
-            entry = replace(entry, ae=ldm.tags.get(TAG_AE_RUN, ""), ldm=ldm.run_id)
-            evaluation = evaluate_flow(params, ldm.run_id, experiment, sweep_run_id, data)
-            entry = replace(entry, evaluate=evaluation.run_id, status=FINISHED)
-    except Exception as exc:  # noqa: BLE001 (one factor must not sink the sweep)
-        get_run_logger().error("f=%d failed: %s: %s", factor, type(exc).__name__, exc)
-        entry = replace(entry, status=f"failed: {type(exc).__name__}: {exc}"[:500])
-        write_factor_entry(sweep_run_id, factor, entry, repeat)
-        raise FactorFailed(f"{_name((factor, repeat))} {entry.status}") from None
-    write_factor_entry(sweep_run_id, factor, entry, repeat)
-    return entry
-
-
-FACTOR_RUN_NAME = "factor-f{params.ae.factor}-seed{params.seed}"
-# One factor in this process, as a task of the sweep's flow run.
-run_factor = task(_factor, name="factor", cache_policy=NO_CACHE, task_run_name=FACTOR_RUN_NAME)
-
-
-@flow(name="factor", flow_run_name=FACTOR_RUN_NAME)
-def factor_flow(params: Params, experiment: str, sweep_run_id: str, data: DataVersion, repeat: int = 0) -> FactorEntry:
-    """One factor as its own flow run (the ``factor`` deployment), on any worker of the pool, in
-    the project the worker was started in: it reads the sweep's data version from that
-    project's ``data/`` if it holds it, else from the DVC remote (``data.remote``)."""
-    with workspace.reading_data(data_version_here(params.data, data.version)):
-        return _factor(params, experiment, sweep_run_id, data, repeat)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="dispatch-{name}")
@@ -144,32 +104,14 @@ def check_regressions(experiment_id: str, sweep_run_id: str, comparable: str) ->
     return [str(r) for r in found]
 
 
-@flow(name="sweep")
-def sweep_flow(
-    params: Params,
-    experiment: str = "latentlab",
-    factor_deployment: str | None = None,
-    fail_on_regression: bool = False,
-) -> SweepRun | State:
-    """Compare the factors in ``sweep.factors`` under the budget in ``sweep.budget``; each factor
-    in this process, or (``factor_deployment``) as a flow run of that deployment. Returns the
-    sweep, or a Failed state that holds it when a factor did not finish or (``fail_on_regression``)
-    got worse than in the previous sweep on the same data and parameters (call with
-    ``return_state=True`` and read ``state.result(raise_on_failure=False)``)."""
-    cells = [(f, r) for r in range(params.sweep.seeds) for f in params.sweep.factors]  # every f, then again
-    per_cell = {(f, r): params.for_factor(f, r) for f, r in cells}  # all valid before any work
-    plan = progress.SweepPlan(
-        {_name(cell): _training_budget_s(per_cell[cell]) for cell in cells},
-        params.sweep.workers,
-        pixel_space=[_name(cell) for cell in cells if cell[0] == 1],
-    )
-    with progress.sweep_plan(plan):
-        result = _sweep(params, experiment, cells, per_cell, plan, factor_deployment)
-    if result.failed:
-        return Failed(message=f"{', '.join(result.failed)} did not finish; rerun to retry", data=result)
-    if fail_on_regression and result.regressions:
-        return Failed(message="worse than the previous sweep: " + "; ".join(result.regressions), data=result)
-    return result
+def plan(params: Params) -> tuple[list[Cell], dict[Cell, Params], progress.SweepPlan]:
+    """The sweep's cells (every f, then again per repeat), each cell's parameters (all checked
+    before any work starts) and the progress plan with each cell's training budget."""
+    cells = [(f, r) for r in range(params.sweep.seeds) for f in params.sweep.factors]
+    per_cell = {(f, r): params.for_factor(f, r) for f, r in cells}
+    budgets = {cell_name(cell): _training_budget_s(per_cell[cell]) for cell in cells}
+    pixel_space = [cell_name(cell) for cell in cells if cell[0] == 1]
+    return cells, per_cell, progress.SweepPlan(budgets, params.sweep.workers, pixel_space=pixel_space)
 
 
 def _training_budget_s(params: Params) -> float | None:
@@ -183,13 +125,29 @@ class SweepStage(Stage):
     A finished sweep with a cell that did not finish is reopened to redo just that cell."""
 
     name = "sweep"
-    code = tuple(code for stage in STAGES for code in stage.code) + ("components.report",)
+    code = ("flows.pipeline",)  # everything a sweep runs: every stage, composed
     sections = ("seed", "data", "ae", "ldm", "eval", "sweep", "reproduce")
     orchestrates = True
 
-    def __init__(self, params: Params, data: DataVersion, cells: list[Cell], per_cell: dict[Cell, Params], **how: Any):
-        super().__init__(params, data, how.pop("experiment"))
-        self.cells, self.per_cell, self.how = cells, per_cell, how
+    def __init__(
+        self,
+        params: Params,
+        data: DataVersion,
+        experiment: str,
+        *,
+        cells: list[Cell],
+        per_cell: dict[Cell, Params],
+        plan: progress.SweepPlan,
+        run_factor: Task[..., FactorEntry],
+        extractor: Callable[[], Extractor],
+        deployment: str | None = None,
+    ):
+        """``run_factor``: one cell in this process (``flows.pipeline.factor``); ``deployment``:
+        run each cell as a flow run of it instead; ``extractor``: gives the FID network, trained
+        once here before the factors would race to train it."""
+        super().__init__(params, data, experiment)
+        self.cells, self.per_cell, self.plan = cells, per_cell, plan
+        self.run_factor, self.extractor, self.deployment = run_factor, extractor, deployment
         self.comparable = comparable_key(params, data.version)
 
     def run_name(self) -> str:
@@ -207,15 +165,15 @@ class SweepStage(Stage):
 
     def reuse(self, run: Run) -> None:
         log.info("Sweep %s already finished with these parameters: nothing to do", run.info.run_id)
-        self.how["plan"].keep([])
+        self.plan.keep([])
         self.report = report_flow(run.info.run_id, self.experiment, log=False)
 
     def prepare(self, resumed: Run | None) -> None:
         self.todo = self.left(resumed)
-        self.how["plan"].keep([_name(cell) for cell in self.todo])
-        choose_extractor(self.params, self.data, self.experiment)  # once, before factors race to train it
+        self.plan.keep([cell_name(cell) for cell in self.todo])
+        self.extractor()
         if resumed:
-            log.info("Resuming sweep %s: %s left", resumed.info.run_id, ", ".join(map(_name, self.todo)))
+            log.info("Resuming sweep %s: %s left", resumed.info.run_id, ", ".join(map(cell_name, self.todo)))
 
     def tags(self) -> dict[str, str]:
         return {TAG_BUDGET: self.params.budget_description(), TAG_COMPARABLE: self.comparable}
@@ -223,35 +181,23 @@ class SweepStage(Stage):
     def train(self, run_id: str, resuming: bool) -> None:
         for factor, repeat in self.todo:
             write_factor_entry(run_id, factor, FactorEntry(), repeat)
-        how = self.how
-        run_factors(self.todo, self.per_cell, self.experiment, run_id, self.data, how["workers"], how["deployment"])
+        workers = self.params.sweep.workers
+        run_factors(
+            self.todo, self.per_cell, self.experiment, run_id, self.data, self.run_factor, workers, self.deployment
+        )
 
     def publish(self, run_id: str) -> None:
         for cell, entry in sorted(read_sweep_entries(mlflow.get_run(run_id).data.tags).items()):
-            log.info("%s: %s", _name(cell), entry.status)
+            log.info("%s: %s", cell_name(cell), entry.status)
         self.report = report_flow(run_id, self.experiment)
 
-
-def _sweep(
-    params: Params,
-    experiment: str,
-    cells: list[Cell],
-    per_cell: dict[Cell, Params],
-    plan: progress.SweepPlan,
-    factor_deployment: str | None,
-) -> SweepRun:
-    data = data_flow(params, experiment)
-    how = {"plan": plan, "workers": params.sweep.workers, "deployment": factor_deployment}
-    stage = SweepStage(params, data, cells, per_cell, experiment=experiment, **how)
-    run = run_stage(stage)
-    entries = read_sweep_entries(run.tags)
-    complete = all(entries.get(cell, FactorEntry()).finished for cell in cells)
-    found = (
-        []
-        if run.reused or not complete
-        else check_regressions(use_experiment(experiment), run.run_id, stage.comparable)
-    )
-    return SweepRun(run.run_id, entries, stage.report, reused=run.reused, regressions=found)
+    def outcome(self, run: StageRun) -> SweepRun:
+        """The sweep as its caller sees it; a newly finished sweep is checked for regressions."""
+        entries = read_sweep_entries(run.tags)
+        complete = all(entries.get(cell, FactorEntry()).finished for cell in self.cells)
+        checked = not run.reused and complete
+        found = check_regressions(use_experiment(self.experiment), run.run_id, self.comparable) if checked else []
+        return SweepRun(run.run_id, entries, self.report, reused=run.reused, regressions=found)
 
 
 def run_factors(
@@ -260,6 +206,7 @@ def run_factors(
     experiment: str,
     sweep_run_id: str,
     data: DataVersion,
+    run_factor: Task[..., FactorEntry],
     workers: int,
     deployment: str | None = None,
 ) -> dict[Cell, FactorEntry]:
@@ -291,7 +238,7 @@ def run_factors(
             with ThreadPoolTaskRunner(max_workers=len(todo) if deployment else workers) as runner:
                 if deployment:
                     futures = [
-                        runner.submit(dispatch_factor, {"deployment": deployment, "name": _name(c), "arguments": a})
+                        runner.submit(dispatch_factor, {"deployment": deployment, "name": cell_name(c), "arguments": a})
                         for c, a in arguments.items()
                     ]
                 else:

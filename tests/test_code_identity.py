@@ -228,11 +228,11 @@ def test_a_docstring_added_to_a_function_or_emptied_body_keeps_every_hash(root: 
 
 
 def test_a_changed_constant_changes_exactly_the_hashes_whose_closure_holds_it(root: Path) -> None:
-    reachers = _reachers(root, "components.sources")
-    assert {"components.sources", "components.dataset"} <= reachers
+    reachers = _reachers(root, "components.dataset")
+    assert {"components.dataset", "components.sources", "components.evaluation"} <= reachers
     assert not reachers & {"components.autoencoder_training", "components.features", "components.metrics"}
     before = _hashes(root)
-    _edit(root, "components.sources", 'UNLABELED = "unlabeled"', 'UNLABELED = "no label"')
+    _edit(root, "components.dataset", "FORMAT_VERSION = 1", "FORMAT_VERSION = 2")
     assert _changed(before, _hashes(root)) == reachers
 
 

@@ -20,7 +20,7 @@ import boto3
 import mlflow
 import pytest
 
-from components.runs import TAG_STAGE
+from components.contract import TAG_STAGE
 
 BUCKET = "latentlab"
 AWS = {"AWS_ACCESS_KEY_ID": "testing-key", "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1"}

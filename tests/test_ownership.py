@@ -18,7 +18,8 @@ import mlflow
 import pytest
 
 from components import ownership, store
-from components.runs import TAG_RUN_KEY, TAG_STAGE, ReuseOrResume
+from components.contract import TAG_RUN_KEY, TAG_STAGE
+from components.runs import ReuseOrResume
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE, KEY = "autoencoder", "feedfacefeedfacefeed"

@@ -243,7 +243,7 @@ def test_empty_sweep_does_not_crash(store):
         sweep, "latentlab.sweep.f4", json.dumps({"ae": "deadbeef", "ldm": "", "evaluate": "", "status": "running"})
     )
     summary = sweep_summary.collect(sweep, client)
-    assert [(r.factor, r.status, r.ae_run_id) for r in summary.rows] == [(4, "running", None)]
+    assert [(r.factor, r.status, r.runs.get("autoencoder")) for r in summary.rows] == [(4, "running", None)]
     text = report.write_report(summary, tmp / "empty_out").read_text()
     assert "No factor has an evaluate FID yet" in text and "not recorded" in text
 

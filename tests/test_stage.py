@@ -94,8 +94,13 @@ def test_fresh_ignores_a_finished_run(toy):
 # --- what the real stages' keys are made of ---------------------------------------------------------
 
 
+def no_extractor():
+    raise AssertionError("a run key must not need the FID network")
+
+
 def keys(stage: type[Stage], *sets: str, **inputs) -> str:
-    return stage(load_params(None, list(sets)), inputs.pop("data", DATA), **inputs).key()
+    data = inputs.pop("data", DATA)
+    return stage(load_params(None, list(sets)), data, experiment="latentlab", extractor=no_extractor, **inputs).key()
 
 
 AE = FirstStageRef("ae-run", 8)

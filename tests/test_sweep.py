@@ -16,9 +16,8 @@ import pytest
 from components import workspace
 from components.errors import UserError
 from components.first_stage import FirstStageRef
-from flows.pipeline import evaluate_flow, ldm_flow
+from flows.pipeline import evaluate_flow, ldm_flow, sweep_flow
 from flows.reproduce import reproduce_flow
-from flows.sweep import sweep_flow
 
 
 def runs(stage: str) -> list[mlflow.entities.Run]:

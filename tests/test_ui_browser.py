@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from flows.sweep import sweep_flow
+from flows.pipeline import sweep_flow
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 pytestmark = [
