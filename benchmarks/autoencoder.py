@@ -22,7 +22,7 @@ from pathlib import Path
 
 from components.autoencoder_training import AutoencoderModule
 from components.dataset import load_split
-from components.params import load_params
+from components.presets import load_params
 from components.workspace import DATA_DIR
 
 FACTORS = (2, 4, 8, 16, 32)

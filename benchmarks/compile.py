@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components.conditioning import Conditioner  # noqa: E402
 from components.diffusion import LatentDiffusionModule  # noqa: E402
 from components.first_stage import build_first_stage  # noqa: E402
-from components.params import load_params  # noqa: E402
 from components.precision import decide  # noqa: E402
+from components.presets import load_params  # noqa: E402
 
 OUT = Path("reports/benchmarks")
 BUDGET_S = 180

@@ -24,7 +24,7 @@ from components.conditioning import Conditioner
 from components.diffusion import LatentDiffusionModule
 from components.first_stage import build_first_stage
 from components.ldm_training import train_ldm
-from components.params import load_params
+from components.presets import load_params
 
 OUT = Path("reports/benchmarks")
 

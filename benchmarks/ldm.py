@@ -29,7 +29,7 @@ from components.first_stage import build_first_stage
 from components.images import to_float
 from components.ldm_training import flops_per_step, train_ldm
 from components.mlflow_callbacks import MLflowReporter
-from components.params import load_params
+from components.presets import load_params
 
 OUT = Path("reports/benchmarks")
 

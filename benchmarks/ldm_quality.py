@@ -37,7 +37,7 @@ from components.evaluation import generate  # noqa: E402
 from components.features import extractor_from_file  # noqa: E402
 from components.ldm_training import train_ldm  # noqa: E402
 from components.metrics import Reference  # noqa: E402
-from components.params import load_params  # noqa: E402
+from components.presets import load_params  # noqa: E402
 from components.store import tracking_uri  # noqa: E402
 from components.sweep_summary import read_factor_entries  # noqa: E402
 

@@ -43,8 +43,8 @@ from components.first_stage import build_first_stage
 from components.images import to_float
 from components.ldm_training import train_ldm
 from components.losses import PerceptualLoss
-from components.params import load_params
 from components.precision import decide
+from components.presets import load_params
 
 OUT = Path("reports/benchmarks")
 # Steps before timing starts: the first steps of a process run up to 20 % slower (allocator,

@@ -19,7 +19,7 @@ import torch
 
 from components.conditioning import Conditioner
 from components.diffusion import LatentDiffusionModule
-from components.params import load_params
+from components.presets import load_params
 
 OUT = Path("reports/benchmarks")
 

@@ -1,7 +1,8 @@
 """Parameter schema: every knob of every stage, validated before any work starts.
 
-Presets live in ``params/*.yaml``; the CLI's ``--set dotted.key=value`` overrides them. A value
-the schema rejects becomes one ``UserError`` that names the key and how to fix it.
+Presets live in ``params/*.yaml`` and are read by ``components.presets`` (layered, with the
+CLI's ``--set dotted.key=value`` on top). A value the schema rejects becomes one ``UserError``
+that names the key and how to fix it (``describe``).
 """
 
 from __future__ import annotations
@@ -45,16 +46,19 @@ class Section(BaseModel):
 
 
 class DataParams(Section):
-    source: Literal["openmoji", "folder"] = "openmoji"
+    source: Literal["openmoji", "folder"] = Field(
+        "openmoji",
+        description="openmoji: the emoji embedded in the installed package; folder: your images in data.path",
+    )
     path: Path | None = Field(None, description="image folder, for source=folder")
     resolution: int = Field(64, description="square side in pixels, a power of two, 8..256")
-    val_fraction: float = Field(0.1, gt=0, lt=1)
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of images held out (by file name) as the val split")
     strict: bool = Field(False, description="fail on any bad file instead of skipping it")
     upscale: bool = Field(False, description="upscale images smaller than the resolution")
     max_per_class: int | None = Field(None, ge=1, description="cap per class (quick runs)")
     remote: str = Field("dvc-remote", description="DVC remote: a directory or s3://bucket/path")
     remote_endpoint: str | None = Field(None, description="S3-compatible endpoint URL")
-    grid_per_class: int = Field(8, ge=1, le=32)
+    grid_per_class: int = reporting(8, ge=1, le=32, description="images per class in the data run's sample grid")
 
     @field_validator("resolution")
     @classmethod
@@ -73,11 +77,11 @@ class DataParams(Section):
 class TrainingBudget(Section):
     """How long a stage trains: steps, and optionally a wall-time cap; how often it reports."""
 
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(3e-4, gt=0)
+    batch_size: int = Field(16, ge=1, description="images per optimisation step (per process)")
+    lr: float = Field(3e-4, gt=0, description="learning rate (Adam)")
     max_steps: int = Field(400, ge=1, description="optimisation steps (batches)")
     max_minutes: float | None = Field(None, gt=0, description="wall-time cap, resumable")
-    log_every: int = reporting(10, ge=1)
+    log_every: int = reporting(10, ge=1, description="steps between logged training metrics")
     image_every: int = reporting(500, ge=1, description="steps between image grids")
     checkpoint_every: int = reporting(100, ge=1, description="steps between resumable checkpoints")
     lr_schedule: Literal["constant", "cosine"] = Field(
@@ -97,11 +101,11 @@ class TrainingBudget(Section):
 
 class AEParams(TrainingBudget):
     factor: int = Field(8, description="downsampling factor f = 2^m; 1 means pixel space")
-    regularizer: Literal["kl", "vq"] = "kl"
+    regularizer: Literal["kl", "vq"] = Field("kl", description="latent regularizer: kl (AutoencoderKL) or vq (VQModel)")
     latent_channels: int | None = Field(None, ge=1, description="default by f, as the paper")
     base_channels: int = Field(16, ge=8, description="paper: 128; 16 fits a 2-core CPU")
     channel_mult: list[int] = Field([1, 2, 4, 4, 4, 4], description="width per level, m + 1 used")
-    layers_per_block: int = Field(1, ge=1)
+    layers_per_block: int = Field(1, ge=1, description="ResNet blocks per resolution level")
     attention: bool = Field(True, description="self-attention in the middle block")
     codebook_size: int = Field(256, ge=2, description="VQ codebook entries")
     # Measured (benchmarks/autoencoder.py ablation, 3 min each): l2 reaches per-image PSNR 12.55
@@ -113,12 +117,14 @@ class AEParams(TrainingBudget):
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="the paper's GAN setting: [0.5, 0.9]")
     channels_per_group: int = Field(4, ge=1, description="GroupNorm channels per group (CompVis: 4 or more)")
     channels_last: bool = Field(True, description="NHWC memory layout for the convolutions")
-    codebook_weight: float = Field(1.0, ge=0)
+    codebook_weight: float = Field(1.0, ge=0, description="weight of the VQ codebook loss (regularizer=vq)")
     perceptual: Literal["auto", "lpips", "ssim"] = Field("auto", description="auto: LPIPS if VGG is on disk")
-    perceptual_weight: float = Field(1.0, ge=0)
+    perceptual_weight: float = Field(1.0, ge=0, description="weight of the perceptual loss (0: none)")
     lpips_vgg_weights: str | None = Field(None, description="local torchvision vgg16 weights file")
     disc_start: int = Field(50_001, ge=0, description="step at which the discriminator starts (CompVis: 50,001)")
-    disc_weight: float = Field(0.5, ge=0)
+    disc_weight: float = Field(
+        0.5, ge=0, description="weight of the patch discriminator's loss once it starts (0: none)"
+    )
 
     @field_validator("factor")
     @classmethod
@@ -136,16 +142,20 @@ class AEParams(TrainingBudget):
 
 
 class LDMParams(TrainingBudget):
-    lr: float = Field(1e-3, gt=0, description="1e-3: over a few CPU minutes, ~2x fewer steps to the loss 2e-4 reaches")
+    lr: float = Field(
+        1e-3,
+        gt=0,
+        description="learning rate (AdamW); 1e-3 reaches in CPU minutes the loss 2e-4 needs ~2x the steps for",
+    )
     conditioning: Literal["class", "text", "none"] = Field("class", description="cross-attention context")
     widths: list[int] = Field([64, 128, 128], description="UNet block widths, one per level")
-    layers_per_block: int = Field(1, ge=1)
+    layers_per_block: int = Field(1, ge=1, description="ResNet blocks per UNet level")
     attention_max_size: int = Field(16, ge=1, description="cross-attention only at latent sizes <= this")
     context_dim: int = Field(128, ge=8, description="class/null embedding width (text: the encoder's)")
-    max_text_tokens: int = Field(16, ge=4)
-    timesteps: int = Field(1000, ge=10)
-    beta_start: float = Field(0.0015, gt=0)
-    beta_end: float = Field(0.0195, gt=0)
+    max_text_tokens: int = Field(16, ge=4, description="caption tokens kept (conditioning=text)")
+    timesteps: int = Field(1000, ge=10, description="diffusion steps of the noise schedule (paper: 1000)")
+    beta_start: float = Field(0.0015, gt=0, description="first beta of the scaled-linear schedule (paper: 0.0015)")
+    beta_end: float = Field(0.0195, gt=0, description="last beta of that schedule (paper: 0.0195)")
     # Measured (benchmarks/ldm_quality.py, equal steps): v-prediction with Min-SNR-5 reaches
     # FID 4.4-4.7 where the paper's plain epsilon loss is at 7.5-7.8 (f = 4, 8; KID intervals apart).
     prediction: Literal["epsilon", "v_prediction"] = Field(
@@ -155,12 +165,16 @@ class LDMParams(TrainingBudget):
         5.0, gt=0, description="Min-SNR-gamma loss weighting (Hang et al. 2023: 5); null: plain L2, as the paper"
     )
     uncond_prob: float = Field(0.1, ge=0, lt=1, description="label dropout, for classifier-free guidance")
-    ema_decay: float = Field(0.999, gt=0, lt=1)
-    weight_decay: float = Field(0.01, ge=0)
-    sampler: Literal["ddim", "ddpm"] = "ddim"
-    sample_steps: int = Field(50, ge=1)
-    eta: float = Field(0.0, ge=0)
-    guidance_scale: float = Field(2.0, ge=1.0)
+    ema_decay: float = Field(
+        0.999, gt=0, lt=1, description="decay of the weights' moving average (the EMA is what samples)"
+    )
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    sampler: Literal["ddim", "ddpm"] = Field(
+        "ddim", description="sampler of the run's sample grids and the registered model"
+    )
+    sample_steps: int = Field(50, ge=1, description="its steps")
+    eta: float = Field(0.0, ge=0, description="its DDIM eta (0: deterministic)")
+    guidance_scale: float = Field(2.0, ge=1.0, description="its classifier-free guidance (1: none)")
     samples_per_class: int = reporting(4, ge=1, description="per row of the sample grid")
     fid_every: int = reporting(500, ge=1, description="steps between FID evaluations during training (and at the end)")
     fid_samples: int = reporting(64, ge=8, description="samples per FID evaluation during training")
@@ -198,9 +212,9 @@ class EvalParams(Section):
     samples: int = Field(1000, ge=8, description="samples for the headline metrics")
     sampler: Literal["ddim", "ddpm"] = Field("ddim", description="for the headline metrics (the curve is DDIM)")
     sample_steps: int = Field(50, ge=1, description="sampler steps for the headline metrics")
-    eta: float = Field(0.0, ge=0)
+    eta: float = Field(0.0, ge=0, description="DDIM eta for the headline metrics (0: deterministic)")
     guidance_scale: float = Field(1.0, ge=1.0, description="1: no guidance, as the paper's factor ablation")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="samples drawn at once")
     ddim_steps: list[int] = Field([10, 20, 50, 100, 200], description="FID vs throughput curve (Figure 7)")
     curve_samples: int = Field(250, ge=8, description="samples per point of that curve")
     extractor_steps: int = Field(600, ge=1, description="training steps of the domain extractor")
@@ -245,7 +259,7 @@ class ReproduceParams(Section):
 
 
 class Params(Section):
-    seed: int = 0
+    seed: int = Field(0, description="seed of the split, initialisation, batches and samples")
     data: DataParams = DataParams()
     ae: AEParams = AEParams()
     ldm: LDMParams = LDMParams()
@@ -287,7 +301,7 @@ class Params(Section):
         try:
             return Params.model_validate(tree)
         except ValidationError as exc:
-            raise UserError(f"For f={factor} in sweep.factors: {_describe(exc, None)}") from None
+            raise UserError(f"For f={factor} in sweep.factors: {describe(exc, None)}") from None
 
     def budget_description(self) -> str:
         s = self.sweep
@@ -307,6 +321,18 @@ class Params(Section):
         """Dotted-name view (``ae.factor``) as logged to MLflow, of some sections or all."""
         tree = self.model_dump(mode="json")
         return flatten({k: v for k, v in tree.items() if not sections or k in sections})
+
+
+def field_descriptions(model: type[Section] = Params, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> what it means, for every key of the schema (``description`` beside each field)."""
+    found: dict[str, str] = {}
+    for name, f in model.model_fields.items():
+        kind = f.annotation if isinstance(f.annotation, type) else None
+        if kind is not None and issubclass(kind, Section):
+            found |= field_descriptions(kind, f"{prefix}{name}.")
+        else:
+            found[f"{prefix}{name}"] = f.description or ""
+    return found
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -349,55 +375,10 @@ def params_from_run(
     try:
         return Params.model_validate(tree)
     except ValidationError as exc:
-        raise UserError(f"The run's recorded parameters no longer validate: {_describe(exc, None)}") from None
+        raise UserError(f"The run's recorded parameters no longer validate: {describe(exc, None)}") from None
 
 
-def apply_override(tree: dict[str, Any], assignment: str) -> None:
-    """Apply one ``dotted.key=value``; the value is read as YAML (``8``, ``true``, ``[1, 2]``)."""
-    key, sep, raw = assignment.partition("=")
-    if not sep or not key.strip():
-        raise UserError(f"--set {assignment!r} is not of the form dotted.key=value (e.g. ae.factor=8).")
-    *parents, leaf = key.strip().split(".")
-    node = tree
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise UserError(f"--set {key}: {part} is a value, not a section.")
-    try:
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or "not YAML"
-        raise UserError(
-            f"--set {assignment!r}: the value is not valid YAML ({problem}); quote it, e.g. --set '{key}=\"{raw}\"'."
-        ) from None
-
-
-def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Params:
-    """Read a YAML preset, apply ``--set`` overrides, validate; raise ``UserError`` if bad."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"Parameter file {path} does not exist: pass --params with a YAML file.")
-        try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}  # -sig: a BOM is not a key
-        except yaml.YAMLError as exc:
-            raise UserError(f"Parameter file {path} is not valid YAML: {exc}") from None
-        except UnicodeDecodeError as exc:
-            raise UserError(
-                f"Parameter file {path} is not UTF-8 (byte offset {exc.start}): save it as UTF-8."
-            ) from None
-        if not isinstance(tree, dict):
-            raise UserError(f"Parameter file {path} must hold a mapping of sections (data:, ae:, ...).")
-    for assignment in overrides:
-        apply_override(tree, assignment)
-    try:
-        return Params.model_validate(tree)
-    except ValidationError as exc:
-        raise UserError(_describe(exc, path)) from None
-
-
-def _describe(exc: ValidationError, path: Path | None) -> str:
+def describe(exc: ValidationError, path: Path | None) -> str:
     where = f" in {path}" if path else ""
     lines = []
     for error in exc.errors():

@@ -7,6 +7,8 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import sys
@@ -18,7 +20,8 @@ from rich.table import Table
 
 from components import progress, workspace
 from components.errors import Reported, UserError, store_failure
-from components.params import Params, load_params
+from components.params import Params
+from components.presets import load_params
 from components.store import DEFAULT_EXPERIMENT
 
 console = Console(stderr=True)
@@ -237,6 +240,21 @@ def cmd_serve(params: Params, args: argparse.Namespace) -> None:
     )
 
 
+def cmd_params(params: Params, args: argparse.Namespace) -> None:
+    from components.params import field_descriptions
+    from components.presets import resolve
+
+    origin = resolve(args.params or workspace.default_params(), args.set).origin
+    meaning = field_descriptions()
+    values = {key: json.dumps(value) for key, value in params.flat().items()}
+    width = max(map(len, values)), 16, max(map(len, origin.values()))  # (a longer value pushes its line on)
+    lines = [
+        f"{k:<{width[0]}}  {v:<{width[1]}}  {origin[k]:<{width[2]}}  {meaning.get(k, '')}" for k, v in values.items()
+    ]
+    with contextlib.suppress(BrokenPipeError):  # (| head)
+        sys.stdout.write("\n".join(lines) + "\n")
+
+
 COMMANDS: dict[str, tuple[str, Callable[[Params, argparse.Namespace], None]]] = {
     "data": ("Prepare, version (DVC) and record the dataset.", cmd_data),
     "train-ae": ("Train (or reuse) the first-stage autoencoder for ae.factor.", cmd_train_ae),
@@ -248,6 +266,7 @@ COMMANDS: dict[str, tuple[str, Callable[[Params, argparse.Namespace], None]]] = 
     "ui": ("The MLflow UI on 127.0.0.1 for this project's tracking store.", cmd_ui),
     "deploy": ("Deploy the sweep, its factors and the stages to a Prefect work pool.", cmd_deploy),
     "serve": ("Serve the sweep as a Prefect deployment (optionally on a cron schedule).", cmd_serve),
+    "params": ("Print the resolved parameters: each key, its value, where it came from, what it means.", cmd_params),
 }
 
 
@@ -342,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         params = load_params(args.params or workspace.default_params(), args.set)
-        if args.command not in ("ui", "serve", "deploy"):
+        if args.command not in ("ui", "serve", "deploy", "params"):
             _check_before_prefect(params, args)
         _quiet_user_errors()
         if args.command != "ui":  # (the one command without Prefect, whose logging this adjusts)

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 import flows  # noqa: F401  (Prefect defaults for this machine)
-from components.params import Params, load_params
+from components.params import Params
+from components.presets import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from components import dvc
 from components.errors import UserError
-from components.params import load_params
+from components.presets import load_params
 from flows.data import data_flow
 
 pytestmark = pytest.mark.slow

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from components.errors import UserError
-from components.params import UNLIMITED_STEPS, Params, load_params, params_from_run
+from components.params import UNLIMITED_STEPS, Params, params_from_run
+from components.presets import load_params
 
 
 @pytest.mark.parametrize("preset", ["default.yaml", "smoke.yaml"])

@@ -9,7 +9,7 @@ from mlflow.entities import Run
 
 from components.code_identity import import_closure
 from components.first_stage import FirstStageRef
-from components.params import load_params
+from components.presets import load_params
 from flows.autoencoder import AutoencoderStage
 from flows.evaluate import EvaluateStage
 from flows.ldm import LDMStage
