@@ -72,3 +72,18 @@ def test_the_params_command_prints_each_value_its_origin_and_meaning(tmp_path, r
     assert rows["ae.factor"].split()[1:3] == ["4", "--set"] and "downsampling factor" in rows["ae.factor"]
     assert rows["eval.samples"].split()[2] == str(repo / "params/default.yaml")  # (outside a checkout)
     assert not (tmp_path / "mlflow.db").exists(), "printing parameters opens no tracking store"
+
+
+def test_docs_parameters_is_what_the_params_command_prints(repo, cli):
+    done = cli(repo, "params", "--markdown")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (repo / "docs/parameters.md").read_text(), (
+        "docs/parameters.md is stale: run `latentlab params --markdown > docs/parameters.md`"
+    )
+
+
+def test_version_is_the_installed_packages(repo, cli):
+    from importlib.metadata import version
+
+    done = cli(repo, "--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"latentlab {version('latentlab')}"
