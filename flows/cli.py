@@ -135,7 +135,7 @@ def cmd_reproduce(params: Params, args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
-def cmd_ui(params: Params, args: argparse.Namespace) -> None:
+def cmd_ui(params: Params | None, args: argparse.Namespace) -> None:
     import signal
     import socket
     import subprocess
@@ -311,14 +311,20 @@ EXTRA_ARGUMENTS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
 }
 
 
+WITHOUT_PARAMS = ("ui",)  # commands no parameter acts on: a broken preset must not stop them
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentlab", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"latentlab {version('latentlab')}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, handler) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--params", type=Path, default=None, help=f"YAML preset (default {workspace.PARAMS_FILE})")
-        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. ae.factor=8")
+        if name not in WITHOUT_PARAMS:
+            sub.add_argument("--params", type=Path, default=None, help=f"YAML preset (default {workspace.PARAMS_FILE})")
+            sub.add_argument(
+                "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. ae.factor=8"
+            )
         sub.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
         loudness = sub.add_mutually_exclusive_group()
         loudness.add_argument("-v", "--verbose", action="store_true", help="also Prefect's task lines and library logs")
@@ -376,7 +382,9 @@ def _check_before_prefect(params: Params, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        params = load_params(args.params or workspace.default_params(), args.set)
+        params = (
+            None if args.command in WITHOUT_PARAMS else load_params(args.params or workspace.default_params(), args.set)
+        )
         if args.command not in ("ui", "serve", "deploy", "params"):
             _check_before_prefect(params, args)
         _quiet_user_errors()

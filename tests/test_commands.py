@@ -59,6 +59,8 @@ def test_ui_serves_this_projects_runs_on_loopback(project, cli):
         listening = listeners(port)
         assert listening and all("127.0.0.1:" in line for line in listening.splitlines())
 
+        (project / "params").mkdir(exist_ok=True)
+        (project / "params/default.yaml").write_text("ae: {factor: 3}\n")  # a broken preset: `ui` reads none
         second = cli(project, "ui", "--port", str(port))  # the port is taken: say so, exit non-zero
         assert second.returncode == 2 and "pass another --port" in " ".join(second.stderr.split())
 
