@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "reports" / "benchmarks"
 PACKAGES = ("components", "flows")
 LAYERS = {  # lowest first; a module not listed takes the first layer with a name its own name starts with
-    "foundation": ["errors", "contract", "params", "presets", "images", "workspace"],
+    "foundation": ["errors", "contract", "machine", "params", "presets", "images", "workspace"],
     "data": ["sources", "dataset", "dvc", "grids"],
     "models": ["first_stage", "autoencoders", "conditioning", "diffusion", "features", "losses"],
     "computation": ["training", "latents", "metrics", "evaluation", "autoencoder_training", "ldm_training"],

@@ -9,6 +9,7 @@ TAG_RUN_KEY = "latentlab.run_key"  # the run's identity (``components.runs.run_k
 TAG_DATA_VERSION = "latentlab.data_version"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_GIT_DIRTY = "latentlab.git_dirty"
+TAG_MACHINE = "latentlab.machine"  # processor, cores, memory, GPU: what the run's timings were measured on
 
 # --- on per-factor runs ---------------------------------------------------------------------------
 TAG_FACTOR = "latentlab.factor"
@@ -30,6 +31,7 @@ TAG_ROLE = "latentlab.role"  # "feature-extractor" on the domain extractor's eva
 
 # --- on sweep and reproduce runs ------------------------------------------------------------------
 TAG_BUDGET = "latentlab.budget"
+TAG_CHANGED_PARAMS = "latentlab.changed_params"  # on sweeps: JSON {key: value} differing from params/default.yaml
 FACTOR_TAG_PREFIX = "latentlab.sweep.f"  # + f (+ ".r<repeat>"): the runs that answer for a factor
 TAG_REPRODUCES = "latentlab.reproduces"
 TAG_REPRODUCED_STAGE = "latentlab.reproduced_stage"

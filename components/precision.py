@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import re
 import statistics
 import time
@@ -24,12 +23,11 @@ from pathlib import Path
 
 import torch
 
+from components.machine import BF16_FLAGS, NO_BF16, processor_id
 from components.workspace import precision_cache, write_atomically
 
 BF16, FP32 = "bf16-mixed", "32-true"
 SECTION = {"autoencoder": "ae", "ldm": "ldm"}  # the params section holding each model's precision
-BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")  # x86 AMX and AVX-512; ``bf16`` is ARM's (Features)
-NO_BF16 = "no bf16"  # in a processor_id, where it has none of them
 MIN_SPEEDUP = 1.05  # below this, a short measurement's noise on a shared 2-core machine
 MEASURE_STEPS = 5  # timed steps per precision: 1.5-6.5 s here (measure_bf16)
 
@@ -55,18 +53,6 @@ XEON_AMX = Table("Xeon with AMX-BF16", "1.28-1.43x", {16: 1.19, 8: 0.92, 4: 0.86
 # 2-core AMD EPYC Zen 4 (AVX-512 BF16, no AMX): autoencoder 1.43, 1.28, 1.29x at f = 4, 8, 16;
 # LDM 1.20x on 16x16, 0.95x on 8x8, 0.92x on 4x4. Same conclusion as the Xeon.
 EPYC_ZEN4 = Table("EPYC with AVX-512 BF16", "1.28-1.43x", {16: 1.20, 8: 0.95, 4: 0.92})
-
-
-def processor_id() -> str:
-    """This CPU as ``"<model name> [<bf16 flags>]"``, e.g. ``"AMD EPYC [avx512_bf16]"``: the
-    model name and bf16 flags of /proc/cpuinfo, else ``platform`` (no flags known)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    text = cpuinfo.read_text() if cpuinfo.exists() else ""
-    name = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    flags = re.search(r"^(?:flags|Features)\s*:\s*(.*)$", text, re.M)
-    found = set(flags.group(1).split()) if flags else set()
-    model = name.group(1).strip() if name else platform.processor() or platform.machine() or "unknown"
-    return f"{model} [{' '.join(f for f in BF16_FLAGS if f in found) or NO_BF16}]"
 
 
 def _parse(processor: str) -> tuple[str, set[str]]:

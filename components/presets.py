@@ -55,6 +55,13 @@ def resolve(path: str | Path | None = None, overrides: list[str] | tuple[str, ..
     return Resolved(params, {key: _origin_of(key, origin) for key in params.flat()})
 
 
+def changed_from_defaults(params: Params) -> dict[str, Any]:
+    """The keys whose values differ from ``params/default.yaml``'s: what a report names, and
+    ``latentlab sweep --set KEY=VALUE ...`` for each reproduces ``params``."""
+    defaults = load_params(workspace.default_params()).flat()
+    return {key: value for key, value in params.flat().items() if defaults.get(key) != value}
+
+
 def layers(path: Path) -> list[tuple[Path, dict[str, Any]]]:
     """The presets ``path`` stands on, the base first, each without its ``extends`` key."""
     chain: list[tuple[Path, dict[str, Any]]] = []

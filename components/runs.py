@@ -37,12 +37,14 @@ from components.contract import (
     TAG_FACTOR,
     TAG_GIT_COMMIT,
     TAG_GIT_DIRTY,
+    TAG_MACHINE,
     TAG_PRECISION,
     TAG_PRECISION_RULE,
     TAG_RUN_KEY,
     TAG_STAGE,
 )
 from components.errors import UserError
+from components.machine import describe as describe_machine
 from components.precision import Precision
 from components.store import RunGlance, check_run, redact
 
@@ -107,6 +109,7 @@ def stage_run(
         TAG_DATA_VERSION: data_version,
         TAG_GIT_COMMIT: commit,
         TAG_GIT_DIRTY: str(dirty).lower(),
+        TAG_MACHINE: describe_machine(),
     }
     if factor is not None:
         contract_tags[TAG_FACTOR] = str(factor)

@@ -91,7 +91,11 @@ class EvaluateStage(Stage):
         self.samples = evaluation.sample_as_told(model.module, model.stage, cond, ev, seed, ev.sample_steps, ev.sampler)
         intervals = {"bootstrap": ev.bootstrap_rounds, "confidence": ev.confidence, "seed": seed}
         scored = real.score(self.samples.images, full=True, **intervals)
-        self.metrics = scored | {"sample_img_per_s": self.samples.img_per_s} | linked_metrics(self.ldm_run)
+        counts = {
+            "samples": len(self.samples.images),
+            "reference_images": len(real.images),
+        }  # (the report's provenance)
+        self.metrics = scored | counts | {"sample_img_per_s": self.samples.img_per_s} | linked_metrics(self.ldm_run)
         curve_cond = real.conditions(ev.curve_samples, seed=seed + 1)
         self.points = evaluation.ddim_curve(
             lambda steps: evaluation.sample_as_told(model.module, model.stage, curve_cond, ev, seed, steps),

@@ -12,6 +12,7 @@ and a finished sweep is returned at once. What one factor runs is composed in
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,10 +29,11 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from components import ownership, progress
-from components.contract import TAG_BUDGET
+from components.contract import TAG_BUDGET, TAG_CHANGED_PARAMS
 from components.errors import Reported
 from components.features import Extractor
 from components.params import Params
+from components.presets import changed_from_defaults
 from components.regression import (
     TAG_COMPARABLE,
     TAG_COMPARED_WITH,
@@ -46,6 +48,7 @@ from flows.cancellation import cancel_flow_runs
 from flows.report import report_flow
 from flows.stage import DataVersion, Stage, StageRun, log
 
+MAX_TAG = 5000  # characters of a tag value every MLflow store accepts
 Cell = tuple[int, int]  # (factor, repeat): repeat r trains with seed + r
 
 
@@ -176,7 +179,12 @@ class SweepStage(Stage):
             log.info("Resuming sweep %s: %s left", resumed.info.run_id, ", ".join(map(cell_name, self.todo)))
 
     def tags(self) -> dict[str, str]:
-        return {TAG_BUDGET: self.params.budget_description(), TAG_COMPARABLE: self.comparable}
+        changed = json.dumps(changed_from_defaults(self.params))
+        return {
+            TAG_BUDGET: self.params.budget_description(),
+            TAG_COMPARABLE: self.comparable,
+            TAG_CHANGED_PARAMS: changed if len(changed) <= MAX_TAG else "(too many to tag: see the run's parameters)",
+        }
 
     def train(self, run_id: str, resuming: bool) -> None:
         for factor, repeat in self.todo:

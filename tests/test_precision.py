@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from components.precision import EPYC_ZEN4, XEON_AMX, decide, measured_table, processor_id
+from components.machine import processor_id
+from components.precision import EPYC_ZEN4, XEON_AMX, decide, measured_table
 
 on_cpu = pytest.mark.skipif(torch.cuda.is_available(), reason="auto follows the GPU where there is one")
 XEON = "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz [amx_bf16 avx512_bf16]"
