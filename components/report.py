@@ -7,7 +7,9 @@ networks are on different scales.
 
 from __future__ import annotations
 
+import json
 import math
+import shlex
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
+from components.store import UI_ADDRESS, run_page  # noqa: E402
 from components.sweep_summary import FactorRow, SweepSummary  # noqa: E402
 
 PAPER_MID = (4, 8, 16)  # Figure 6: these win ...
@@ -199,26 +202,42 @@ def _shape_certainty(mid: list[FactorRow], ext: list[FactorRow]) -> str:
 
 
 def write_report(summary: SweepSummary, out_dir: Path) -> Path:
-    """Write report.md and its four PNGs into ``out_dir``; return the report's path."""
+    """Write report.md and its four PNGs into ``out_dir``; return the report's path. The verdict
+    comes first, then the tables with their legends, where the sweep came from, and the plots."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _plot_fid_vs_step(summary, out_dir / PLOTS[0])
     _plot_fid_vs_throughput(summary, out_dir / PLOTS[1])
     _plot_psnr_fid(summary, out_dir / PLOTS[2])
     _samples_by_factor(summary).save(out_dir / PLOTS[3])
+    day = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(summary.started_ms / 1000))
+    link = f"[{summary.run_id}]({run_page(summary.experiment_id, summary.run_id)})"
     lines = [
-        f"# Sweep {summary.run_name}: compression factor ablation",
+        f"# Compression factor ablation, {summary.run_name}",
         "",
-        f"Data version `{summary.data_version or 'unknown'}`, sweep run `{summary.run_id}`.",
+        f"{day}, sweep run {link}.",
         "",
-        f"**Budget:** {summary.budget or 'not recorded'}",
-        "",
-        *_table(summary.rows),
-        "",
-        *_seeds_table(summary.rows),
         "## Verdict",
         "",
         verdict(summary),
+        "",
+        "## Results",
+        "",
+        *_table(summary),
+        "",
+        *QUALITY_LEGEND,
+        "",
+        *_unfinished(summary.rows),
+        *_seeds_table(summary.rows),
+        "## Cost",
+        "",
+        *_cost_table(summary.rows),
+        "",
+        *COST_LEGEND,
+        "",
+        "## Provenance",
+        "",
+        *provenance(summary),
         "",
         "## Plots",
         "",
@@ -234,6 +253,66 @@ def write_report(summary: SweepSummary, out_dir: Path) -> Path:
     path = out_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def provenance(summary: SweepSummary) -> list[str]:
+    """Where the sweep came from, as Markdown bullets: enough to judge and rerun it."""
+    commit = f"`{summary.commit[:10]}`" if summary.commit else "not recorded"
+    dirty = " with uncommitted changes (the exact code is not in git)" if summary.dirty else ""
+    rows = [r for r in summary.rows if r.runs]
+    samples = sorted({r.n_samples for r in rows if r.n_samples is not None})
+    reference = sorted({r.n_reference for r in rows if r.n_reference is not None})
+    counts = (
+        f"{'/'.join(map(str, samples))} samples per factor against {'/'.join(map(str, reference))} reference images"
+        if samples and reference
+        else f"{summary.params.get('eval.samples', '?')} samples per factor (eval.samples)"
+    )
+    split = "/".join(sorted({r.reference_split for r in rows if r.reference_split})) or "not recorded"
+    extractors = sorted({r.fid_extractor for r in rows if r.fid_extractor})
+    return [
+        f"- **Parameters that differ from params/default.yaml**, as the command that runs them again: {_command(summary)}",
+        f"- **Code:** commit {commit}{dirty}",
+        f"- **Machine:** {summary.machine or 'not recorded'}",
+        f"- **Precision:** {_precisions(rows) or 'not recorded'}",
+        f"- **Evaluation:** {counts} (reference split: {split}), features "
+        + (", ".join(f"`{e}`" for e in extractors) or "not recorded"),
+        f"- **Data version:** `{summary.data_version or 'unknown'}`",
+        f"- **Budget:** {summary.budget or 'not recorded'}",
+    ]
+
+
+def _command(summary: SweepSummary) -> str:
+    """The command that runs these parameters again, from the recorded commit's defaults."""
+    if summary.changed_params is None:
+        return "not recorded (the sweep run's parameters hold them all)"
+    words = ["latentlab", "sweep"]
+    if summary.experiment != "latentlab":
+        words += ["--experiment", summary.experiment]
+    for key, value in summary.changed_params.items():
+        words += ["--set", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    return f"`{shlex.join(words)}`"
+
+
+def _precisions(rows: list[FactorRow]) -> str:
+    """``autoencoder bf16-mixed (f=2..32); ldm 32-true (f=1, 2), bf16-mixed (f=16, 32)``."""
+    parts = []
+    for stage in ("autoencoder", "ldm"):
+        by_value: dict[str, list[int]] = {}
+        for r in rows:
+            if stage in r.trained_in:
+                by_value.setdefault(r.trained_in[stage], []).append(r.factor)
+        if by_value:
+            each = ", ".join(f"{v} (f={', '.join(map(str, fs))})" for v, fs in by_value.items())
+            parts.append(f"{stage} {each}")
+    return "; ".join(parts)
+
+
+def _unfinished(rows: list[FactorRow]) -> list[str]:
+    """A line per factor that did not finish, with why: its cells above are blank."""
+    left = [r for r in rows if r.status != "finished"]
+    if not left:
+        return []
+    return [*(f"- f={r.factor} did not finish: {_cell(r.status)}" for r in left), ""]
 
 
 def log_report(
@@ -301,35 +380,61 @@ def factor_table(rows: list[FactorRow]) -> dict[str, list]:
     return columns
 
 
-COLUMNS = (
-    "f", "status", "latent", "rFID", "PSNR", "SSIM", "FID", "KID", "precision", "recall", "LDM img/s",
-    "AE img/s", "sample img/s", "LDM steps", "wall time", "FLOPs/step", "extractor", "runs",
-)  # fmt: skip
+COLUMNS = ("f", "latent", "PSNR ↑", "rFID ↓", "FID ↓", "KID ↓", "precision ↑", "recall ↑", "LDM steps", "runs")
+QUALITY_LEGEND = (
+    "**latent**: the shape the LDM diffuses in (channels x height x width; f = 1 is pixel space). "
+    "**PSNR** (dB) and **rFID**: the autoencoder's reconstructions of held-out images (the paper's Table 8). "
+    "**FID**, **KID**: samples against the reference images in the extractor's features (see Provenance); "
+    "[low, high] is the 95 % bootstrap interval over the evaluation's samples, which holds no training noise. "
+    "**precision** (fidelity) and **recall** (coverage) of the samples. "
+    "**LDM steps**: what the budget allowed. **runs**: the factor's MLflow runs "
+    f"(autoencoder, LDM, evaluate), opened in `latentlab ui` (default {UI_ADDRESS}) or the tracking server. "
+    "↑ higher is better, ↓ lower is better; — not recorded.",
+)
+COST_COLUMNS = ("f", "LDM img/s ↑", "AE img/s ↑", "sample img/s ↑", "training time", "FLOPs/step")
+COST_LEGEND = (
+    "Training throughput of the LDM and the autoencoder (images per second, mean over training), "
+    "sampling throughput at the evaluation's sampler steps, the wall time of both trainings, "
+    "and the LDM's floating-point operations per training step. Throughput is the machine's (see Provenance).",
+)
+STAGE_LINKS = {"autoencoder": "ae", "ldm": "ldm", "evaluate": "eval"}
 
 
-def _table(rows: list[FactorRow]) -> list[str]:
+def _table(summary: SweepSummary) -> list[str]:
     out = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
+    for r in summary.rows:
+        fid = (_fid(r) if r.fid is not None else DASH) + (" (small N)" if r.small_sample and r.fid is not None else "")
         kid = DASH if r.kid_mean is None else _fmt(r.kid_mean, 3) + _kid_spread(r)
+        links = " ".join(
+            f"[{STAGE_LINKS.get(stage, stage)}]({run_page(summary.experiment_id, run_id)})"
+            for stage, run_id in r.runs.items()
+        )
         cells = [
             str(r.factor),
-            _cell(r.status if len(r.status) <= 60 else r.status[:59] + "…"),
             r.latent_shape or DASH,
-            _fmt(r.rfid, 3),
             _fmt(r.psnr, 4),
-            _fmt(r.ssim, 3),
-            (_fid(r) if r.fid is not None else DASH) + (" (small N)" if r.small_sample and r.fid is not None else ""),
+            _fmt(r.rfid, 3),
+            fid,
             kid,
             _fmt(r.precision, 2),
             _fmt(r.recall, 2),
+            DASH if r.ldm_steps is None else f"{r.ldm_steps:,}",
+            links or DASH,
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def _cost_table(rows: list[FactorRow]) -> list[str]:
+    out = ["| " + " | ".join(COST_COLUMNS) + " |", "|" + "---|" * len(COST_COLUMNS)]
+    for r in rows:
+        cells = [
+            str(r.factor),
             _fmt(r.ldm_img_per_s, 3),
             _fmt(r.ae_img_per_s, 3),
             _fmt(r.sample_img_per_s, 3),
-            DASH if r.ldm_steps is None else f"{r.ldm_steps:,}",
             _duration(r.wall_time_s),
             _si(r.flops_per_step),
-            f"`{r.fid_extractor}`" if r.fid_extractor else DASH,
-            "/".join(run_id[:8] for run_id in r.runs.values()) or DASH,
         ]
         out.append("| " + " | ".join(cells) + " |")
     return out

@@ -12,6 +12,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from components.contract import TAG_STAGE
 from components.errors import UserError
@@ -27,6 +28,24 @@ def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the working directory (made absolute so a
     later change of directory cannot point the same process at another database)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+
+
+UI_ADDRESS = "http://127.0.0.1:5000"  # where ``latentlab ui`` serves a local store by default
+
+
+def ui_address(uri: str | None = None) -> str:
+    """Where a person opens the runs of this store: a tracking server's own address (without
+    credentials), else what ``latentlab ui`` serves a local store on."""
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return UI_ADDRESS
+    parts = urlsplit(uri)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", "")).rstrip("/")
+
+
+def run_page(experiment_id: str, run_id: str, uri: str | None = None) -> str:
+    """The MLflow UI page of one run."""
+    return f"{ui_address(uri)}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def default_uri() -> str:

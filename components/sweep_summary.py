@@ -11,6 +11,7 @@ import json
 import math
 import tempfile
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import mlflow
 from PIL import Image
@@ -18,9 +19,15 @@ from PIL import Image
 from components.contract import (
     FACTOR_TAG_PREFIX,
     TAG_BUDGET,
+    TAG_CHANGED_PARAMS,
     TAG_DATA_VERSION,
     TAG_FID_EXTRACTOR,
+    TAG_GIT_COMMIT,
+    TAG_GIT_DIRTY,
     TAG_LATENT_SHAPE,
+    TAG_MACHINE,
+    TAG_PRECISION,
+    TAG_REFERENCE_SPLIT,
     TAG_SEED,
     TAG_SMALL_SAMPLE,
 )
@@ -64,6 +71,10 @@ class FactorRow:
     ddim: list[tuple[int, float, float]] = field(default_factory=list)  # (DDIM steps, fid, sample img/s)
     samples: Image.Image | None = None  # the LDM's samples_final.png
     seed: int | None = None  # the training seed (tag latentlab.seed of its LDM run)
+    trained_in: dict[str, str] = field(default_factory=dict)  # training stage -> the precision it trained in
+    n_samples: int | None = None  # generated images the evaluation scored ...
+    n_reference: int | None = None  # ... against this many real ones
+    reference_split: str | None = None  # ... of this split
     repeats: list[FactorRow] = field(default_factory=list)  # the same f at the sweep's other seeds
 
     @property
@@ -74,13 +85,22 @@ class FactorRow:
 
 @dataclass
 class SweepSummary:
-    """One sweep as the report sees it: its identity, its budget and a row per factor (ascending f)."""
+    """One sweep as the report sees it: its identity, its budget and a row per factor (ascending f),
+    and where it came from (the provenance a report states)."""
 
     run_id: str
     run_name: str
     data_version: str | None
     budget: str | None
     rows: list[FactorRow]
+    experiment_id: str = "0"
+    experiment: str = "latentlab"
+    started_ms: int = 0
+    commit: str | None = None
+    dirty: bool = False
+    machine: str | None = None
+    params: dict[str, str] = field(default_factory=dict)  # as logged on the sweep run (dotted keys)
+    changed_params: dict[str, Any] | None = None  # those that differ from params/default.yaml; None: unknown
 
 
 # ------------------------------------------------------------- the sweep's record, per (factor, repeat)
@@ -177,7 +197,23 @@ def collect(sweep_run_id: str, client: mlflow.MlflowClient | None = None, images
         data_version=tags.get(TAG_DATA_VERSION),
         budget=tags.get(TAG_BUDGET),
         rows=rows,
+        experiment_id=sweep.info.experiment_id,
+        experiment=client.get_experiment(sweep.info.experiment_id).name,
+        started_ms=sweep.info.start_time or 0,
+        commit=tags.get(TAG_GIT_COMMIT),
+        dirty=tags.get(TAG_GIT_DIRTY, "").lower() == "true",
+        machine=tags.get(TAG_MACHINE),
+        params=dict(sweep.data.params),
+        changed_params=_json_object(tags.get(TAG_CHANGED_PARAMS)),
     )
+
+
+def _json_object(value: str | None) -> dict[str, Any] | None:
+    try:
+        found = json.loads(value) if value else None
+    except ValueError:  # (a tag edited by hand, or "too many to tag")
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def _factors_param(value: str | None) -> list[int]:
@@ -195,6 +231,9 @@ def _row(client: mlflow.MlflowClient, factor: int, child: FactorEntry | None, im
     found = {stage: _get_run(client, run_id) for stage, run_id in child.runs.items()}
     row.runs = {stage: run.info.run_id for stage, run in found.items() if run is not None}
     ae, ldm, ev = (found.get(stage) for stage in ("autoencoder", "ldm", "evaluate"))
+    row.trained_in = {
+        stage: run.data.tags[TAG_PRECISION] for stage, run in found.items() if run and TAG_PRECISION in run.data.tags
+    }
     wall = []
     if ae is not None:
         m = ae.data.metrics
@@ -217,6 +256,8 @@ def _row(client: mlflow.MlflowClient, factor: int, child: FactorEntry | None, im
         for name in EVALUATE_METRICS:
             setattr(row, name, m.get(name))
         row.fid_extractor = ev.data.tags.get(TAG_FID_EXTRACTOR)
+        row.reference_split = ev.data.tags.get(TAG_REFERENCE_SPLIT)
+        row.n_samples, row.n_reference = (int(m[k]) if k in m else None for k in ("samples", "reference_images"))
         row.small_sample = ev.data.tags.get(TAG_SMALL_SAMPLE, "").lower() == "true"
         fid, speed = (_history(client, ev.info.run_id, k) for k in ("ddim_fid", "ddim_sample_img_per_s"))
         row.ddim = [(s, fid[s], speed[s]) for s in sorted(fid) if s in speed]

@@ -15,6 +15,7 @@ files belongs to the modules that write them.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -123,10 +124,12 @@ def precision_cache() -> Path:
     return STATE_DIR / "precision"
 
 
-def report_dir(sweep_run_id: str) -> Path:
-    """One sweep's report, named by its run id: never by its run name, which anyone can edit in
-    the MLflow UI (to ``../..`` or an absolute path)."""
-    return REPORTS_DIR / f"sweep-{sweep_run_id}"
+def report_dir(sweep_run_id: str, started_ms: int) -> Path:
+    """One sweep's report, named so that a listing sorts by date: the day the sweep started (UTC)
+    and its run id's first 8 characters (``reports/2026-12-05-sweep-0e350911``). Never by its run
+    name, which anyone can edit in the MLflow UI (to ``../..`` or an absolute path)."""
+    day = time.strftime("%Y-%m-%d", time.gmtime(started_ms / 1000))
+    return REPORTS_DIR / f"{day}-sweep-{sweep_run_id[:8]}"
 
 
 def lock_file(name: str) -> Path:

@@ -1,6 +1,6 @@
 """The sweep report, from MLflow alone: table, Figures 6/7, PSNR/FID vs f, samples, verdict.
 
-Written to ``reports/sweep-<sweep run id>/`` and logged to the sweep run under ``report/``;
+Written to ``reports/<date>-sweep-<run id's first 8>/`` and logged to the sweep run under ``report/``;
 ``latentlab report --run SWEEP_RUN_ID`` regenerates it at any time.
 """
 
@@ -36,7 +36,7 @@ def report_flow(sweep_run_id: str, experiment: str = "latentlab", log: bool = Tr
     run_of_stage(sweep_run_id, ("sweep",), "latentlab report --run")  # a clear error if it is not one
     with progress.phase("report"):
         summary = collect(sweep_run_id)
-        out_dir = workspace.report_dir(sweep_run_id)
+        out_dir = workspace.report_dir(sweep_run_id, summary.started_ms)
         path = write_report(summary, out_dir)
         if log:
             log_report(sweep_run_id, out_dir, summary)

@@ -103,6 +103,7 @@ def make_sweep(
             ev_tags = {
                 "latentlab.fid_extractor": (extractors or {}).get(f, EXTRACTOR),
                 "latentlab.small_sample": "true",
+                "latentlab.reference_split": "val",
             }
             ev_metrics = {
                 "fid": fid,
@@ -144,12 +145,16 @@ def built(store):
     return sweep, summary, path
 
 
-def _table_rows(text: str) -> dict[int, dict[str, str]]:
-    lines = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| f |")]
+def _table_rows(text: str, section: str = "## Results", columns: tuple = report.COLUMNS) -> dict[int, dict[str, str]]:
+    """The first table under ``section``, by f."""
+    lines = text.split(section + "\n", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| f |"))
     rows = {}
-    for line in lines:
+    for line in lines[start + 2 :]:
+        if not line.startswith("| "):
+            break
         cells = [c.strip() for c in line.strip("| ").replace("\\|", "¦").split(" | ")]
-        rows[int(cells[0])] = dict(zip(report.COLUMNS, cells, strict=True))
+        rows[int(cells[0])] = dict(zip(columns, cells, strict=True))
     return rows
 
 
@@ -164,11 +169,19 @@ def test_table_has_one_row_per_factor_with_the_recorded_numbers(built):
     assert [d[0] for d in eight.ddim] == [10, 20, 50] and eight.samples is not None
     text = path.read_text()
     assert "sweep-3f2a" in text and "abc123" in text and "equal steps: ae 400, ldm 2000 per factor" in text
+    assert text.index("## Verdict") < text.index("## Results") < text.index("## Provenance")  # the verdict first
     rows = _table_rows(text)
     assert sorted(rows) == [1, 4, 8, 32]
-    assert rows[8]["FID"].startswith("35.0") and rows[8]["PSNR"] == "24.00" and rows[8]["LDM steps"] == "2,000"
-    assert rows[8]["latent"] == "4x8x8" and rows[8]["wall time"] == "5.0 min" and rows[8]["FLOPs/step"] == "312 G"
-    assert rows[1]["PSNR"] == rows[1]["rFID"] == "—" and rows[1]["latent"] == "3x64x64"
+    assert rows[8]["FID ↓"].startswith("35.0") and rows[8]["PSNR ↑"] == "24.00" and rows[8]["LDM steps"] == "2,000"
+    assert rows[1]["PSNR ↑"] == rows[1]["rFID ↓"] == "—" and rows[1]["latent"] == "3x64x64"
+    assert rows[8]["latent"] == "4x8x8" and "lower is better" in text  # and a legend says what the columns are
+    ids = summary.rows[2].runs
+    assert rows[8]["runs"] == " ".join(  # each run linked to its page in the MLflow UI
+        f"[{short}](http://127.0.0.1:5000/#/experiments/{summary.experiment_id}/runs/{ids[stage]})"
+        for stage, short in (("autoencoder", "ae"), ("ldm", "ldm"), ("evaluate", "eval"))
+    )
+    cost = _table_rows(text, "## Cost", report.COST_COLUMNS)
+    assert cost[8]["training time"] == "5.0 min" and cost[8]["FLOPs/step"] == "312 G"
 
 
 def test_failed_factor_is_marked_and_left_blank(built):
@@ -176,7 +189,8 @@ def test_failed_factor_is_marked_and_left_blank(built):
     failed = summary.rows[3]
     assert failed.status.startswith("failed: CUDA out of memory") and failed.fid is None and failed.psnr == 18.0
     row = _table_rows(path.read_text())[32]
-    assert row["status"].startswith("failed: CUDA out of memory") and row["FID"] == "—" and row["latent"] == "—"
+    assert row["FID ↓"] == "—" and row["latent"] == "—"
+    assert "- f=32 did not finish: failed: CUDA out of memory \\| at step 3" in path.read_text()
 
 
 def test_verdict_names_lowest_fid_and_margins(built):
@@ -258,7 +272,7 @@ def test_verdict_says_which_differences_lie_outside_the_intervals(store):
     assert "f=8 vs f=4: not distinguishable at this budget (FID 35.0 [30.0, 40.0] vs 42.0 [37.5, 47.0])" in text
     assert "f=8 beats f=1: FID 35.0 [30.0, 40.0] vs 80.0 [70.0, 91.0]" in text
     row = _table_rows(report.write_report(summary, tmp / "ci_out").read_text())[8]
-    assert row["FID"].startswith("35.0 [30.0, 40.0]") and row["KID"] == "0.0200 [0.010, 0.030]"
+    assert row["FID ↓"].startswith("35.0 [30.0, 40.0]") and row["KID ↓"] == "0.0200 [0.010, 0.030]"
 
 
 def test_paper_shape_is_called_certain_only_when_every_interval_is_apart(store):
@@ -296,3 +310,46 @@ def test_seeds_give_mean_and_std_and_a_verdict_across_them(store):
     four_row = next(line for line in table if line.startswith("| 4 |"))
     fid_spread = f"{statistics.mean([42, 44, 30]):.1f} ± {statistics.stdev([42, 44, 30]):.1f} (n=3)"
     assert "| 0, 1, 2 |" in four_row and fid_spread in four_row and "42.0, 44.0, 30.0" in four_row
+
+
+def test_the_provenance_block_says_where_the_sweep_came_from_and_how_to_run_it_again(store):
+    client, exp, tmp = store
+    sweep = make_sweep(client, exp, tmp / "provenance")
+    changed = {
+        "sweep.factors": [1, 4, 8, 32],
+        "data.source": "folder",
+        "data.path": "/my images",
+        "ae.max_minutes": None,
+    }
+    for key, value in {
+        "mlflow.source.git.commit": "0123456789abcdef",
+        "latentlab.git_dirty": "true",
+        "latentlab.machine": "AMD EPYC [avx512_bf16], 2 cores, 24 GiB, no GPU",
+        "latentlab.changed_params": json.dumps(changed),
+    }.items():
+        client.set_tag(sweep, key, value)
+    summary = sweep_summary.collect(sweep, client)
+    for row in summary.rows[:3]:  # the finished factors
+        client.set_tag(row.runs["ldm"], "latentlab.precision", "bf16-mixed" if row.factor == 8 else "32-true")
+        for name, count in (("samples", 256.0), ("reference_images", 494.0)):
+            client.log_metric(row.runs["evaluate"], name, count)
+    summary = sweep_summary.collect(sweep, client)
+    text = report.write_report(summary, tmp / "provenance_out").read_text()
+    block = text.split("## Provenance\n", 1)[1].split("## Plots", 1)[0]
+    assert "commit `0123456789` with uncommitted changes" in block
+    assert "AMD EPYC [avx512_bf16], 2 cores, 24 GiB, no GPU" in block
+    assert "ldm 32-true (f=1, 4), bf16-mixed (f=8)" in block
+    assert "256 samples per factor against 494 reference images" in block and EXTRACTOR in block
+    assert "`abc123`" in block and "equal steps: ae 400, ldm 2000 per factor" in block
+    command = "latentlab sweep --set 'sweep.factors=[1, 4, 8, 32]' --set data.source=folder "
+    command += "--set 'data.path=/my images' --set ae.max_minutes=null"
+    assert f"`{command}`" in block  # one that the shell reads back to these parameters
+
+
+def test_report_folders_sort_by_date(store):
+    from components import workspace
+
+    day = time.mktime((2026, 12, 5, 12, 0, 0, 0, 0, 0)) * 1000
+    assert str(workspace.report_dir("0e3509111df240c994259141d02ee4b6", int(day))).endswith(
+        "reports/2026-12-05-sweep-0e350911"
+    )

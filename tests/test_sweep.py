@@ -256,7 +256,7 @@ KILL_POINTS = {
     "LDM training": lambda project: bool(list(project.glob(".latentlab/checkpoints/ldm-*/last.ckpt"))),
     "LDM publish": None,  # trained, nothing published
     "evaluation": lambda project: _running("evaluate", "eval-f4"),
-    "report": lambda project: any(project.glob("reports/sweep-*")),  # the sweep run still open
+    "report": lambda project: any(project.glob("reports/*-sweep-*")),  # the sweep run still open
 }
 
 
@@ -306,7 +306,7 @@ def test_a_sweep_killed_at_each_point_in_turn_finishes_with_each_run_once_and_no
     client = mlflow.MlflowClient()
     for model in client.search_registered_models():
         assert len(client.search_model_versions(f"name = '{model.name}'")) == 1, model.name
-    assert list(project.glob("reports/sweep-*/report.md"))  # and the report, whole
+    assert list(project.glob("reports/*-sweep-*/report.md"))  # and the report, whole
 
 
 def _flow_run_states(since: datetime.datetime) -> dict[str, set[str]]:
