@@ -10,6 +10,12 @@ class UserError(Exception):
     """Bad input or an unmet precondition the user can fix; the message says how."""
 
 
+class InfrastructureError(UserError):
+    """A service the platform relies on (the tracking store or server, its artifact store, the
+    Prefect server) failed or did not answer: nothing is wrong with the input; rerun when it
+    answers. The command line exits 3 on it, not 2."""
+
+
 class Reported(Exception):
     """A failure already logged where it happened (a sweep's factor): it ends its Prefect run
     Failed, and its traceback would add nothing to the logged message."""

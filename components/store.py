@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from components.contract import TAG_STAGE
-from components.errors import UserError
+from components.errors import InfrastructureError, UserError
 from components.workspace import TRACKING_DB
 
 DEFAULT_EXPERIMENT = "latentlab"
@@ -60,7 +60,8 @@ def redact(value: Any) -> Any:
 
 def check_store(uri: str | None = None) -> None:
     """Fail in seconds, naming the fix, when the tracking store cannot be used: a server that
-    does not answer (MLflow itself would retry for minutes) or a database file that is not one."""
+    does not answer (MLflow itself would retry for minutes) or a database file that is not one
+    (``InfrastructureError``)."""
     uri = uri or tracking_uri()
     if uri.startswith(("http://", "https://")):
         import requests
@@ -68,7 +69,7 @@ def check_store(uri: str | None = None) -> None:
         try:
             requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
         except requests.RequestException as exc:
-            raise UserError(
+            raise InfrastructureError(
                 f"The MLflow tracking server {redact(uri)} does not answer ({type(exc).__name__}): start it "
                 f"(see the README), or unset MLFLOW_TRACKING_URI to use {TRACKING_DB} in this directory."
             ) from None
@@ -79,10 +80,24 @@ def check_store(uri: str | None = None) -> None:
             with path.open("rb") as handle:
                 header = handle.read(16)
         if header and header != b"SQLite format 3\x00":
-            raise UserError(
+            raise InfrastructureError(
                 f"{path} is not an SQLite database, so it cannot be the MLflow store: move it aside "
                 "(a new one is created) or point MLFLOW_TRACKING_URI at the store you meant."
             )
+
+
+def check_prefect_server(api_url: str) -> None:
+    """Fail in seconds when the Prefect server at ``api_url`` (``PREFECT_API_URL``) does not
+    answer, instead of Prefect's own retries."""
+    import requests
+
+    try:
+        requests.get(api_url.rstrip("/") + "/health", timeout=5).raise_for_status()
+    except requests.RequestException as exc:
+        raise InfrastructureError(
+            f"The Prefect server {redact(api_url)} does not answer ({type(exc).__name__}): start it "
+            "(`prefect server start`) or point PREFECT_API_URL at one that runs."
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,16 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from components import progress, workspace
-from components.errors import Reported, UserError, store_failure
+from components.errors import InfrastructureError, Reported, UserError, store_failure
 from components.params import Params
 from components.presets import load_params
 from components.store import DEFAULT_EXPERIMENT
@@ -140,12 +142,13 @@ def cmd_ui(params: Params | None, args: argparse.Namespace) -> None:
     import socket
     import subprocess
 
-    from components.store import tracking_uri
+    from components.store import check_store, redact, tracking_uri
     from components.tracking import close_all_orphans
 
     uri = tracking_uri()
     if not uri.startswith("sqlite:") and "://" in uri and not uri.startswith("file:"):
-        raise UserError(f"MLFLOW_TRACKING_URI is the server {uri}: open it in a browser; `ui` serves local stores.")
+        raise UserError(f"MLFLOW_TRACKING_URI is the server {redact(uri)}: open it in a browser; `ui` serves local stores.")
+    check_store(uri)
     with socket.socket() as probe:
         try:
             probe.bind((args.host, args.port))
@@ -202,16 +205,7 @@ def _raise_interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
-def _require_prefect_server(command: str) -> None:
-    if not os.environ.get("PREFECT_API_URL"):
-        raise UserError(
-            f"{command} needs a Prefect server: start one (`prefect server start`) and set "
-            "PREFECT_API_URL=http://127.0.0.1:4200/api."
-        )
-
-
 def cmd_deploy(params: Params, args: argparse.Namespace) -> None:
-    _require_prefect_server("deploy")
     from flows.deployments import SWEEP_QUEUE, WORK_QUEUE, deploy
 
     names = deploy(
@@ -227,17 +221,25 @@ def cmd_deploy(params: Params, args: argparse.Namespace) -> None:
     console.print(f"  prefect worker start --pool {args.pool} --work-queue {SWEEP_QUEUE}   (one, anywhere)")
     console.print(f"  prefect worker start --pool {args.pool} --work-queue {WORK_QUEUE} --limit 1   (per machine)")
     console.print(f"  prefect deployment run sweep/{args.name}")
+    print("\n".join(names))
 
 
 def cmd_serve(params: Params, args: argparse.Namespace) -> None:
     from flows.pipeline import sweep_flow
 
-    _require_prefect_server("serve")
-    console.print(f"Serving the sweep deployment 'latentlab-sweep' (cron: {args.cron or 'none, run on demand'})")
+    console.print(
+        f"Serving deployment sweep/{args.name} (cron: {args.cron or 'none, run on demand'}); Ctrl-C stops it. "
+        f"Run it now: prefect deployment run sweep/{args.name}"
+    )
+    print(f"{sweep_flow.name}/{args.name}", flush=True)
     sweep_flow.serve(
-        name="latentlab-sweep",
+        name=args.name,
         cron=args.cron,
-        parameters={"params": params.model_dump(mode="json"), "experiment": args.experiment},
+        parameters={
+            "params": params.model_dump(mode="json"),
+            "experiment": args.experiment,
+            "fail_on_regression": args.fail_on_regression,
+        },
     )
 
 
@@ -269,69 +271,229 @@ def cmd_params(params: Params, args: argparse.Namespace) -> None:
         sys.stdout.write("\n".join(lines) + "\n")
 
 
-COMMANDS: dict[str, tuple[str, Callable[[Params, argparse.Namespace], None]]] = {
-    "data": ("Prepare, version (DVC) and record the dataset.", cmd_data),
-    "train-ae": ("Train (or reuse) the first-stage autoencoder for ae.factor.", cmd_train_ae),
-    "train-ldm": ("Train (or reuse) the latent diffusion model for ae.factor.", cmd_train_ldm),
-    "evaluate": ("FID, KID, precision/recall of a finished LDM run (--run).", cmd_evaluate),
-    "sweep": ("The main job: every factor in sweep.factors, compared in a report.", cmd_sweep),
-    "report": ("Regenerate a sweep's report from MLflow (--run).", cmd_report),
-    "reproduce": ("Retrain a recorded run from its data version and compare metrics.", cmd_reproduce),
-    "ui": ("The MLflow UI on 127.0.0.1 for this project's tracking store.", cmd_ui),
-    "deploy": ("Deploy the sweep, its factors and the stages to a Prefect work pool.", cmd_deploy),
-    "serve": ("Serve the sweep as a Prefect deployment (optionally on a cron schedule).", cmd_serve),
-    "params": ("Print the resolved parameters: each key, its value, where it came from, what it means.", cmd_params),
+def cmd_runs(params: Params | None, args: argparse.Namespace) -> None:
+    import mlflow
+
+    from components.recent_runs import age, recent
+    from components.store import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    found = recent(args.experiment, args.limit, args.stage)
+    if not found:
+        what = f"{args.stage} runs" if args.stage else "runs"
+        console.print(f"No {what} in experiment {args.experiment!r} yet: start with `latentlab sweep`.")
+        return
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("age", "status", "stage", "f", "FID", "PSNR", "run id", "name"):
+        table.add_column(column, no_wrap=True)
+    for run in found:
+        fid = "" if run.fid is None else f"{run.fid:.4g}"
+        psnr = "" if run.psnr is None else f"{run.psnr:.4g}"
+        table.add_row(age(run.started_ms), run.status, run.stage, run.factor, fid, psnr, run.run_id, run.name)
+    Console(width=200).print(table)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``latentlab`` command: what it does, prints and writes, and which options act on it."""
+
+    summary: str
+    handler: Callable[[Params | None, argparse.Namespace], None]
+    prints: str  # on stdout (progress and messages go to stderr)
+    writes: str
+    fails: str = ""  # what exit code 1 means for it ("": it never exits 1)
+    params: bool = True  # --params and --set act on it
+    flows: bool = True  # it runs Prefect flows (-v/-q act on it; the store is checked first)
+    experiment: bool = True  # --experiment acts on it
+    services: bool = True  # it talks to the tracking store or a server (exit code 3 when they fail)
+    options: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = ()
+
+
+RUN = (("--run",), {"required": True, "metavar": "RUN_ID", "help": "the run's id (latentlab runs, or the MLflow UI)"})
+REGRESSION_FLAG = (
+    ("--fail-on-regression",),
+    {
+        "action": "store_true",
+        "help": "exit 1 when a factor got worse than in the previous sweep on the same data and params",
+    },
+)
+CRON = (("--cron",), {"default": None, "help": "schedule the sweep, e.g. '0 3 * * *' (every night at 03:00)"})
+NAME = (("--name",), {"default": "latentlab", "help": "deployment name: sweep/NAME (default %(default)s)"})
+SWEEP_RUNS = "MLflow runs: data, and per factor autoencoder (f > 1), ldm and evaluate, nested under a sweep run"
+
+COMMANDS: dict[str, Command] = {
+    "data": Command(
+        "Prepare, version (DVC) and record the dataset.",
+        cmd_data,
+        "the data version (the md5 in data.dvc)",
+        "data/, data.dvc, a push to data.remote, a data run in MLflow",
+    ),
+    "train-ae": Command(
+        "Train (or reuse) the first-stage autoencoder for ae.factor.",
+        cmd_train_ae,
+        "the autoencoder run's id (nothing at f=1, which has none)",
+        "an autoencoder run with its checkpoint, metrics and registered model autoencoder-f<f>-<regularizer>",
+    ),
+    "train-ldm": Command(
+        "Train (or reuse) the latent diffusion model for ae.factor, and its autoencoder first.",
+        cmd_train_ldm,
+        "the LDM run's id",
+        "an ldm run (and its autoencoder run) with checkpoints, samples and a version of registered model ldm",
+    ),
+    "evaluate": Command(
+        "FID, KID, precision and recall, with intervals, of a finished LDM run.",
+        cmd_evaluate,
+        "the evaluate run's id",
+        "an evaluate run: metrics, samples.png, the DDIM curve",
+        options=(RUN,),
+    ),
+    "sweep": Command(
+        "The main job: every factor in sweep.factors, compared in a report.",
+        cmd_sweep,
+        "the sweep run's id",
+        f"{SWEEP_RUNS}; reports/<date>-sweep-<id>/report.md, also on the sweep run",
+        fails="a factor failed, or --fail-on-regression found one worse than before",
+        options=(REGRESSION_FLAG,),
+    ),
+    "report": Command(
+        "Write a sweep's report again, from MLflow alone.",
+        cmd_report,
+        "the report's path",
+        "reports/<date>-sweep-<id>/ (report.md and its plots), also logged to the sweep run",
+        params=False,
+        options=((("--run",), {**RUN[1], "metavar": "SWEEP_RUN_ID", "help": "a sweep run's id"}),),
+    ),
+    "reproduce": Command(
+        "Retrain a recorded autoencoder or LDM run from its data version and compare its metrics.",
+        cmd_reproduce,
+        "the reproduce run's id (the table of metrics goes to stderr)",
+        "a reproduce run and the retrained stage's run; data/ is left as it was",
+        fails="a metric lies outside reproduce.tolerance",
+        options=(
+            (RUN[0], {**RUN[1], "required": False}),  # (checked in main: the positional form counts too)
+            (("run_id",), {"nargs": "?", "help": argparse.SUPPRESS}),  # (the older positional form)
+            (("--allow-code-change",), {"action": "store_true", "help": "go on when the code differs from the run's"}),
+        ),
+    ),
+    "runs": Command(
+        "List sweeps and runs, newest first: age, status, stage, f, FID, PSNR, run id.",
+        cmd_runs,
+        "the table",
+        "nothing",
+        params=False,
+        flows=False,
+        options=(
+            (("--limit",), {"type": int, "default": 20, "help": "at most this many (default %(default)s)"}),
+            (("--stage",), {"choices": ("data", "autoencoder", "ldm", "evaluate", "sweep", "reproduce")}),
+        ),
+    ),
+    "ui": Command(
+        "The MLflow UI for this project's tracking store, on 127.0.0.1.",
+        cmd_ui,
+        "the address of the experiment's runs table",
+        "nothing (open runs left by a killed process are closed first)",
+        params=False,
+        flows=False,
+        options=(
+            (("--host",), {"default": "127.0.0.1", "help": "bind address (default loopback only: no authentication)"}),
+            (("--port",), {"type": int, "default": 5000, "help": "port (default %(default)s)"}),
+        ),
+    ),
+    "deploy": Command(
+        "Deploy the sweep, its factors and the stages to a Prefect work pool, for workers on any machine.",
+        cmd_deploy,
+        "the deployments' names, one per line",
+        "deployments <flow>/NAME and the work pool on the Prefect server (PREFECT_API_URL)",
+        options=(
+            NAME,
+            CRON,
+            REGRESSION_FLAG,
+            (("--pool",), {"default": "latentlab", "help": "Prefect process work pool, created if missing"}),
+        ),
+    ),
+    "serve": Command(
+        "Serve the sweep as a Prefect deployment from this process, until stopped.",
+        cmd_serve,
+        "the deployment's name",
+        "deployment sweep/NAME on the Prefect server (PREFECT_API_URL); each sweep as `latentlab sweep` does",
+        options=(NAME, CRON, REGRESSION_FLAG),
+    ),
+    "params": Command(
+        "Print the resolved parameters: each key, its value, where it came from, what it means.",
+        cmd_params,
+        "the table (a Markdown table with --markdown)",
+        "nothing",
+        flows=False,
+        experiment=False,
+        services=False,
+        options=((("--markdown",), {"action": "store_true", "help": "a Markdown table (docs/parameters.md)"}),),
+    ),
+}
+
+EXIT_CODES = {
+    0: "done",
+    1: "",  # the command's own ``fails``
+    2: "bad input or usage; nothing was recorded",
+    3: "the tracking store or server, its artifact store or the Prefect server failed; rerun when it answers",
+    130: "interrupted; finished work is kept, rerun to resume",
 }
 
 
-REGRESSION_FLAG = {
-    "action": "store_true",
-    "help": "fail (exit 1) when a factor got worse than in the previous sweep on the same data and params",
-}
-EXTRA_ARGUMENTS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
-    "evaluate": [(("--run",), {"required": True, "metavar": "RUN_ID", "help": "a finished train-ldm run"})],
-    "report": [(("--run",), {"required": True, "metavar": "SWEEP_RUN_ID", "help": "a sweep run"})],
-    "reproduce": [
-        (("run_id",), {"metavar": "RUN_ID", "help": "an autoencoder or ldm run"}),
-        (("--allow-code-change",), {"action": "store_true", "help": "proceed when the code differs from the run's"}),
-    ],
-    "ui": [
-        (("--host",), {"default": "127.0.0.1", "help": "bind address (default loopback only)"}),
-        (("--port",), {"type": int, "default": 5000}),
-    ],
-    "serve": [(("--cron",), {"default": None, "help": "schedule, e.g. '0 3 * * *'"})],
-    "sweep": [(("--fail-on-regression",), REGRESSION_FLAG)],
-    "params": [(("--markdown",), {"action": "store_true", "help": "a Markdown table (docs/parameters.md)"})],
-    "deploy": [
-        (("--fail-on-regression",), REGRESSION_FLAG),
-        (("--cron",), {"default": None, "help": "schedule the sweep, e.g. '0 3 * * *' (nightly)"}),
-        (("--pool",), {"default": "latentlab", "help": "Prefect process work pool (created if missing)"}),
-        (("--name",), {"default": "latentlab", "help": "deployment name: sweep/NAME, factor/NAME, ..."}),
-    ],
-}
-
-
-WITHOUT_PARAMS = ("ui",)  # commands no parameter acts on: a broken preset must not stop them
+def _epilog(command: Command) -> str:
+    applies = {0: True, 1: bool(command.fails), 2: True, 3: command.services, 130: command.flows}
+    codes = [
+        f"  {code:>3}  {command.fails if code == 1 else meaning}"
+        for code, meaning in EXIT_CODES.items()
+        if applies[code]
+    ]
+    stderr = "progress, results and messages" if command.flows else "messages"
+    return "\n".join(
+        [f"stdout:  {command.prints}", f"stderr:  {stderr}", f"writes:  {command.writes}", "exit codes:", *codes]
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latentlab", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="latentlab",
+        description=__doc__.splitlines()[0],
+        epilog="Each command's --help says what it prints, writes and its exit codes.",
+    )
     parser.add_argument("--version", action="version", version=f"latentlab {version('latentlab')}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_text, handler) in COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        if name not in WITHOUT_PARAMS:
-            sub.add_argument("--params", type=Path, default=None, help=f"YAML preset (default {workspace.PARAMS_FILE})")
-            sub.add_argument(
-                "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. ae.factor=8"
+    for name, command in COMMANDS.items():
+        sub = commands.add_parser(
+            name,
+            help=command.summary,
+            description=command.summary,
+            epilog=_epilog(command),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        # --params/--set are accepted everywhere (DESIGN.md's contract), shown only where they act
+        hidden = {} if command.params else {"help": argparse.SUPPRESS}
+        sub.add_argument(
+            "--params",
+            type=Path,
+            default=None,
+            **({"help": f"YAML preset (default {workspace.PARAMS_FILE})"} | hidden),
+        )
+        sub.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            **({"help": "override one parameter, e.g. ae.factor=8 (repeatable)"} | hidden),
+        )
+        if command.experiment:
+            sub.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default %(default)s)")
+        if command.flows:
+            loudness = sub.add_mutually_exclusive_group()
+            loudness.add_argument(
+                "-v", "--verbose", action="store_true", help="also Prefect's task lines and library logs"
             )
-        sub.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
-        loudness = sub.add_mutually_exclusive_group()
-        loudness.add_argument("-v", "--verbose", action="store_true", help="also Prefect's task lines and library logs")
-        loudness.add_argument("-q", "--quiet", action="store_true", help="only results, warnings and errors")
-        for flags, options in EXTRA_ARGUMENTS.get(name, []):
+            loudness.add_argument("-q", "--quiet", action="store_true", help="only results, warnings and errors")
+        for flags, options in command.options:
             sub.add_argument(*flags, **options)
-        sub.set_defaults(handler=handler)
+        sub.set_defaults(handler=command.handler)
     return parser
 
 
@@ -354,16 +516,26 @@ def _quiet_user_errors() -> None:
 RUN_STAGES = {"evaluate": ("ldm",), "report": ("sweep",), "reproduce": ("autoencoder", "ldm")}
 
 
-def _check_before_prefect(params: Params, args: argparse.Namespace) -> None:
-    """What can be checked without Prefect, whose server takes seconds to start: the tracking
-    store, an image folder, and the run a command names. A user error then ends in seconds."""
+def _check_services(params: Params, args: argparse.Namespace) -> None:
+    """What can be checked without Prefect, whose server takes seconds to start: the Prefect
+    server the command needs, the tracking store, an image folder, and the run a command names.
+    A user error or a dead service then ends in seconds."""
     from components.sources import require_folder
-    from components.store import check_run, check_store, glance
+    from components.store import check_prefect_server, check_run, check_store, glance
 
+    if args.command in ("serve", "deploy") and not os.environ.get("PREFECT_API_URL"):
+        raise UserError(
+            f"{args.command} needs a Prefect server: start one (`prefect server start`) and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api."
+        )
+    if os.environ.get("PREFECT_API_URL"):
+        check_prefect_server(os.environ["PREFECT_API_URL"])
+    if args.command in ("serve", "deploy"):
+        return  # (their runs start later, on workers with their own stores)
     check_store()
-    if params.data.source == "folder" and args.command not in ("report", "reproduce"):  # (these build no data)
-        require_folder(params.data.path)
-    run_id = getattr(args, "run", None) or getattr(args, "run_id", None)
+    if params is not None and params.data.source == "folder" and args.command not in ("report", "reproduce"):
+        require_folder(params.data.path)  # (those two build no data)
+    run_id = getattr(args, "run", None)
     if args.command in RUN_STAGES and run_id:
         command = f"latentlab {args.command}"
         seen = glance(run_id)
@@ -380,17 +552,33 @@ def _check_before_prefect(params: Params, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = COMMANDS[args.command]
+    if args.command == "reproduce":  # --run RUN_ID, as every command; the older positional still works
+        args.run = args.run or args.run_id
+        if not args.run:
+            console.print("[bold red]latentlab reproduce:[/] name the run: --run RUN_ID (see `latentlab runs`).")
+            return 2
     try:
-        params = (
-            None if args.command in WITHOUT_PARAMS else load_params(args.params or workspace.default_params(), args.set)
-        )
-        if args.command not in ("ui", "serve", "deploy", "params"):
-            _check_before_prefect(params, args)
-        _quiet_user_errors()
-        if args.command != "ui":  # (the one command without Prefect, whose logging this adjusts)
+        if command.params:
+            params = load_params(args.params or workspace.default_params(), args.set)
+        else:
+            params = None
+            if args.params or args.set:
+                console.print(f"latentlab {args.command}: --params and --set do not act on this command; ignored.")
+        if command.flows:
+            _check_services(params, args)
+            _quiet_user_errors()
             progress.configure(1 if args.verbose else -1 if args.quiet else 0)
+        elif args.command == "runs":
+            from components.store import check_store
+
+            check_store()
         args.handler(params, args)
+    except InfrastructureError as exc:
+        console.print(f"[bold red]latentlab {args.command}:[/] {exc}", highlight=False)
+        return 3
     except UserError as exc:
         console.print(f"[bold red]latentlab {args.command}:[/] {exc}", highlight=False)
         return 2
@@ -406,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
             "The run is marked FAILED and nothing unfinished is registered; rerun when it answers and the run resumes.",
             highlight=False,
         )
-        return 1
+        return 3
     return 0
 
 
