@@ -147,7 +147,9 @@ def cmd_ui(params: Params | None, args: argparse.Namespace) -> None:
 
     uri = tracking_uri()
     if not uri.startswith("sqlite:") and "://" in uri and not uri.startswith("file:"):
-        raise UserError(f"MLFLOW_TRACKING_URI is the server {redact(uri)}: open it in a browser; `ui` serves local stores.")
+        raise UserError(
+            f"MLFLOW_TRACKING_URI is the server {redact(uri)}: open it in a browser; `ui` serves local stores."
+        )
     check_store(uri)
     with socket.socket() as probe:
         try:
