@@ -21,6 +21,7 @@ from pytorch_lightning.strategies import DDPStrategy
 
 from components import progress
 from components.errors import UserError
+from components.machine import require_cuda
 from components.params import TrainingBudget
 
 LAST = "last.ckpt"
@@ -197,9 +198,12 @@ def _tensors_in(value) -> list[torch.Tensor]:
     return []
 
 
-def check_one_batch(images: int, budget: TrainingBudget, section: str) -> None:
-    """Refuse a train split smaller than one batch per training process: batches drop the
-    remainder, so it would train zero steps and still finish (and register) a model."""
+def check_trainable(images: int, budget: TrainingBudget, section: str) -> None:
+    """Refuse, before a run opens, what cannot train here: a GPU asked for on a machine without
+    one, or a train split smaller than one batch per training process (batches drop the
+    remainder, so it would train zero steps and still finish, and register, a model)."""
+    if budget.accelerator == "cuda":
+        require_cuda(section)
     if images // budget.devices < budget.batch_size:
         per_process = f" per process ({section}.devices={budget.devices})" if budget.devices > 1 else ""
         fits = max(1, images // budget.devices)

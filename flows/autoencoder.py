@@ -26,7 +26,7 @@ from components.params import Params
 from components.precision import decide
 from components.runs import precision_tags, recorded_precision, seeded_name
 from components.tracking import register_once
-from components.training import check_one_batch
+from components.training import check_trainable
 from flows.stage import DataVersion, Stage, StageRun, log, run_stage
 
 PREVIEW_IMAGES = 8
@@ -55,7 +55,7 @@ class AutoencoderStage(Stage):
     def prepare(self, resumed: Run | None) -> None:
         self.val = reference(self.extractor(), self.data.version, "val")
         self.images, _ = load_split(workspace.data_dir(), "train")
-        check_one_batch(len(self.images), self.params.ae, "ae")
+        check_trainable(len(self.images), self.params.ae, "ae")
         self.precision = (resumed and recorded_precision(resumed.data.tags)) or decide(
             self.params.ae.precision, "autoencoder"
         )

@@ -514,6 +514,7 @@ def _quiet_user_errors() -> None:
         logging.getLogger(name).addFilter(drop)
 
 
+TRAINS = ("train-ae", "train-ldm", "sweep")  # the commands that train here, on these params
 # The stage of the run each command names (``--run`` or the positional run id).
 RUN_STAGES = {"evaluate": ("ldm",), "report": ("sweep",), "reproduce": ("autoencoder", "ldm")}
 
@@ -535,6 +536,12 @@ def _check_services(params: Params, args: argparse.Namespace) -> None:
     if args.command in ("serve", "deploy"):
         return  # (their runs start later, on workers with their own stores)
     check_store()
+    if args.command in TRAINS:  # (a GPU preset on a machine without one, before any data is built)
+        from components.machine import require_cuda
+
+        for section in ("ae", "ldm"):
+            if getattr(params, section).accelerator == "cuda":
+                require_cuda(section)
     if params is not None and params.data.source == "folder" and args.command not in ("report", "reproduce"):
         require_folder(params.data.path)  # (those two build no data)
     run_id = getattr(args, "run", None)

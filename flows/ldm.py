@@ -43,7 +43,7 @@ from components.params import Params
 from components.precision import decide
 from components.runs import precision_tags, recorded_precision, seeded_name
 from components.tracking import log_metrics, register_once
-from components.training import check_one_batch
+from components.training import check_trainable
 from flows.stage import DataVersion, Stage, log
 
 
@@ -92,7 +92,7 @@ class LDMStage(Stage):
             max_text_tokens=params.ldm.max_text_tokens,
             seed=params.seed,
         )
-        check_one_batch(len(self.latents["train"]), params.ldm, "ldm")
+        check_trainable(len(self.latents["train"]), params.ldm, "ldm")
         self.split = reference_split(params.eval)
         self.real = reference(self.extractor(), self.data.version, self.split, self.conditioning.cond[self.split])
         self.shape = self.stage.latent_shape(params.data.resolution)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from components.errors import UserError
@@ -87,3 +88,49 @@ def test_version_is_the_installed_packages(repo, cli):
 
     done = cli(repo, "--version")
     assert done.returncode == 0 and done.stdout.strip() == f"latentlab {version('latentlab')}"
+
+
+GPU_AT_TINY_SIZE = [  # params/gpu.yaml's shapes (levels, blocks, attention, losses) at widths and sizes a CPU trains in seconds
+    "ae.accelerator=auto",
+    "ldm.accelerator=auto",
+    "data.resolution=32",
+    "data.max_per_class=6",
+    "data.val_fraction=0.3",
+    "ae.factor=4",
+    "ae.base_channels=8",
+    "ae.batch_size=4",
+    "ae.max_steps=2",
+    "ae.max_minutes=null",
+    "ae.checkpoint_every=1",
+    "ae.image_every=2",
+    "ldm.widths=[16, 16, 32, 32]",
+    "ldm.batch_size=4",
+    "ldm.max_steps=2",
+    "ldm.max_minutes=null",
+    "ldm.checkpoint_every=1",
+    "ldm.image_every=2",
+    "ldm.sample_steps=2",
+    "ldm.samples_per_class=1",
+    "ldm.fid_samples=8",
+    "ldm.fid_sample_steps=2",
+    "eval.extractor_steps=20",
+]
+
+
+def test_the_gpu_preset_trains_on_a_cpu_at_tiny_size(project, repo, cli):
+    gpu = str(repo / "params/gpu.yaml")
+    refused = cli(project, "train-ldm", "--params", gpu)  # no GPU here: said at once, before any work
+    message = " ".join(refused.stderr.split())
+    assert refused.returncode == 2 and "ae.accelerator=cuda, but this machine has no CUDA GPU" in message
+    assert "--set ae.accelerator=auto" in message and not (project / "data").exists()
+
+    overrides = [word for setting in GPU_AT_TINY_SIZE for word in ("--set", setting)]
+    done = cli(project, "train-ldm", "--params", gpu, *overrides)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    run = client.get_run(done.stdout.split()[-1])
+    ae = client.get_run(run.data.tags["latentlab.ae_run_id"])
+    assert run.data.params["ldm.layers_per_block"] == "2" and run.data.params["ldm.attention_max_size"] == "32"
+    assert run.data.params["ldm.ema_decay"] == "0.9999" and run.data.tags["latentlab.latent_shape"].endswith("8x8")
+    assert ae.data.params["ae.pixel_loss"] == "l1" and ae.data.params["ae.layers_per_block"] == "2"
+    assert run.data.metrics["steps"] == 2 and ae.data.metrics["steps"] == 2
