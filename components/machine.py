@@ -13,8 +13,6 @@ from pathlib import Path
 
 import torch
 
-from components.errors import UserError
-
 BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")  # x86 AMX and AVX-512; ``bf16`` is ARM's (Features)
 NO_BF16 = "no bf16"  # in a processor_id, where it has none of them
 
@@ -43,12 +41,3 @@ def describe() -> str:
         parts.append(f"{memory:.0f} GiB")
     parts.append(", ".join(gpus) if gpus else "no GPU")
     return ", ".join(parts)
-
-
-def require_cuda(section: str) -> None:
-    """``<section>.accelerator=cuda`` needs a CUDA GPU that PyTorch can use on this machine."""
-    if not torch.cuda.is_available():
-        raise UserError(
-            f"{section}.accelerator=cuda, but this machine has no CUDA GPU that PyTorch can use: run it where "
-            f"there is one, or --set {section}.accelerator=auto (a GPU if any, else the CPU)."
-        )

@@ -21,7 +21,6 @@ from pytorch_lightning.strategies import DDPStrategy
 
 from components import progress
 from components.errors import UserError
-from components.machine import require_cuda
 from components.params import TrainingBudget
 
 LAST = "last.ckpt"
@@ -196,6 +195,15 @@ def _tensors_in(value) -> list[torch.Tensor]:
     if isinstance(value, list | tuple):
         return [t for item in value for t in _tensors_in(item)]
     return []
+
+
+def require_cuda(section: str) -> None:
+    """``<section>.accelerator=cuda`` needs a CUDA GPU that PyTorch can use on this machine."""
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"{section}.accelerator=cuda, but this machine has no CUDA GPU that PyTorch can use: run it where "
+            f"there is one, or --set {section}.accelerator=auto (a GPU if any, else the CPU)."
+        )
 
 
 def check_trainable(images: int, budget: TrainingBudget, section: str) -> None:

@@ -122,7 +122,7 @@ def cmd_report(params: Params, args: argparse.Namespace) -> None:
 def cmd_reproduce(params: Params, args: argparse.Namespace) -> None:
     from flows.reproduce import reproduce_flow
 
-    result = reproduce_flow(params, args.run_id, experiment=args.experiment, allow_code_change=args.allow_code_change)
+    result = reproduce_flow(params, args.run, experiment=args.experiment, allow_code_change=args.allow_code_change)
     table = Table(title=f"Reproduction of {result.original_run_id} (run {result.run_id})")
     for column in ("metric", "original", "reproduced", "relative difference"):
         table.add_column(column)
@@ -279,8 +279,10 @@ def cmd_runs(params: Params | None, args: argparse.Namespace) -> None:
     from components.recent_runs import age, recent
     from components.store import tracking_uri
 
-    mlflow.set_tracking_uri(tracking_uri())
-    found = recent(args.experiment, args.limit, args.stage)
+    uri = tracking_uri()
+    fresh = uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
+    mlflow.set_tracking_uri(uri)
+    found = [] if fresh else recent(args.experiment, args.limit, args.stage)  # (a fresh store is not created)
     if not found:
         what = f"{args.stage} runs" if args.stage else "runs"
         console.print(f"No {what} in experiment {args.experiment!r} yet: start with `latentlab sweep`.")
@@ -537,7 +539,7 @@ def _check_services(params: Params, args: argparse.Namespace) -> None:
         return  # (their runs start later, on workers with their own stores)
     check_store()
     if args.command in TRAINS:  # (a GPU preset on a machine without one, before any data is built)
-        from components.machine import require_cuda
+        from components.training import require_cuda  # (loads Lightning: only for a cuda preset)
 
         for section in ("ae", "ldm"):
             if getattr(params, section).accelerator == "cuda":
