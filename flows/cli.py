@@ -234,15 +234,16 @@ def cmd_serve(params: Params, args: argparse.Namespace) -> None:
         f"Run it now: prefect deployment run sweep/{args.name}"
     )
     print(f"{sweep_flow.name}/{args.name}", flush=True)
-    sweep_flow.serve(
-        name=args.name,
-        cron=args.cron,
-        parameters={
-            "params": params.model_dump(mode="json"),
-            "experiment": args.experiment,
-            "fail_on_regression": args.fail_on_regression,
-        },
-    )
+    with contextlib.redirect_stdout(sys.stderr):  # Prefect's banner and the runs' output: stdout keeps the name
+        sweep_flow.serve(
+            name=args.name,
+            cron=args.cron,
+            parameters={
+                "params": params.model_dump(mode="json"),
+                "experiment": args.experiment,
+                "fail_on_regression": args.fail_on_regression,
+            },
+        )
 
 
 PARAMETERS_HEADER = """# Parameters
