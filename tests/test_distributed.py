@@ -16,7 +16,7 @@ from components.diffusion import LatentDiffusionModule
 from components.errors import UserError
 from components.ldm_training import train_ldm
 from components.params import LDMParams
-from components.training import LAST, check_one_batch
+from components.training import LAST, check_trainable
 from flows.pipeline import ldm_flow
 
 
@@ -57,9 +57,9 @@ def test_a_process_that_cannot_start_fails_the_training_at_once_with_its_output(
 
 def test_each_process_needs_a_whole_batch():
     ldm = LDMParams(batch_size=8, devices=2)
-    check_one_batch(16, ldm, "ldm")
+    check_trainable(16, ldm, "ldm")
     with pytest.raises(UserError, match=r"fewer than ldm.batch_size=8 per process \(ldm.devices=2\).*batch_size=7"):
-        check_one_batch(15, ldm, "ldm")
+        check_trainable(15, ldm, "ldm")
 
 
 @pytest.mark.slow
