@@ -113,7 +113,8 @@ def test_sweep_marks_a_failed_factor_redoes_only_it_then_reuses_everything(proje
     assert client.get_model_version_by_alias("ldm", "f4").run_id == f4
     assert set(client.get_registered_model("ldm").aliases) <= {"f4", "best"}
 
-    report = project / "reports" / f"sweep-{sweep.info.run_id}"
+    report = project / result.report.parent  # (relative to the project)
+    assert report.parent == project / "reports" and report.name.endswith(f"-sweep-{sweep.info.run_id[:8]}")
     text = (report / "report.md").read_text()
     assert "| 1 |" in text and "| 4 |" in text and "Verdict" in text
     assert all((report / name).stat().st_size > 0 for name in ("fid_vs_step.png", "fid_vs_throughput.png"))
@@ -170,7 +171,7 @@ def test_sweep_repeats_each_factor_per_seed_and_reports_the_spread(project, tiny
     extractors = {r.data.tags["latentlab.fid_extractor"] for r in evaluations}
     assert len(extractors) == 1  # every seed is scored by the same network
     assert evaluations[0].data.metrics["fid"] != evaluations[1].data.metrics["fid"]
-    text = (project / "reports" / f"sweep-{sweep.info.run_id}" / "report.md").read_text()
+    text = (project / result.report).read_text()
     assert "## Across seeds" in text and "Across 2 seeds the lowest mean FID is f=4" in text
 
 
