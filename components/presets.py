@@ -68,7 +68,10 @@ def layers(path: Path) -> list[tuple[Path, dict[str, Any]]]:
     default = workspace.default_params()
     while True:
         if chain and not path.is_file():
-            raise UserError(f"{path} does not exist (named by `extends` in {chain[0][0]}): fix that key.")
+            raise UserError(
+                f"{path} does not exist (named by `extends` in {chain[0][0]}, relative to that file's folder): "
+                "fix that key, or leave it out to extend params/default.yaml."
+            )
         values = read_preset(path)
         if any(path.resolve() == seen.resolve() for seen, _ in chain):
             raise UserError(f"Parameter file {path} extends itself (through {chain[-1][0]}): break the `extends` loop.")
