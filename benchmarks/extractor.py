@@ -3,9 +3,12 @@
     python benchmarks/extractor.py [--steps 600 3000] [--labels group subgroup]
 
 Run where ``latentlab data`` built the default dataset (data/). For each (labels, steps) the
-extractor trains on the train split exactly as the platform trains it, then:
+extractor trains on the train split exactly as the platform trains it (whole images at the data's
+resolution, ``features.train_domain_extractor``'s defaults), then:
 
-- held-out accuracy: on the val split, against the same labels (chance = 1/classes);
+- held-out scores on the val split, against the same labels: top-1 accuracy, balanced accuracy
+  (mean per-class recall; chance = 1/classes) and the majority-class rate, what always answering
+  the most common class scores and what top-1 accuracy must beat (val is imbalanced);
 - class collapse: FID of "generated" sets drawn from the train split that keep only k of the
   11 Unicode groups (the most frequent first, sampled to a fixed N), against the val split.
   A feature network that sees content gives an FID that grows as classes go missing.
@@ -97,7 +100,7 @@ def main(steps_list: list[int], label_kinds: list[str]) -> list[dict]:
                 "classes": len(classes),
                 "steps": steps,
                 "train_s": round(seconds, 1),
-                "val_accuracy": round(features.held_out_accuracy(state, val, y_val), 3),
+                **{f"val_{k}": round(v, 3) for k, v in features.held_out_scores(state, val, y_val).items()},
                 "collapse_fid": {k: round(v, 2) for k, v in fids.items()},
                 "monotone": all(fids[a] <= fids[b] for a, b in zip(KEEP, KEEP[1:], strict=False)),
             }
@@ -108,15 +111,16 @@ def main(steps_list: list[int], label_kinds: list[str]) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     head = (
-        "| labels | classes | steps | train s | val accuracy | "
+        "| labels | classes | steps | train s | val accuracy | balanced accuracy | majority rate | "
         + " | ".join(f"FID keep {k}" for k in KEEP)
         + " | monotone |"
     )
-    lines = [head, "|" + "---|" * (6 + len(KEEP))]
+    lines = [head, "|" + "---|" * (8 + len(KEEP))]
     for r in rows:
         fids = " | ".join(f"{r['collapse_fid'][k]:.2f}" for k in KEEP)
+        scores = f"{r['val_accuracy']:.1%} | {r['val_balanced_accuracy']:.1%} | {r['val_majority_rate']:.1%}"
         lines.append(
-            f"| {r['labels']} | {r['classes']} | {r['steps']} | {r['train_s']} | {r['val_accuracy']:.1%} | {fids} | {r['monotone']} |"
+            f"| {r['labels']} | {r['classes']} | {r['steps']} | {r['train_s']} | {scores} | {fids} | {r['monotone']} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -74,12 +74,22 @@ class ExtractorStage(Stage):
             images, labels, len(self.classes), steps=steps, log=lambda step, metrics: log_metrics(run_id, metrics, step)
         )
         # Its training time, as the autoencoder and LDM runs record theirs.
-        metrics = {"extractor_val_acc": features.held_out_accuracy(state, val_images, val_labels)}
-        log_metrics(run_id, metrics | {"wall_time_s": time.perf_counter() - started}, steps)
+        seconds = time.perf_counter() - started
+        scores = features.held_out_scores(state, val_images, val_labels)
+        metrics = {
+            "extractor_val_acc": scores["accuracy"],
+            "extractor_val_balanced_acc": scores["balanced_accuracy"],  # mean per-class recall
+            "extractor_val_majority_rate": scores["majority_rate"],  # what always answering one class scores
+        }
+        log_metrics(run_id, metrics | {"wall_time_s": seconds}, steps)
         log.info(
-            "Domain extractor: %.1f %% held-out accuracy on %d classes",
-            100 * metrics["extractor_val_acc"],
+            "Domain extractor: %.1f %% held-out accuracy (majority class %.1f %% of val), balanced accuracy "
+            "%.1f %% on %d classes (chance %.1f %%)",
+            100 * scores["accuracy"],
+            100 * scores["majority_rate"],
+            100 * scores["balanced_accuracy"],
             len(self.classes),
+            100 / len(self.classes),
         )
         workspace.write_atomically(self.local, lambda partial: save_file(state, partial))
 

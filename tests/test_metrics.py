@@ -1,12 +1,14 @@
 """Sample metrics prove themselves: FID against an independent formula, FID against known
 disturbances (Heusel et al. 2017, Fig. 1-3), the reference cache, the Inception path offline.
 
-Real images: OpenMoji emoji rendered offline at 32 px, split three ways by a name hash
+Real images: OpenMoji emoji rendered offline at 64 px, the default data's resolution (the domain
+extractor trains and scores at the images' own resolution), split three ways by a name hash
 (extractor training / val / a disjoint holdout of the same distribution).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import urllib.error
@@ -29,24 +31,37 @@ from components.features import (
     INCEPTION_ENV,
     CNNFeatureExtractor,
     Extractor,
+    SmallCNN,
+    balanced_accuracy,
     extractor_from_file,
+    held_out_scores,
     inception_extractor,
     inception_skeleton,
+    majority_rate,
     train_domain_extractor,
 )
 from components.metrics import reference_name, sample_metrics
 from components.sources import limit_per_class, openmoji_items
 
-SIZE = 32
+SIZE = 64  # params/default.yaml data.resolution
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
-    """One intra-op thread: this module's 32-px work gains little from two, and on a shared 2-core
-    machine two threads spin against other processes (measured 3x slower under load)."""
+    """One intra-op thread for torch and for numpy's BLAS: this module's small batches and 128-d
+    FID/KID matrices gain little from two, and on a shared 2-core machine two threads spin against
+    other processes (measured under load: torch 3x slower; OpenBLAS made the class-collapse test's
+    KID kernels and FID eigenvalues 17x slower, 57 s against 3.4 s)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    try:
+        from threadpoolctl import threadpool_limits  # scikit-learn's, in constraints.txt
+    except ImportError:  # pragma: no cover
+        blas = contextlib.nullcontext()
+    else:
+        blas = threadpool_limits(1, user_api="blas")
+    with blas:
+        yield
     torch.set_num_threads(threads)
 
 
@@ -137,8 +152,9 @@ def _salt_and_pepper(x: torch.Tensor, level: float) -> torch.Tensor:
 def _black_rectangles(x: torch.Tensor, level: float) -> torch.Tensor:
     """Five rectangles per image at fixed random centres, side = level x image side."""
     g = torch.Generator().manual_seed(3)
-    centres = torch.randint(0, SIZE, (x.shape[0], 5, 2), generator=g)
-    half = round(level * SIZE / 2)
+    size = x.shape[-1]
+    centres = torch.randint(0, size, (x.shape[0], 5, 2), generator=g)
+    half = round(level * size / 2)
     out = x.clone()
     for i in range(x.shape[0]):
         for cy, cx in centres[i].tolist():
@@ -148,7 +164,7 @@ def _black_rectangles(x: torch.Tensor, level: float) -> torch.Tensor:
 
 def _swirl(x: torch.Tensor, level: float) -> torch.Tensor:
     """skimage-style swirl: rotation angle = level * exp(-r / radius) around the centre."""
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, SIZE), torch.linspace(-1, 1, SIZE), indexing="ij")
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, x.shape[-2]), torch.linspace(-1, 1, x.shape[-1]), indexing="ij")
     r, theta = torch.sqrt(xs**2 + ys**2), torch.atan2(ys, xs)
     theta = theta + level * torch.exp(-r / 0.5)
     grid = torch.stack([r * torch.cos(theta), r * torch.sin(theta)], -1).expand(x.shape[0], -1, -1, -1)
@@ -336,6 +352,35 @@ def test_domain_extractor_learns(domain, emoji):
     assert log[-1][1]["extractor_acc"] > 3 / classes  # class-balanced batches: chance is 1 / classes
     assert log[-1][1]["extractor_loss"] < log[0][1]["extractor_loss"]
     assert extractor.has_logits and extractor.tag.startswith(f"{EXTRACTOR}:")
+    # On held-out images at the resolution it trained at: per-class recall well above chance,
+    # and top-1 above what always answering the most common class would score.
+    scores = held_out_scores(load_file(extractor.weights_path), emoji["val"], emoji["val_labels"])
+    assert scores["balanced_accuracy"] > 3 / classes, scores
+    assert scores["accuracy"] > 2 * scores["majority_rate"], scores
+
+
+def test_domain_extractor_trains_on_whole_images(emoji, monkeypatch):
+    """Training batches have the images' own size: the network learns content at the pixel
+    scale FID later scores whole images at (no down-cropping)."""
+    seen: set[tuple[int, ...]] = set()
+    forward = SmallCNN.forward
+    monkeypatch.setattr(SmallCNN, "forward", lambda self, x: (seen.add(tuple(x.shape[1:])), forward(self, x))[1])
+    images, labels = emoji["train"][:64], emoji["train_labels"][:64]
+    train_domain_extractor(images, labels, int(emoji["classes"]), steps=2, batch_size=16)
+    assert seen == {(3, SIZE, SIZE)}
+
+
+def test_balanced_accuracy_on_a_known_case():
+    """Recalls 2/3, 1/1 and 1/2 over the classes present (class 3 is only ever predicted, -1 is
+    no class): balanced accuracy 13/18, top-1 4/7, majority rate 3/7."""
+    labels = torch.tensor([0, 0, 0, 1, 2, 2, -1])
+    predicted = torch.tensor([0, 0, 3, 1, 2, 0, 1])
+    assert balanced_accuracy(predicted, labels) == pytest.approx(13 / 18)
+    assert majority_rate(labels) == pytest.approx(3 / 7)
+    # Always answering the majority class: top-1 = majority rate, balanced = 1 / classes present.
+    assert balanced_accuracy(torch.zeros(7, dtype=torch.long), labels) == pytest.approx(1 / 3)
+    assert balanced_accuracy(labels.clamp(min=0), labels) == 1.0
+    assert balanced_accuracy(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)) == 0.0
 
 
 def test_domain_extractor_training_is_deterministic(emoji):
@@ -349,15 +394,24 @@ def test_domain_extractor_training_is_deterministic(emoji):
 
 
 def test_domain_fid_rises_as_classes_go_missing(emoji, domain):
-    """Class collapse: "generated" sets of 200 holdout images from only the k most common groups
-    (k = all 11, 5, 2, 1), against val. A network that sees content, not just colour statistics,
-    scores each loss of classes worse (the issue measured 0.13, 8.4, 6.2, 8.4 for 10, 5, 2, 1)."""
+    """Class collapse: "generated" sets of 200 holdout images (drawn with replacement, mean of 4
+    draws) from only the k most common classes, against val. A network that sees content, not
+    just colour statistics, scores each loss of classes worse.
+
+    The issue's "10, 5, 2, 1" starts from every class: its "10" counted OpenMoji's 10 Unicode
+    groups, and its 10-class FID (0.13) was the same-distribution floor. These emoji have 11
+    classes, the 10 groups plus OpenMoji's extras, so k = all 11, 5, 2, 1. Dropping a single
+    class is not a step this test can see: measured at 64 px over 8 draws, keeping the 10 most
+    common classes gave 1.09 and the 10 Unicode groups 1.01, against 1.19 for all 11 (+-0.2)."""
     extractor, _ = domain
     labels = emoji["holdout_labels"]
-    by_size = torch.bincount(labels).argsort(descending=True)
+    by_size = torch.bincount(labels).argsort(descending=True, stable=True)
     fids = {}
-    for keep in (11, 5, 2, 1):
+    for keep in (int(emoji["classes"]), 5, 2, 1):
         pool = torch.nonzero(torch.isin(labels, by_size[:keep])).squeeze(1)
-        pick = pool[torch.randint(len(pool), (200,), generator=torch.Generator().manual_seed(0))]
-        fids[keep] = sample_metrics(emoji["val"], emoji["holdout"][pick], extractor, prc=False)["fid"]
-    assert fids[11] < fids[5] < fids[2] < fids[1], fids
+        draws = [pool[torch.randint(len(pool), (200,), generator=torch.Generator().manual_seed(d))] for d in range(4)]
+        fids[keep] = (
+            sum(sample_metrics(emoji["val"], emoji["holdout"][p], extractor, prc=False)["fid"] for p in draws) / 4
+        )
+    values = list(fids.values())
+    assert all(a < b for a, b in zip(values, values[1:], strict=False)), fids
