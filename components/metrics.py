@@ -82,27 +82,8 @@ def sample_metrics(
             raise ValueError(f"{what} images must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
         if len(images) < MIN_SAMPLES:
             raise UserError(f"FID-type metrics need at least {MIN_SAMPLES} {what} images, got {len(images)}.")
-    if (reference is None) != (cache_dir is None):
-        raise ValueError("caching the reference features needs both reference and cache_dir")
+    inputs = _fidelity_inputs(real, fake, extractor, reference, cache_dir)
     isc = isc and extractor.has_logits
-    cached = reference is not None
-    if cached:
-        _check_cache(Path(cache_dir), f"{reference}-{extractor.name}-")
-    if extractor.name == INCEPTION and extractor.weights_path is not None:
-        check_inception_weights(Path(extractor.weights_path))  # again: the file may have changed since
-    inputs = dict(
-        input1=_Images(fake),
-        input2=_Images(real),
-        feature_extractor=extractor.name,
-        feature_extractor_weights_path=extractor.weights_path,
-        cuda=torch.cuda.is_available(),
-        cache=cached,
-        cache_root=str(cache_dir) if cached else None,
-        input2_cache_name=reference if cached else None,
-        save_cpu_ram=True,  # no loader worker processes for in-memory tensors
-        verbose=False,
-        batch_size=64,
-    )
     try:
         result = torch_fidelity.calculate_metrics(
             **inputs,
@@ -132,11 +113,50 @@ def sample_metrics(
     if isc:
         out |= {"isc_mean": float(result["inception_score_mean"]), "isc_std": float(result["inception_score_std"])}
     if bootstrap:
-        if cached:
-            _check_cache(Path(cache_dir), f"{reference}-{extractor.name}-")
-        real_features, fake_features = _features(inputs, cached)
+        real_features, fake_features = feature_sets(real, fake, extractor, reference=reference, cache_dir=cache_dir)
         out |= bootstrap_intervals(real_features, fake_features, rounds=bootstrap, confidence=confidence, seed=seed)
     return out
+
+
+def _fidelity_inputs(
+    real: torch.Tensor, fake: torch.Tensor, extractor: Extractor, reference: str | None, cache_dir: Path | None
+) -> dict[str, Any]:
+    """torch-fidelity's arguments for ``fake`` against ``real``, after checking what it will load."""
+    if (reference is None) != (cache_dir is None):
+        raise ValueError("caching the reference features needs both reference and cache_dir")
+    cached = reference is not None
+    if cached:
+        _check_cache(Path(cache_dir), f"{reference}-{extractor.name}-")
+    if extractor.name == INCEPTION and extractor.weights_path is not None:
+        check_inception_weights(Path(extractor.weights_path))  # again: the file may have changed since
+    return dict(
+        input1=_Images(fake),
+        input2=_Images(real),
+        feature_extractor=extractor.name,
+        feature_extractor_weights_path=extractor.weights_path,
+        cuda=torch.cuda.is_available(),
+        cache=cached,
+        cache_root=str(cache_dir) if cached else None,
+        input2_cache_name=reference if cached else None,
+        save_cpu_ram=True,  # no loader worker processes for in-memory tensors
+        verbose=False,
+        batch_size=64,
+    )
+
+
+def feature_sets(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    extractor: Extractor,
+    *,
+    reference: str | None = None,
+    cache_dir: Path | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real and fake sets' FID features [N, d], as torch-fidelity computes them (the real
+    set's from the cache named ``reference`` when given): what every interval and the sweep's
+    verdict resample."""
+    inputs = _fidelity_inputs(real, fake, extractor, reference, cache_dir)
+    return _features(inputs, reference is not None)
 
 
 def _features(inputs: dict, cached: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,19 +181,25 @@ def kid_of_features(real: np.ndarray, fake: np.ndarray) -> float:
     return _weighted_mmd2(*kernels, np.ones(len(real)), np.ones(len(fake)))
 
 
+def kid_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """KID's kernel between two feature sets: torch-fidelity's cubic polynomial (x.y / d + 1)^3."""
+    return kernel_poly(a, b, kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1)
+
+
 def _kid_kernels(real: np.ndarray, fake: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    options = {"kid_kernel_poly_degree": 3, "kid_kernel_poly_gamma": None, "kid_kernel_poly_coef0": 1}
-    return tuple(kernel_poly(a, b, **options) for a, b in ((real, real), (fake, fake), (real, fake)))
+    return kid_kernel(real, real), kid_kernel(fake, fake), kid_kernel(real, fake)
+
+
+def within_pairs(k: np.ndarray, c: np.ndarray) -> float:
+    """Mean kernel over the distinct pairs of a set that holds image i ``c[i]`` times: pairs of
+    copies of one image are left out like the diagonal, so a bootstrap resample is not biased up
+    by its repeats."""
+    return float((c @ k @ c - (c**2) @ np.diag(k)) / (c.sum() ** 2 - (c**2).sum()))
 
 
 def _weighted_mmd2(k_rr: np.ndarray, k_ff: np.ndarray, k_rf: np.ndarray, c_r: np.ndarray, c_f: np.ndarray) -> float:
-    """Unbiased MMD^2 of sets that hold image i ``c[i]`` times: pairs of copies of one image are
-    left out like the diagonal, so a bootstrap resample is not biased up by its repeats."""
-
-    def within(k: np.ndarray, c: np.ndarray) -> float:
-        return (c @ k @ c - (c**2) @ np.diag(k)) / (c.sum() ** 2 - (c**2).sum())
-
-    return float(within(k_rr, c_r) + within(k_ff, c_f) - 2 * (c_r @ k_rf @ c_f) / (c_r.sum() * c_f.sum()))
+    """Unbiased MMD^2 of sets that hold image i ``c[i]`` times (``within_pairs``)."""
+    return within_pairs(k_rr, c_r) + within_pairs(k_ff, c_f) - 2 * float(c_r @ k_rf @ c_f) / (c_r.sum() * c_f.sum())
 
 
 def bootstrap_intervals(
@@ -269,6 +295,10 @@ class Reference:
             isc=full and self.extractor.has_logits,
             **intervals,
         )
+
+    def features(self, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's and ``fake``'s FID features (``feature_sets``)."""
+        return feature_sets(self.images, fake, self.extractor, reference=self.cache_name, cache_dir=self.cache_dir)
 
 
 def psnr_ssim(original: torch.Tensor, reconstruction: torch.Tensor) -> dict[str, float]:

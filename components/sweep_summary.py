@@ -34,7 +34,7 @@ from components.contract import (
 
 EVALUATE_METRICS = (
     "fid", "fid_ci_low", "fid_ci_high", "kid_mean", "kid_std", "kid_ci_low", "kid_ci_high",
-    "precision", "recall", "sample_img_per_s",
+    "precision", "recall", "sample_img_per_s", "fid_inf", "fid_inf_ci_low", "fid_inf_ci_high",
 )  # fmt: skip
 
 
@@ -55,6 +55,9 @@ class FactorRow:
     kid_std: float | None = None
     kid_ci_low: float | None = None
     kid_ci_high: float | None = None
+    fid_inf: float | None = None  # FID extrapolated to infinitely many samples, and its interval
+    fid_inf_ci_low: float | None = None
+    fid_inf_ci_high: float | None = None
     precision: float | None = None
     recall: float | None = None
     ldm_img_per_s: float | None = None  # mean of the LDM's train_img_per_s history

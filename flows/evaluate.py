@@ -30,6 +30,7 @@ from components.contract import (
 )
 from components.errors import UserError
 from components.features import Extractor
+from components.fid_inf import fid_infinity
 from components.params import Params
 from components.runs import autoencoder_run_of, seeded_name
 from flows.stage import DataVersion, Stage, log
@@ -91,6 +92,8 @@ class EvaluateStage(Stage):
         self.samples = evaluation.sample_as_told(model.module, model.stage, cond, ev, seed, ev.sample_steps, ev.sampler)
         intervals = {"bootstrap": ev.bootstrap_rounds, "confidence": ev.confidence, "seed": seed}
         scored = real.score(self.samples.images, full=True, **intervals)
+        real_features, fake_features = real.features(self.samples.images)
+        scored |= fid_infinity(real_features, fake_features, confidence=ev.confidence, seed=seed)
         counts = {
             "samples": len(self.samples.images),
             "reference_images": len(real.images),
