@@ -1,7 +1,10 @@
 """The nightly regression signal: each factor of a sweep against the previous sweep on the same
-data version and parameters (so: another version of the code). A factor regressed when its FID
-or KID interval lies wholly above the previous one's, i.e. it got worse beyond the noise of
-either; FIDs from different feature extractors are not compared (not on one scale)."""
+data version and parameters (so: another version of the code), on the verdict's basis: every
+seed's KID, Welch's test of the difference of means, Holm's correction over the factors compared
+(``components.comparison``). A factor regressed when its KID got worse beyond training and
+evaluation noise. Nothing is flagged where either sweep has one seed of a factor (training noise
+unmeasured: a second seed alone has scored outside one model's intervals), nor across feature
+extractors (not on one scale)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from dataclasses import dataclass
 
 import mlflow
 
+from components.comparison import METRIC, Difference, holm, welch
 from components.contract import TAG_STAGE
 from components.params import Params
 from components.runs import run_key
@@ -17,43 +21,46 @@ from components.sweep_summary import FactorRow, SweepSummary
 TAG_COMPARABLE = "latentlab.comparable"  # on sweep runs: data version + params, not code
 TAG_COMPARED_WITH = "latentlab.compared_with"  # the previous sweep a sweep was checked against
 TAG_REGRESSION_PREFIX = "latentlab.regression.f"  # + f: what got worse, and by how much
-
-# metric -> (value, interval low, interval high) attributes of a FactorRow
-INTERVALS = {"FID": ("fid", "fid_ci_low", "fid_ci_high"), "KID": ("kid_mean", "kid_ci_low", "kid_ci_high")}
+CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
 class Regression:
     factor: int
-    metric: str
-    before: tuple[float, float, float]  # value, interval low, interval high
-    after: tuple[float, float, float]
+    before: list[float]  # each seed's KID
+    after: list[float]
+    difference: Difference  # after - before, at Holm's level
 
     def __str__(self) -> str:
-        def shown(v: tuple[float, float, float]) -> str:
-            return f"{v[0]:.4g} [{v[1]:.4g}, {v[2]:.4g}]"
-
-        return f"f={self.factor}: {self.metric} {shown(self.after)}, was {shown(self.before)}"
+        d = self.difference
+        return (
+            f"f={self.factor}: {METRIC} {_mean(self.after):.4g} over {len(self.after)} seeds, was {_mean(self.before):.4g} "
+            f"over {len(self.before)} (difference {d.estimate:.3g} [{d.low:.3g}, {d.high:.3g}] at {d.level:.1%})"
+        )
 
 
 def regressions(previous: SweepSummary, current: SweepSummary) -> list[Regression]:
-    """The factors of ``current`` whose FID or KID interval lies wholly above ``previous``'s."""
+    """The factors of ``current`` whose KID got worse than ``previous``'s beyond the noise."""
     before = {row.factor: row for row in previous.rows}
-    found = []
+    tests, scores = [], {}
     for row in current.rows:
         old = before.get(row.factor)
         if old is None or old.fid_extractor != row.fid_extractor:
             continue
-        for metric, attributes in INTERVALS.items():
-            was, now = _interval(old, attributes), _interval(row, attributes)
-            if was and now and now[1] > was[2]:
-                found.append(Regression(row.factor, metric, was, now))
-    return found
+        was, now = _seed_scores(old), _seed_scores(row)
+        if len(was) < 2 or len(now) < 2:
+            continue
+        scores[row.factor] = (was, now)
+        tests.append((row.factor, "previous", *welch(now, was)))
+    return [Regression(d.a, *scores[d.a], d) for d in holm(tests, 1 - CONFIDENCE) if d.claimed and d.estimate > 0]
 
 
-def _interval(row: FactorRow, attributes: tuple[str, str, str]) -> tuple[float, float, float] | None:
-    values = tuple(getattr(row, name) for name in attributes)
-    return values if None not in values else None
+def _seed_scores(row: FactorRow) -> list[float]:
+    return [x.kid_mean for x in row.all_seeds if x.kid_mean is not None]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def comparable_key(params: Params, data_version: str) -> str:

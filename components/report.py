@@ -1,8 +1,7 @@
 """The sweep comparison report: the verdict, the Markdown table and the plots of a
 ``SweepSummary`` (``components.sweep_summary`` reads it from MLflow).
 
-The verdict never compares FIDs from different feature extractors: numbers from different
-networks are on different scales.
+The verdict's statistics are ``components.verdict``'s; this module lays the report out.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ import json
 import math
 import shlex
 import time
-from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -23,179 +21,10 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from components.store import UI_ADDRESS, run_page  # noqa: E402
 from components.sweep_summary import FactorRow, SweepSummary  # noqa: E402
+from components.verdict import comparable, comparison, verdict  # noqa: E402
 
-PAPER_MID = (4, 8, 16)  # Figure 6: these win ...
-PAPER_EXTREMES = (1, 32)  # ... over pixel space and the most aggressive compression
 DASH = "—"
 PLOTS = ("fid_vs_step.png", "fid_vs_throughput.png", "psnr_fid_vs_f.png", "samples_by_factor.png")
-
-
-# ------------------------------------------------------------------------------------------ verdict
-
-
-def comparable(rows: list[FactorRow]) -> tuple[str | None, list[FactorRow], list[FactorRow]]:
-    """(extractor, rows with an FID from it, rows with an FID from another or an unrecorded one).
-
-    The most common recorded extractor wins; a tie goes to the one seen at the smallest f, so the
-    choice never depends on which FIDs happen to look better.
-    """
-    scored = [r for r in rows if r.fid is not None]
-    counts = Counter(r.fid_extractor for r in scored if r.fid_extractor)
-    if not counts:
-        return None, scored, []  # nothing recorded: compared, with a caveat in the verdict
-    top = max(counts.values())
-    extractor = next(r.fid_extractor for r in scored if counts.get(r.fid_extractor) == top)
-    inside = [r for r in scored if r.fid_extractor == extractor]
-    return extractor, inside, [r for r in scored if r.fid_extractor != extractor]
-
-
-def best_factor(summary: SweepSummary) -> FactorRow | None:
-    """The factor the verdict names: the lowest FID among comparable ones (None: no FID yet)."""
-    _, rows, _ = comparable(summary.rows)
-    return min(rows, key=lambda r: r.fid) if rows else None
-
-
-def verdict(summary: SweepSummary) -> str:
-    """A short paragraph: the winning f, its margins, whether the paper's shape appears, and caveats."""
-    extractor, rows, left_out = comparable(summary.rows)
-    budget = f"under the recorded budget ({summary.budget})" if summary.budget else "(budget not recorded)"
-    if not rows:
-        return f"No factor has an evaluate FID yet {budget}, so there is no winner to name."
-    ranked = sorted(rows, key=lambda r: r.fid)
-    best = ranked[0]  # (= best_factor(summary))
-    parts = [f"Best factor {budget}: **f={best.factor}** with FID {_fid(best)}."]
-    runner_up = ranked[1] if len(ranked) > 1 else None
-    beats = [r for r in ranked[1:] if r is runner_up or r.factor in PAPER_EXTREMES]
-    if beats and _interval(best):
-        parts.append("; ".join(_significance(best, r) for r in ranked[1:]) + ".")
-    elif beats:
-        parts.append("It beats " + "; ".join(_margin(best, r, r is runner_up) for r in beats) + ".")
-    else:
-        parts.append("It is the only factor with a comparable FID.")
-    kid = [r for r in rows if r.kid_mean is not None]
-    kid_best = min(kid, key=lambda r: r.kid_mean) if kid else None
-    if kid_best is not None and kid_best is not best:
-        parts.append(f"By KID the best is f={kid_best.factor} ({_fmt(kid_best.kid_mean, 3)}).")
-    parts.append(_shape(summary.rows, rows))
-    if any(r.repeats for r in rows):
-        parts.append(_across_seeds(rows))
-    if extractor:
-        parts.append(f"FID features: `{extractor}`.")
-    else:
-        parts.append("No evaluate run recorded its FID extractor; the comparison assumes they used the same one.")
-    if left_out:
-        names = ", ".join(f"f={r.factor} (`{r.fid_extractor or 'unrecorded'}`)" for r in left_out)
-        parts.append(
-            f"Left out of the comparison: {names}, because their FID comes from a different feature extractor "
-            "and FIDs from different networks are not on the same scale."
-        )
-    small = [r for r in rows if r.small_sample]
-    if small:
-        which = ", ".join(f"f={r.factor}" for r in small)
-        parts.append(f"Small sample ({which}): FID at N<5,000 is biased upward; compare KID too.")
-    return " ".join(parts)
-
-
-def _across_seeds(rows: list[FactorRow]) -> str:
-    """Which f has the lowest mean FID over the sweep's seeds, and how often each seed agrees."""
-    means = {r.factor: _mean_std([x.fid for x in r.all_seeds]) for r in rows}
-    best = min((f for f in means if means[f]), key=lambda f: means[f][0])
-    mean, std, n = means[best]
-    wins = Counter(_best_per_seed(rows))
-    agree = f"f={best} has the lowest FID in {wins[best]} of {sum(wins.values())} seeds"
-    others = ", ".join(f"f={f} in {k}" for f, k in sorted(wins.items()) if f != best)
-    return f"Across {n} seeds the lowest mean FID is f={best} ({_fmt(mean, 3)} ± {_fmt(std, 2)}); {agree}" + (
-        f" ({others})." if others else "."
-    )
-
-
-def _best_per_seed(rows: list[FactorRow]) -> list[int]:
-    """For each seed index, the factor with the lowest FID at that seed."""
-    out = []
-    for i in range(max(len(r.all_seeds) for r in rows)):
-        scored = [
-            (r.all_seeds[i].fid, r.factor) for r in rows if len(r.all_seeds) > i and r.all_seeds[i].fid is not None
-        ]
-        if scored:
-            out.append(min(scored)[1])
-    return out
-
-
-def _mean_std(values: list[float | None]) -> tuple[float, float, int] | None:
-    """Mean, sample standard deviation (0 for one value) and count of the recorded values."""
-    known = [v for v in values if v is not None and math.isfinite(v)]
-    if not known:
-        return None
-    mean = sum(known) / len(known)
-    var = sum((v - mean) ** 2 for v in known) / (len(known) - 1) if len(known) > 1 else 0.0
-    return mean, math.sqrt(var), len(known)
-
-
-def _interval(row: FactorRow) -> tuple[float, float] | None:
-    """The FID's confidence interval, when the evaluation recorded one."""
-    if row.fid_ci_low is None or row.fid_ci_high is None:
-        return None
-    return row.fid_ci_low, row.fid_ci_high
-
-
-def _fid(row: FactorRow) -> str:
-    """ "10.2 [9.10, 11.4]": the FID and its interval where recorded."""
-    interval = _interval(row)
-    bounds = f" [{_fmt(interval[0], 3)}, {_fmt(interval[1], 3)}]" if interval else ""
-    return _fmt(row.fid, 3) + bounds
-
-
-def _significance(best: FactorRow, other: FactorRow) -> str:
-    """Whether ``best`` beats ``other`` outside both intervals, or the data cannot tell them apart."""
-    a, b = _interval(best), _interval(other)
-    if a and b and a[1] < b[0]:
-        return f"f={best.factor} beats f={other.factor}: FID {_fid(best)} vs {_fid(other)}"
-    if a and b:
-        return f"f={best.factor} vs f={other.factor}: not distinguishable at this budget (FID {_fid(best)} vs {_fid(other)})"
-    return f"f={best.factor} vs f={other.factor}: FID {_fid(best)} vs {_fid(other)} (no interval recorded for f={other.factor})"
-
-
-def _margin(best: FactorRow, other: FactorRow, runner_up: bool) -> str:
-    gap = other.fid - best.fid
-    rel = f"{gap / other.fid:.0%} lower" if other.fid else "n/a"
-    who = "the runner-up " if runner_up else ""
-    return f"{who}f={other.factor} (FID {_fmt(other.fid, 3)}) by {_fmt(gap, 3)} ({rel})"
-
-
-def _shape(all_rows: list[FactorRow], rows: list[FactorRow]) -> str:
-    """Paper's Table 8 (PSNR falls with f) and Figure 6 (f=4..16 beat f=1 and f=32)."""
-    psnr = [(r.factor, r.psnr) for r in all_rows if r.psnr is not None]
-    if len(psnr) < 2:
-        out = "PSNR trend: too few autoencoders to tell."
-    elif all(a[1] >= b[1] for a, b in zip(psnr, psnr[1:], strict=False)):
-        out = f"PSNR falls with f as in the paper ({_fmt(psnr[0][1], 3)} dB at f={psnr[0][0]} to {_fmt(psnr[-1][1], 3)} dB at f={psnr[-1][0]})."
-    else:
-        out = "PSNR does not fall monotonically with f (" + ", ".join(f"f={f}: {_fmt(p, 3)}" for f, p in psnr) + ")."
-    mid = [r for r in rows if r.factor in PAPER_MID]
-    ext = [r for r in rows if r.factor in PAPER_EXTREMES]
-    if not mid or not ext:
-        return out + " Mid-range vs extremes: needs FIDs for some f in 4..16 and f=1 or f=32 from one extractor."
-    ext_names = " and ".join(f"f={r.factor}" for r in ext)
-    absent = [f for f in PAPER_EXTREMES if f not in {r.factor for r in ext}]
-    caveat = f" (f={absent[0]} has no comparable FID, so half the check is open)" if absent else ""
-    if max(r.fid for r in mid) < min(r.fid for r in ext):
-        return (
-            out
-            + f" Every f in 4..16 with an FID beats {ext_names}, the paper's shape{caveat}{_shape_certainty(mid, ext)}."
-        )
-    if min(r.fid for r in mid) < min(r.fid for r in ext):
-        return out + f" Only part of the paper's shape: some f in 4..16 beat {ext_names}, not all{caveat}."
-    return out + f" Not the paper's shape: no f in 4..16 beats {ext_names} on FID{caveat}."
-
-
-def _shape_certainty(mid: list[FactorRow], ext: list[FactorRow]) -> str:
-    """Whether the mid-range's win lies outside the intervals (said only where all have one)."""
-    intervals = [_interval(r) for r in mid + ext]
-    if not all(intervals):
-        return ""
-    if max(_interval(r)[1] for r in mid) < min(_interval(r)[0] for r in ext):
-        return ", outside every interval"
-    return "; on point estimates only: the intervals overlap, so not distinguishable at this budget"
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -245,7 +74,7 @@ def write_report(summary: SweepSummary, out_dir: Path) -> Path:
         "",
         f"![FID vs sampling throughput over DDIM steps (Figure 7)]({PLOTS[1]})",
         "",
-        f"![PSNR and FID vs f]({PLOTS[2]})",
+        f"![PSNR and KID vs f]({PLOTS[2]})",
         "",
         f"![Final samples per factor]({PLOTS[3]})",
         "",
@@ -334,6 +163,7 @@ def log_report(
 # by_f/<metric> on the sweep run <- the FactorRow attribute it comes from
 BY_FACTOR = {
     "fid": "fid", "fid_ci_low": "fid_ci_low", "fid_ci_high": "fid_ci_high", "kid_mean": "kid_mean",
+    "fid_inf": "fid_inf",
     "psnr": "psnr", "ssim": "ssim", "rfid": "rfid", "precision": "precision", "recall": "recall",
     "train_img_per_s": "ldm_img_per_s", "ae_train_img_per_s": "ae_img_per_s", "sample_img_per_s": "sample_img_per_s",
     "wall_time_s": "wall_time_s",
@@ -341,13 +171,17 @@ BY_FACTOR = {
 
 
 def by_factor(rows: list[FactorRow]) -> dict[str, dict[int, float]]:
-    """``by_f/<metric>`` -> {f: value}; with several seeds, the mean over them."""
+    """``by_f/<metric>`` -> {f: value}; with several seeds, the mean over them; ``by_f/p_best``:
+    the verdict's probability that f is best."""
     out: dict[str, dict[int, float]] = {}
     for name, attr in BY_FACTOR.items():
         for r in rows:
             spread = _mean_std([getattr(x, attr) for x in r.all_seeds])
             if spread is not None:
                 out.setdefault(f"by_f/{name}", {})[r.factor] = spread[0]
+    result = comparison(rows)
+    if result is not None:
+        out["by_f/p_best"] = dict(result.p_best)
     return out
 
 
@@ -380,56 +214,100 @@ def factor_table(rows: list[FactorRow]) -> dict[str, list]:
     return columns
 
 
-COLUMNS = ("f", "latent", "PSNR ↑", "rFID ↓", "FID ↓", "KID ↓", "precision ↑", "recall ↑", "LDM steps", "runs")
+COLUMNS = (
+    "f", "latent", "PSNR ↑", "rFID ↓", "KID ↓", "P(best)", "FID ↓", "FID∞ ↓", "precision ↑", "recall ↑", "runs",
+)  # fmt: skip
 QUALITY_LEGEND = (
+    "Each cell is the mean over the factor's trained models (seeds; see Across seeds). "
     "**latent**: the shape the LDM diffuses in (channels x height x width; f = 1 is pixel space). "
     "**PSNR** (dB) and **rFID**: the autoencoder's reconstructions of held-out images (the paper's Table 8). "
-    "**FID**, **KID**: samples against the reference images in the extractor's features (see Provenance); "
-    "[low, high] is the 95 % bootstrap interval over the evaluation's samples, which holds no training noise. "
-    "**precision** (fidelity) and **recall** (coverage) of the samples. "
-    "**LDM steps**: what the budget allowed. **runs**: the factor's MLflow runs "
-    f"(autoencoder, LDM, evaluate), opened in `latentlab ui` (default {UI_ADDRESS}) or the tracking server. "
+    "**KID**: samples against the reference images in the extractor's features (see Provenance), unbiased in "
+    "the number of samples; the verdict ranks by it. Its [low, high] is the 95 % interval over seeds (training "
+    "and evaluation noise), or with one seed the bootstrap over that model's samples, which holds no training "
+    "noise. **P(best)**: the probability that the factor has the lowest KID. **FID** is biased upward at these "
+    "sample counts (it grows as N shrinks); **FID∞** extrapolates it to infinitely many samples (Chong & "
+    "Forsyth 2020), with one seed its 95 % interval. **precision** (fidelity) and **recall** (coverage). "
+    "**runs**: the factor's MLflow runs (autoencoder, LDM, evaluate; a number for a later seed), opened in "
+    f"`latentlab ui` (default {UI_ADDRESS}) or the tracking server. "
     "↑ higher is better, ↓ lower is better; — not recorded.",
 )
-COST_COLUMNS = ("f", "LDM img/s ↑", "AE img/s ↑", "sample img/s ↑", "training time", "FLOPs/step")
+COST_COLUMNS = ("f", "LDM steps", "LDM img/s ↑", "AE img/s ↑", "sample img/s ↑", "training time", "FLOPs/step")
 COST_LEGEND = (
-    "Training throughput of the LDM and the autoencoder (images per second, mean over training), "
-    "sampling throughput at the evaluation's sampler steps, the wall time of both trainings, "
-    "and the LDM's floating-point operations per training step. Throughput is the machine's (see Provenance).",
+    "The LDM's training steps (what the budget allowed; mean over seeds), training throughput of the LDM and "
+    "the autoencoder (images per second, mean over training), sampling throughput at the evaluation's sampler "
+    "steps, the wall time of both trainings, and the LDM's floating-point operations per training step. "
+    "Throughput is the machine's (see Provenance).",
 )
 STAGE_LINKS = {"autoencoder": "ae", "ldm": "ldm", "evaluate": "eval"}
 
 
 def _table(summary: SweepSummary) -> list[str]:
+    result = comparison(summary.rows)
     out = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in summary.rows:
-        fid = (_fid(r) if r.fid is not None else DASH) + (" (small N)" if r.small_sample and r.fid is not None else "")
-        kid = DASH if r.kid_mean is None else _fmt(r.kid_mean, 3) + _kid_spread(r)
+        seeds = r.all_seeds
+        if result is not None and r.factor in result.estimate:
+            low, high = result.interval[r.factor]
+            kid = f"{_fmt(result.estimate[r.factor], 3)} [{_fmt(max(low, 0.0), 2)}, {_fmt(high, 2)}]"
+            p_best = f"{result.p_best[r.factor]:.2f}"
+        else:
+            kid, p_best = _with_interval(seeds, "kid_mean", "kid_ci_low", "kid_ci_high"), DASH
+        fid = _with_interval(seeds, "fid", "fid_ci_low", "fid_ci_high")
         links = " ".join(
-            f"[{STAGE_LINKS.get(stage, stage)}]({run_page(summary.experiment_id, run_id)})"
-            for stage, run_id in r.runs.items()
+            f"[{STAGE_LINKS.get(stage, stage)}{i or ''}]({run_page(summary.experiment_id, run_id)})"
+            for i, x in enumerate(seeds)
+            for stage, run_id in x.runs.items()
         )
         cells = [
             str(r.factor),
             r.latent_shape or DASH,
-            _fmt(r.psnr, 4),
-            _fmt(r.rfid, 3),
-            fid,
+            _fmt(_mean(seeds, "psnr"), 4),
+            _fmt(_mean(seeds, "rfid"), 3),
             kid,
-            _fmt(r.precision, 2),
-            _fmt(r.recall, 2),
-            DASH if r.ldm_steps is None else f"{r.ldm_steps:,}",
+            p_best,
+            fid,
+            _with_interval(seeds, "fid_inf", "fid_inf_ci_low", "fid_inf_ci_high"),
+            _fmt(_mean(seeds, "precision"), 2),
+            _fmt(_mean(seeds, "recall"), 2),
             links or DASH,
         ]
         out.append("| " + " | ".join(cells) + " |")
     return out
 
 
+def _with_interval(seeds: list[FactorRow], value: str, low: str, high: str) -> str:
+    """The mean over seeds; with one seed, its own interval where recorded."""
+    mean = _mean(seeds, value)
+    if mean is None:
+        return DASH
+    one = seeds[0]
+    if len(seeds) == 1 and getattr(one, low) is not None and getattr(one, high) is not None:
+        return f"{_fmt(mean, 3)} [{_fmt(getattr(one, low), 3)}, {_fmt(getattr(one, high), 3)}]"
+    return _fmt(mean, 3)
+
+
+def _mean(seeds: list[FactorRow], attr: str) -> float | None:
+    spread = _mean_std([getattr(x, attr) for x in seeds])
+    return None if spread is None else spread[0]
+
+
+def _mean_std(values: list[float | None]) -> tuple[float, float, int] | None:
+    """Mean, sample standard deviation (0 for one value) and count of the recorded values."""
+    known = [v for v in values if v is not None and math.isfinite(v)]
+    if not known:
+        return None
+    mean = sum(known) / len(known)
+    var = sum((v - mean) ** 2 for v in known) / (len(known) - 1) if len(known) > 1 else 0.0
+    return mean, math.sqrt(var), len(known)
+
+
 def _cost_table(rows: list[FactorRow]) -> list[str]:
     out = ["| " + " | ".join(COST_COLUMNS) + " |", "|" + "---|" * len(COST_COLUMNS)]
     for r in rows:
+        steps = _mean(r.all_seeds, "ldm_steps")
         cells = [
             str(r.factor),
+            DASH if steps is None else f"{steps:,.0f}",
             _fmt(r.ldm_img_per_s, 3),
             _fmt(r.ae_img_per_s, 3),
             _fmt(r.sample_img_per_s, 3),
@@ -440,15 +318,15 @@ def _cost_table(rows: list[FactorRow]) -> list[str]:
     return out
 
 
-SEED_COLUMNS = (("FID", "fid", 3), ("KID", "kid_mean", 3), ("PSNR", "psnr", 4), ("rFID", "rfid", 3))
+SEED_COLUMNS = (("KID", "kid_mean", 3), ("FID", "fid", 3), ("FID∞", "fid_inf", 3), ("PSNR", "psnr", 4))
 
 
 def _seeds_table(rows: list[FactorRow]) -> list[str]:
     """Mean ± std over the sweep's seeds (``sweep.seeds`` > 1): how much of a difference between
-    factors a different seed alone would make. Empty for a single-seed sweep."""
+    factors a different seed alone makes (training noise). Empty for a single-seed sweep."""
     if not any(r.repeats for r in rows):
         return []
-    header = ["f", "seeds", *(f"{name} mean ± std" for name, _, _ in SEED_COLUMNS), "per seed FID"]
+    header = ["f", "seeds", *(f"{name} mean ± std" for name, _, _ in SEED_COLUMNS), "per seed KID"]
     out = ["## Across seeds", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [str(r.factor), ", ".join(DASH if x.seed is None else str(x.seed) for x in r.all_seeds)]
@@ -457,16 +335,9 @@ def _seeds_table(rows: list[FactorRow]) -> list[str]:
             cells.append(
                 DASH if spread is None else f"{_fmt(spread[0], digits)} ± {_fmt(spread[1], 2)} (n={spread[2]})"
             )
-        cells.append(", ".join(_fmt(x.fid, 3) for x in r.all_seeds))
+        cells.append(", ".join(_fmt(x.kid_mean, 3) for x in r.all_seeds))
         out.append("| " + " | ".join(cells) + " |")
     return [*out, ""]
-
-
-def _kid_spread(row: FactorRow) -> str:
-    """KID's bootstrap interval where recorded, else torch-fidelity's std over subsets."""
-    if row.kid_ci_low is not None and row.kid_ci_high is not None:
-        return f" [{_fmt(row.kid_ci_low, 2)}, {_fmt(row.kid_ci_high, 2)}]"
-    return "" if row.kid_std is None else f" ± {_fmt(row.kid_std, 2)}"
 
 
 def _cell(text: str) -> str:
@@ -551,24 +422,32 @@ def _plot_fid_vs_throughput(summary: SweepSummary, path: Path) -> None:
 
 
 def _plot_psnr_fid(summary: SweepSummary, path: Path) -> None:
+    """PSNR (reconstruction) and the verdict's KID with its intervals (generation) against f."""
     fig, ax = plt.subplots(figsize=(6, 4))
     factors = [r.factor for r in summary.rows]
-    psnr = [(r.factor, r.psnr) for r in summary.rows if r.psnr is not None]
-    extractor, rows, _ = comparable(summary.rows)  # FID only from one extractor, as in the verdict
-    fid = [(r.factor, r.fid) for r in rows]
+    psnr = [(r.factor, _mean(r.all_seeds, "psnr")) for r in summary.rows]
+    psnr = [(f, p) for f, p in psnr if p is not None]
+    extractor = comparable(summary.rows)[0]
+    result = comparison(summary.rows)  # KID only from one extractor, as in the verdict
     if psnr:
         ax.plot(*zip(*psnr, strict=True), marker="o", color="tab:blue", label="PSNR (autoencoder)")
     ax.set_ylabel("PSNR (dB)", color="tab:blue")
     twin = ax.twinx()
-    if fid:
-        twin.plot(*zip(*fid, strict=True), marker="s", color="tab:red", label="FID (evaluate)")
-        bars = [(r.factor, r.fid, r.fid - _interval(r)[0], _interval(r)[1] - r.fid) for r in rows if _interval(r)]
-        if bars:
-            f, y, below, above = zip(*bars, strict=True)
-            # (a basic-bootstrap interval corrects FID's small-N bias, so it may lie below the point)
-            errors = [[max(b, 0) for b in below], [max(a, 0) for a in above]]
-            twin.errorbar(f, y, yerr=errors, fmt="none", ecolor="tab:red", capsize=3, alpha=0.7)
-    twin.set_ylabel(f"FID [{extractor}]" if extractor else "FID", color="tab:red")
+    if result is not None:
+        kid = sorted(result.estimate.items())
+        twin.plot(*zip(*kid, strict=True), marker="s", color="tab:red", label="KID (evaluate, mean over seeds)")
+        below = [max(v - result.interval[f][0], 0) for f, v in kid]
+        above = [max(result.interval[f][1] - v, 0) for f, v in kid]
+        twin.errorbar(
+            [f for f, _ in kid],
+            [v for _, v in kid],
+            yerr=[below, above],
+            fmt="none",
+            ecolor="tab:red",
+            capsize=3,
+            alpha=0.7,
+        )
+    twin.set_ylabel(f"KID [{extractor}]" if extractor else "KID", color="tab:red")
     if factors and min(factors) > 0:
         ax.set_xscale("log", base=2)
         ax.set_xticks(factors, [str(f) for f in factors])
@@ -578,7 +457,7 @@ def _plot_psnr_fid(summary: SweepSummary, path: Path) -> None:
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     if handles:
         ax.legend(handles=handles, fontsize=8, loc="best")
-    _save(fig, ax, path, not psnr and not fid, legend=False)
+    _save(fig, ax, path, not psnr and result is None, legend=False)
 
 
 def _samples_by_factor(summary: SweepSummary, caption: int = 24, pad: int = 8) -> Image.Image:

@@ -12,14 +12,15 @@ from prefect import flow, get_run_logger
 
 from components import progress, workspace
 from components.contract import LDM_MODEL
-from components.report import best_factor, log_report, write_report
+from components.report import log_report, write_report
 from components.runs import run_of_stage
 from components.sweep_summary import SweepSummary, collect
 from components.tracking import point_aliases, use_experiment
+from components.verdict import best_factor
 
 
 def point_ldm_aliases(summary: SweepSummary) -> None:
-    """``models:/ldm@f<f>``: the version this sweep evaluated for f; ``@best``: its verdict's f."""
+    """``models:/ldm@f<f>``: the version this sweep evaluated for f; ``@best``: the f most likely best (the verdict's P(best))."""
     runs = {f"f{row.factor}": row.runs["ldm"] for row in summary.rows if "ldm" in row.runs}
     best = best_factor(summary)
     if best is not None and "ldm" in best.runs:

@@ -89,21 +89,24 @@ def dispatch_factor(deployment: str, name: str, arguments: dict[str, Any]) -> No
 @task(cache_policy=NO_CACHE)
 def check_regressions(experiment_id: str, sweep_run_id: str, comparable: str) -> list[str]:
     """Each factor against the previous sweep on the same data and parameters; what got worse
-    beyond its interval is tagged on the sweep run (``latentlab.regression.f<f>``) and logged."""
+    beyond training and evaluation noise is tagged on the sweep run (``latentlab.regression.f<f>``)
+    and logged. A sweep with one seed per factor cannot tell, and says so."""
     logger = get_run_logger()
     previous = previous_sweep(experiment_id, comparable, sweep_run_id)
     if previous is None:
         return []
     client = mlflow.MlflowClient()
     client.set_tag(sweep_run_id, TAG_COMPARED_WITH, previous)
-    found = regressions(collect(previous, images=False), collect(sweep_run_id, images=False))
-    for factor in sorted({r.factor for r in found}):
-        said = "; ".join(str(r) for r in found if r.factor == factor)
-        client.set_tag(sweep_run_id, f"{TAG_REGRESSION_PREFIX}{factor}", said)
+    before, now = collect(previous, images=False), collect(sweep_run_id, images=False)
+    if max((len(r.all_seeds) for r in now.rows), default=0) < 2:
+        logger.info("Not compared with sweep %s: with one seed per factor training noise is unmeasured", previous)
+        return []
+    found = regressions(before, now)
     for regression in found:
-        logger.warning("Worse than sweep %s beyond the intervals: %s", previous, regression)
+        client.set_tag(sweep_run_id, f"{TAG_REGRESSION_PREFIX}{regression.factor}", str(regression))
+        logger.warning("Worse than sweep %s beyond the noise: %s", previous, regression)
     if not found:
-        logger.info("No factor got worse than in sweep %s (same data and parameters) beyond its interval", previous)
+        logger.info("No factor got worse than in sweep %s (same data and parameters) beyond the noise", previous)
     return [str(r) for r in found]
 
 

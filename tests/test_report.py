@@ -12,7 +12,7 @@ import pytest
 from mlflow.entities import Metric
 from PIL import Image
 
-from components import report, sweep_summary
+from components import report, sweep_summary, verdict
 
 EXTRACTOR = "latentlab-cnn:3f2a9c1d0e4b"
 # f -> (psnr, fid, kid_mean); f=1 has no autoencoder, f=32 failed before its LDM.
@@ -172,7 +172,7 @@ def test_table_has_one_row_per_factor_with_the_recorded_numbers(built):
     assert text.index("## Verdict") < text.index("## Results") < text.index("## Provenance")  # the verdict first
     rows = _table_rows(text)
     assert sorted(rows) == [1, 4, 8, 32]
-    assert rows[8]["FID ↓"].startswith("35.0") and rows[8]["PSNR ↑"] == "24.00" and rows[8]["LDM steps"] == "2,000"
+    assert rows[8]["FID ↓"].startswith("35.0") and rows[8]["PSNR ↑"] == "24.00" and rows[8]["P(best)"] == "1.00"
     assert rows[1]["PSNR ↑"] == rows[1]["rFID ↓"] == "—" and rows[1]["latent"] == "3x64x64"
     assert rows[8]["latent"] == "4x8x8" and "lower is better" in text  # and a legend says what the columns are
     ids = summary.rows[2].runs
@@ -181,7 +181,9 @@ def test_table_has_one_row_per_factor_with_the_recorded_numbers(built):
         for stage, short in (("autoencoder", "ae"), ("ldm", "ldm"), ("evaluate", "eval"))
     )
     cost = _table_rows(text, "## Cost", report.COST_COLUMNS)
-    assert cost[8]["training time"] == "5.0 min" and cost[8]["FLOPs/step"] == "312 G"
+    assert (
+        cost[8]["training time"] == "5.0 min" and cost[8]["FLOPs/step"] == "312 G" and cost[8]["LDM steps"] == "2,000"
+    )
 
 
 def test_failed_factor_is_marked_and_left_blank(built):
@@ -193,17 +195,13 @@ def test_failed_factor_is_marked_and_left_blank(built):
     assert "- f=32 did not finish: failed: CUDA out of memory \\| at step 3" in path.read_text()
 
 
-def test_verdict_names_lowest_fid_and_margins(built):
+def test_one_seed_leaves_training_noise_unmeasured_and_names_no_winner(built):
     _, summary, _ = built
-    text = report.verdict(summary)
-    assert "**f=8** with FID 35.0" in text
-    assert "the runner-up f=4 (FID 42.0) by 7.00 (17% lower)" in text
-    assert "f=1 (FID 80.0) by 45.0 (56% lower)" in text
-    assert (
-        "PSNR falls with f" in text
-        and "Every f in 4..16 with an FID beats f=1, the paper's shape (f=32 has no comparable FID" in text
-    )
-    assert EXTRACTOR in text and "FID at N<5,000 is biased upward; compare KID too" in text
+    text = verdict.verdict(summary)
+    assert "**Training noise is unmeasured**" in text and "no winner is named" in text and "beats" not in text
+    assert "Probability of being best: f=8 1.00" in text  # evaluation noise only, here none recorded
+    assert "PSNR falls with f" in text and "The paper's shape on the means only" in text
+    assert EXTRACTOR in text and "FID from fewer than 5,000 samples is biased upward" in text
     assert "Left out" not in text
 
 
@@ -211,8 +209,8 @@ def test_mismatched_extractor_is_left_out_of_the_verdict(store):
     client, exp, tmp = store
     sweep = make_sweep(client, exp, tmp / "odd", extractors={4: "inception-v3-compat:abcd"})
     summary = sweep_summary.collect(sweep, client)
-    text = report.verdict(summary)
-    assert "**f=8**" in text and "the runner-up f=1 (FID 80.0)" in text and "f=4 (FID" not in text
+    text = verdict.verdict(summary)
+    assert "Probability of being best: f=8 1.00 (the other 1 below 0.01)." in text  # f=1 and f=8 only
     assert (
         "Left out of the comparison: f=4 (`inception-v3-compat:abcd`)" in text and "different feature extractor" in text
     )
@@ -259,37 +257,23 @@ def test_empty_sweep_does_not_crash(store):
     summary = sweep_summary.collect(sweep, client)
     assert [(r.factor, r.status, r.runs.get("autoencoder")) for r in summary.rows] == [(4, "running", None)]
     text = report.write_report(summary, tmp / "empty_out").read_text()
-    assert "No factor has an evaluate FID yet" in text and "not recorded" in text
+    assert "No factor has an evaluation KID yet" in text and "not recorded" in text
 
 
-def test_verdict_says_which_differences_lie_outside_the_intervals(store):
+def test_one_seed_shows_its_own_intervals(store):
     client, exp, tmp = store
-    # f=8 (35) vs f=4 (42): overlapping intervals; vs f=1 (80): apart
     intervals = {8: (30.0, 40.0), 4: (37.5, 47.0), 1: (70.0, 91.0)}
     summary = sweep_summary.collect(make_sweep(client, exp, tmp / "ci", intervals=intervals), client)
-    text = report.verdict(summary)
-    assert "**f=8** with FID 35.0 [30.0, 40.0]" in text
-    assert "f=8 vs f=4: not distinguishable at this budget (FID 35.0 [30.0, 40.0] vs 42.0 [37.5, 47.0])" in text
-    assert "f=8 beats f=1: FID 35.0 [30.0, 40.0] vs 80.0 [70.0, 91.0]" in text
     row = _table_rows(report.write_report(summary, tmp / "ci_out").read_text())[8]
     assert row["FID ↓"].startswith("35.0 [30.0, 40.0]") and row["KID ↓"] == "0.0200 [0.010, 0.030]"
-
-
-def test_paper_shape_is_called_certain_only_when_every_interval_is_apart(store):
-    client, exp, tmp = store
-    intervals = {8: (30.0, 40.0), 4: (37.5, 47.0), 1: (70.0, 91.0)}
-    text = report.verdict(sweep_summary.collect(make_sweep(client, exp, tmp / "ci2", intervals=intervals), client))
-    assert "the paper's shape (f=32 has no comparable FID, so half the check is open), outside every interval" in text
-    overlapping = {8: (30.0, 40.0), 4: (37.5, 75.0), 1: (70.0, 91.0)}
-    text = report.verdict(sweep_summary.collect(make_sweep(client, exp, tmp / "ci3", intervals=overlapping), client))
-    assert "on point estimates only: the intervals overlap, so not distinguishable at this budget" in text
+    assert 0.5 < verdict.comparison(summary.rows).p_best[8] < 1.0  # evaluation noise alone leaves f=4 a chance
 
 
 def test_seeds_give_mean_and_std_and_a_verdict_across_them(store):
     client, exp, tmp = store
     sweep = make_sweep(client, exp, tmp / "seeds")
-    # seed 0 is NUMBERS (f=4: 42, f=8: 35); seed 2 alone ranks f=4 first
-    more = {4: {1: 44.0, 2: 30.0}, 8: {1: 37.0, 2: 39.0}}
+    # seed 0 is NUMBERS (f=4: 42, f=8: 35, f=1: 80; KID = FID / 1000); seed 2 alone ranks f=4 first
+    more = {4: {1: 44.0, 2: 30.0}, 8: {1: 37.0, 2: 39.0}, 1: {1: 80.5, 2: 79.0}}
     for f, by_seed in more.items():
         for seed, fid in by_seed.items():
             ldm = _run(client, exp, f"ldm-f{f}-seed{seed}", "ldm", sweep, f, {"latentlab.seed": str(seed)})
@@ -300,16 +284,20 @@ def test_seeds_give_mean_and_std_and_a_verdict_across_them(store):
     summary = sweep_summary.collect(sweep, client)
     four, eight = summary.rows[1], summary.rows[2]
     assert [r.seed for r in eight.all_seeds] == [0, 1, 2] and [r.fid for r in four.all_seeds] == [42.0, 44.0, 30.0]
-    assert summary.rows[0].repeats == []  # f=1 ran with one seed only
 
-    text = report.verdict(summary)
-    assert f"Across 3 seeds the lowest mean FID is f=8 (37.0 ± {statistics.stdev([35, 37, 39]):.1f})" in text
-    assert "f=8 has the lowest FID in 2 of 3 seeds (f=4 in 1)" in text
+    text = verdict.verdict(summary)
+    assert "over 3 trained model(s) per factor" in text
+    assert (
+        "**No single winner**: f=8 ranks first but is not told apart from f=4 after Holm's correction over 3 pairs"
+        in text
+    )
+    assert "Claims that hold: f=4 beats f=1; f=8 beats f=1." in text
+    assert "The paper's shape holds beyond the noise: every f in 4..16 beats f=1." in text
     lines = report.write_report(summary, tmp / "seeds_out").read_text().splitlines()
     table = lines[lines.index("## Across seeds") + 2 :]
     four_row = next(line for line in table if line.startswith("| 4 |"))
     fid_spread = f"{statistics.mean([42, 44, 30]):.1f} ± {statistics.stdev([42, 44, 30]):.1f} (n=3)"
-    assert "| 0, 1, 2 |" in four_row and fid_spread in four_row and "42.0, 44.0, 30.0" in four_row
+    assert "| 0, 1, 2 |" in four_row and fid_spread in four_row and "0.0300, 0.0440, 0.0300" in four_row
 
 
 def test_the_provenance_block_says_where_the_sweep_came_from_and_how_to_run_it_again(store):
