@@ -75,11 +75,20 @@ def read_sources(rev: str | None) -> dict[str, str]:
 
 
 def imports_of(tree: ast.AST, me: str, modules: set[str]) -> tuple[set[str], set[str]]:
-    """(internal modules imported anywhere in the tree, top-level names of third-party imports)."""
+    """(internal modules imported anywhere in the tree, top-level names of third-party imports).
+    Imports under ``if TYPE_CHECKING:`` are left out: they name types and never run."""
     internal: set[str] = set()
     external: set[str] = set()
     package = me if me in PACKAGES else me.rsplit(".", 1)[0]
+    type_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+        for inner in ast.walk(node)
+    }
     for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):

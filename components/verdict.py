@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from components.comparison import METRIC, Comparison, compare
-from components.sweep_summary import FactorRow, SweepSummary
+
+if TYPE_CHECKING:  # (only names for annotations: the report's import chain stays short)
+    from components.sweep_summary import FactorRow, SweepSummary
 
 PAPER_MID = (4, 8, 16)  # Figure 6: these win ...
 PAPER_EXTREMES = (1, 32)  # ... over pixel space and the most aggressive compression
