@@ -203,36 +203,65 @@ def _weighted_mmd2(k_rr: np.ndarray, k_ff: np.ndarray, k_rf: np.ndarray, c_r: np
 
 
 def bootstrap_intervals(
-    real: torch.Tensor, fake: torch.Tensor, *, rounds: int = 200, confidence: float = 0.95, seed: int = 0
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    *,
+    rounds: int = 200,
+    confidence: float = 0.95,
+    seed: int = 0,
+    metrics: tuple[str, ...] = ("fid", "kid"),
 ) -> dict[str, float]:
-    """``confidence`` intervals for FID and KID: both feature sets resampled with replacement
-    ``rounds`` times (KID against a fixed subset of at most ``KID_REAL`` real images).
+    """``confidence`` intervals for FID and KID (or those of ``metrics``): both feature sets
+    resampled with replacement ``rounds`` times (KID against a fixed subset of at most
+    ``KID_REAL`` real images).
 
     Basic (reverse-percentile) bootstrap: [2 t - q_hi, 2 t - q_lo] around the estimate t, so the
     FID interval also corrects FID's upward bias at small N (resampling repeats images, which
     biases each round further up by about as much); KID is unbiased, and stays so in each round
     (``_weighted_mmd2``). A lower bound below 0 is reported as 0.
     """
+    return _bootstrap(real, fake, rounds=rounds, confidence=confidence, seed=seed, metrics=metrics)[1]
+
+
+def kid_with_interval(
+    real: torch.Tensor, fake: torch.Tensor, *, rounds: int = 200, confidence: float = 0.95, seed: int = 0
+) -> dict[str, float]:
+    """KID of two feature sets (``kid_mean``, on the whole fake set) with its bootstrap interval
+    (``kid_ci_low``, ``kid_ci_high``): unbiased at any sample count, unlike FID."""
+    estimate, interval = _bootstrap(real, fake, rounds=rounds, confidence=confidence, seed=seed, metrics=("kid",))
+    return {"kid_mean": estimate["kid"], **interval}
+
+
+def _bootstrap(
+    real: torch.Tensor, fake: torch.Tensor, *, rounds: int, confidence: float, seed: int, metrics: tuple[str, ...]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(the estimates, their intervals) of ``bootstrap_intervals``."""
     rng = np.random.default_rng(seed)
     real_np, fake_np = real.double().numpy(), fake.double().numpy()
     kernel_real = real_np[rng.choice(len(real_np), min(len(real_np), KID_REAL), replace=False)]
     kernels = _kid_kernels(kernel_real, fake_np)
-    estimate = {"fid": fid_of_features(real_np, fake_np), "kid": kid_of_features(kernel_real, fake_np)}
-    rounds_of: dict[str, list[float]] = {"fid": [], "kid": []}
+    estimate = {}
+    if "fid" in metrics:
+        estimate["fid"] = fid_of_features(real_np, fake_np)
+    if "kid" in metrics:
+        estimate["kid"] = kid_of_features(kernel_real, fake_np)
+    rounds_of: dict[str, list[float]] = {name: [] for name in estimate}
     for _ in range(rounds):
         picked_fake = rng.integers(0, len(fake_np), len(fake_np))
         picked_real = rng.integers(0, len(real_np), len(real_np))
-        rounds_of["fid"].append(fid_of_features(real_np[picked_real], fake_np[picked_fake]))
+        if "fid" in estimate:
+            rounds_of["fid"].append(fid_of_features(real_np[picked_real], fake_np[picked_fake]))
         c_r = np.bincount(rng.integers(0, len(kernel_real), len(kernel_real)), minlength=len(kernel_real))
         c_f = np.bincount(picked_fake, minlength=len(fake_np))
-        rounds_of["kid"].append(_weighted_mmd2(*kernels, c_r.astype(float), c_f.astype(float)))
+        if "kid" in estimate:
+            rounds_of["kid"].append(_weighted_mmd2(*kernels, c_r.astype(float), c_f.astype(float)))
     tail = (1 - confidence) / 2 * 100
     out = {}
-    for name, values in rounds_of.items():
+    for name, values in rounds_of.items() if rounds else ():  # (no rounds: no intervals)
         low_q, high_q = np.percentile(values, [tail, 100 - tail])
         out[f"{name}_ci_low"] = max(0.0, 2 * estimate[name] - high_q)
         out[f"{name}_ci_high"] = max(0.0, 2 * estimate[name] - low_q)
-    return out
+    return estimate, out
 
 
 def _check_cache(cache_dir: Path, prefix: str) -> None:
