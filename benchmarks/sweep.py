@@ -4,7 +4,7 @@
 
 Reads MLflow only. Training = the children's ``wall_time_s`` (batches only); sampling = the
 evaluate runs' sample counts over their measured img/s (headline and DDIM curve) plus the LDM
-runs' FID-during-training time (``fid_eval_s``) and sample-grid time (``grid_s``, where
+runs' evaluations during training (``budget_eval_s``) and sample-grid time (``grid_s``, where
 recorded). The rest of the sweep run's wall time is
 overhead: feature extraction for metrics, latent encoding, grids, checkpoints, MLflow, Prefect.
 The sweep run starts once the data version and the FID feature network are ready, so building
@@ -38,8 +38,8 @@ def main(sweep_run_id: str) -> dict:
         for run_id in (ae, ldm):
             if run_id:
                 training += client.get_run(run_id).data.metrics.get("wall_time_s", 0.0)
-        if ldm:  # FID during training; sample grids (an autoencoder's are reconstructions)
-            for name in ("fid_eval_s", "grid_s"):
+        if ldm:  # evaluations during training; sample grids (an autoencoder's are reconstructions)
+            for name in ("budget_eval_s", "fid_eval_s", "grid_s"):  # (fid_eval_s: older runs)
                 sampling += sum(m.value for m in client.get_metric_history(ldm, name))
         if evaluation:
             run = client.get_run(evaluation)

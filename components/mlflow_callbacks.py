@@ -126,33 +126,58 @@ class ShareCheckpoints(L.Callback):
             self._shared = written
 
 
-class PeriodicEvaluation(L.Callback):
-    """Logs ``evaluate()``'s metrics every ``every`` steps and at the end, at the training step
-    (FID during training: the paper's Figure 6). Not timed by ``training.Budget``.
+class BudgetCurve(L.Callback):
+    """Logs ``evaluate()``'s metrics at ``points`` equal shares of the training budget (``progress``:
+    0..1 of it spent, ``training.Budget.progress``), the last at the end: the budget curve, the
+    paper's Figure 6. Each point is logged at the training step, with ``train_s`` (training
+    seconds so far), and its KID again as ``kid_by_train_s`` at step = training seconds, so the
+    MLflow UI draws the factors side by side against wall time. Not timed by ``training.Budget``.
 
     The evaluation runs on a fork of the global random state: how much randomness it draws
     depends on things outside the run (a DataLoader draws a seed when torch-fidelity computes
     reference features that are not cached yet), and it must not change the noise and timesteps
     training draws next, or a reproduction would train differently from the original."""
 
-    def __init__(self, run_id: str, every: int, evaluate: Callable[[], dict[str, float]]):
-        self.run_id, self.every, self.evaluate = run_id, every, evaluate
+    def __init__(
+        self,
+        run_id: str,
+        points: int,
+        progress: Callable[[L.LightningModule], float],
+        evaluate: Callable[[], dict[str, float]],
+    ):
+        self.run_id, self.points, self.progress, self.evaluate = run_id, points, progress, evaluate
         self.client = mlflow.MlflowClient()
         self.report = WhileTheStoreBlips()
+        self._reached = 0  # points passed (a resumed run does not redo those before its checkpoint)
         self._last = -1
 
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._reached = self._points_reached(module)
+
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_) -> None:
-        if int(module.steps) % self.every == 0:
-            self.record(int(module.steps))
+        reached = self._points_reached(module)
+        if reached > self._reached:
+            self._reached = reached
+            self.record(module)
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if int(module.steps) != self._last:
-            self.record(int(module.steps))
+        if int(module.steps) != self._last:  # (a run resumed at its end, or stopped early)
+            self.record(module)
 
-    def record(self, step: int) -> None:
+    def _points_reached(self, module: L.LightningModule) -> int:
+        return int(self.progress(module) * self.points + 1e-9)
+
+    def record(self, module: L.LightningModule) -> None:
+        step, train_s = int(module.steps), float(module.train_seconds)
         started = time.perf_counter()
         with torch.random.fork_rng(devices=[]):  # why: the class docstring
             values = dict(self.evaluate())
-        values["fid_eval_s"] = time.perf_counter() - started
-        self.report(f"FID at step {step}", lambda: log_metrics(self.run_id, values, step, self.client))
+        values |= {"train_s": train_s, "budget_eval_s": time.perf_counter() - started}
+
+        def log() -> None:
+            log_metrics(self.run_id, values, step, self.client)
+            if "kid_mean" in values:
+                log_metrics(self.run_id, {"kid_by_train_s": values["kid_mean"]}, round(train_s), self.client)
+
+        self.report(f"the evaluation at step {step}", log)
         self._last = step

@@ -181,9 +181,16 @@ class LDMParams(TrainingBudget):
     eta: float = Field(0.0, ge=0, description="its DDIM eta (0: deterministic)")
     guidance_scale: float = Field(2.0, ge=1.0, description="its classifier-free guidance (1: none)")
     samples_per_class: int = reporting(4, ge=1, description="per row of the sample grid")
-    fid_every: int = reporting(500, ge=1, description="steps between FID evaluations during training (and at the end)")
-    fid_samples: int = reporting(64, ge=8, description="samples per FID evaluation during training")
-    fid_sample_steps: int = reporting(10, ge=1, description="DDIM steps of those samples")
+    budget_points: int = reporting(
+        4,
+        ge=1,
+        description="evaluations during training, at equal shares of its budget (time or steps, whichever "
+        "binds), the last at the end: the budget curve, KID vs training time (Figure 6)",
+    )
+    budget_samples: int = reporting(
+        250, ge=8, description="samples per evaluation during training (KID, unbiased at any count, with its interval)"
+    )
+    budget_sample_steps: int = reporting(10, ge=1, description="DDIM steps of those samples")
 
     @field_validator("widths")
     @classmethod
@@ -198,7 +205,7 @@ class LDMParams(TrainingBudget):
 
     @model_validator(mode="after")
     def _steps_fit_the_schedule(self) -> LDMParams:
-        for name in ("sample_steps", "fid_sample_steps"):
+        for name in ("sample_steps", "budget_sample_steps"):
             if getattr(self, name) > self.timesteps:
                 raise ValueError(f"{name}={getattr(self, name)} exceeds timesteps={self.timesteps}: pick at most that")
         return self

@@ -19,12 +19,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
+from components import budget_curves  # noqa: E402
 from components.store import UI_ADDRESS, run_page  # noqa: E402
 from components.sweep_summary import FactorRow, SweepSummary  # noqa: E402
 from components.verdict import comparable, comparison, verdict  # noqa: E402
 
 DASH = "—"
-PLOTS = ("fid_vs_step.png", "fid_vs_throughput.png", "psnr_fid_vs_f.png", "samples_by_factor.png")
+PLOTS = ("kid_vs_training_time.png", "kid_vs_throughput.png", "psnr_kid_vs_f.png", "samples_by_factor.png")
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -35,9 +36,9 @@ def write_report(summary: SweepSummary, out_dir: Path) -> Path:
     comes first, then the tables with their legends, where the sweep came from, and the plots."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _plot_fid_vs_step(summary, out_dir / PLOTS[0])
-    _plot_fid_vs_throughput(summary, out_dir / PLOTS[1])
-    _plot_psnr_fid(summary, out_dir / PLOTS[2])
+    _plot_budget_curves(summary, out_dir / PLOTS[0])
+    _plot_kid_vs_throughput(summary, out_dir / PLOTS[1])
+    _plot_psnr_kid(summary, out_dir / PLOTS[2])
     _samples_by_factor(summary).save(out_dir / PLOTS[3])
     day = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(summary.started_ms / 1000))
     link = f"[{summary.run_id}]({run_page(summary.experiment_id, summary.run_id)})"
@@ -49,6 +50,8 @@ def write_report(summary: SweepSummary, out_dir: Path) -> Path:
         "## Verdict",
         "",
         verdict(summary),
+        "",
+        budget_curves.ranking_changes(budget_standings(summary.rows)),
         "",
         "## Results",
         "",
@@ -70,9 +73,9 @@ def write_report(summary: SweepSummary, out_dir: Path) -> Path:
         "",
         "## Plots",
         "",
-        f"![FID vs training step (Figure 6)]({PLOTS[0]})",
+        f"![KID vs LDM training time (Figure 6)]({PLOTS[0]})",
         "",
-        f"![FID vs sampling throughput over DDIM steps (Figure 7)]({PLOTS[1]})",
+        f"![KID vs sampling throughput over DDIM steps (Figure 7)]({PLOTS[1]})",
         "",
         f"![PSNR and KID vs f]({PLOTS[2]})",
         "",
@@ -82,6 +85,11 @@ def write_report(summary: SweepSummary, out_dir: Path) -> Path:
     path = out_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def budget_standings(rows: list[FactorRow]) -> list[budget_curves.Standing]:
+    """The factors the verdict compares, compared along their budget curves."""
+    return budget_curves.standings(comparable(rows)[1])
 
 
 def provenance(summary: SweepSummary) -> list[str]:
@@ -384,44 +392,38 @@ def _save(fig: plt.Figure, ax: plt.Axes, path: Path, empty: bool, legend: bool =
     plt.close(fig)
 
 
-def _plot_fid_vs_step(summary: SweepSummary, path: Path) -> None:
+def _plot_budget_curves(summary: SweepSummary, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
-    rows = [r for r in summary.rows if r.fid_by_step]
-    extractors = {r.ldm_fid_extractor for r in rows}
-    for r in rows:
-        steps, fids = zip(*r.fid_by_step, strict=True)
-        suffix = f" [{r.ldm_fid_extractor or 'unrecorded'}]" if len(extractors) > 1 else ""
-        ax.plot(steps, fids, marker="o", markersize=3, label=f"f={r.factor}{suffix}")
-    note = "" if len(extractors) != 1 or None in extractors else f"\nfeatures: {extractors.pop()}"
-    if len(extractors) > 1:
-        note = "\nmixed extractors: compare only lines with the same one"
-    ax.set(xlabel="training step", ylabel="FID", title=f"FID vs training step (Figure 6){note}")
+    drawn = budget_curves.plot(budget_standings(summary.rows), ax)
+    extractor = comparable(summary.rows)[0]
+    title = "KID vs LDM training time (Figure 6), mean over seeds" + (f"\nfeatures: {extractor}" if extractor else "")
+    ax.set(xlabel="LDM training (min, batches only)", ylabel="KID", title=title)
     ax.grid(alpha=0.3)
-    _save(fig, ax, path, not rows)
+    _save(fig, ax, path, not drawn)
 
 
-def _plot_fid_vs_throughput(summary: SweepSummary, path: Path) -> None:
+def _plot_kid_vs_throughput(summary: SweepSummary, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     extractor = comparable(summary.rows)[0]
     rows = [r for r in summary.rows if r.ddim]
     for r in rows:
-        _, fids, speeds = zip(*r.ddim, strict=True)
+        _, kids, speeds = zip(*r.ddim, strict=True)
         other = extractor is not None and r.fid_extractor != extractor  # dotted: not comparable with the rest
         label = f"f={r.factor}" + (f" [{r.fid_extractor or 'unrecorded'}]" if other else "")
-        (line,) = ax.plot(speeds, fids, marker="o", linestyle=":" if other else "-", label=label)
-        for s, fid, speed in r.ddim:
+        (line,) = ax.plot(speeds, kids, marker="o", linestyle=":" if other else "-", label=label)
+        for s, kid, speed in r.ddim:
             ax.annotate(
-                str(s), (speed, fid), fontsize=7, xytext=(3, 3), textcoords="offset points", color=line.get_color()
+                str(s), (speed, kid), fontsize=7, xytext=(3, 3), textcoords="offset points", color=line.get_color()
             )
     if rows:
         ax.set_xscale("log")
-    title = "FID vs sampling throughput, labels = DDIM steps (Figure 7)"
-    ax.set(xlabel="samples / s", ylabel="FID", title=title + (f"\nfeatures: {extractor}" if extractor else ""))
+    title = "KID vs sampling throughput, labels = DDIM steps (Figure 7)"
+    ax.set(xlabel="samples / s", ylabel="KID", title=title + (f"\nfeatures: {extractor}" if extractor else ""))
     ax.grid(alpha=0.3, which="both")
     _save(fig, ax, path, not rows)
 
 
-def _plot_psnr_fid(summary: SweepSummary, path: Path) -> None:
+def _plot_psnr_kid(summary: SweepSummary, path: Path) -> None:
     """PSNR (reconstruction) and the verdict's KID with its intervals (generation) against f."""
     fig, ax = plt.subplots(figsize=(6, 4))
     factors = [r.factor for r in summary.rows]

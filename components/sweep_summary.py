@@ -38,6 +38,17 @@ EVALUATE_METRICS = (
 )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class BudgetPoint:
+    """One evaluation during training."""
+
+    step: int
+    train_s: float  # training seconds before it (batches only: no sampling, checkpoints or logging)
+    kid: float
+    low: float | None  # the KID's bootstrap interval over the evaluation's samples, where recorded
+    high: float | None
+
+
 @dataclass
 class FactorRow:
     """Everything the report shows for one downsampling factor; ``None`` where a run or metric is missing."""
@@ -69,9 +80,9 @@ class FactorRow:
     fid_extractor: str | None = None  # of the evaluate run: the one the verdict's FID comes from
     small_sample: bool = False
     runs: dict[str, str] = field(default_factory=dict)  # stage name -> run id, of the runs that exist
-    fid_by_step: list[tuple[int, float]] = field(default_factory=list)  # LDM fid vs training step
+    budget_curve: list[BudgetPoint] = field(default_factory=list)  # KID during the LDM's training
     ldm_fid_extractor: str | None = None
-    ddim: list[tuple[int, float, float]] = field(default_factory=list)  # (DDIM steps, fid, sample img/s)
+    ddim: list[tuple[int, float, float]] = field(default_factory=list)  # (DDIM steps, kid, sample img/s)
     samples: Image.Image | None = None  # the LDM's samples_final.png
     seed: int | None = None  # the training seed (tag latentlab.seed of its LDM run)
     trained_in: dict[str, str] = field(default_factory=dict)  # training stage -> the precision it trained in
@@ -249,7 +260,8 @@ def _row(client: mlflow.MlflowClient, factor: int, child: FactorEntry | None, im
         row.ldm_img_per_s = _mean(_history(client, ldm.info.run_id, "train_img_per_s"))
         row.ldm_steps = int(m["steps"]) if "steps" in m else None
         row.flops_per_step = m.get("flops_per_step")
-        row.fid_by_step = sorted(_history(client, ldm.info.run_id, "fid").items())
+        curve_metrics = ("kid_mean", "kid_ci_low", "kid_ci_high", "train_s")
+        row.budget_curve = curve_of({k: _history(client, ldm.info.run_id, k) for k in curve_metrics})
         row.ldm_fid_extractor = ldm.data.tags.get(TAG_FID_EXTRACTOR)
         row.samples = _image(client, ldm.info.run_id, "samples_final.png") if images else None
         row.seed = int(ldm.data.tags[TAG_SEED]) if ldm.data.tags.get(TAG_SEED, "").isdigit() else None
@@ -262,11 +274,19 @@ def _row(client: mlflow.MlflowClient, factor: int, child: FactorEntry | None, im
         row.reference_split = ev.data.tags.get(TAG_REFERENCE_SPLIT)
         row.n_samples, row.n_reference = (int(m[k]) if k in m else None for k in ("samples", "reference_images"))
         row.small_sample = ev.data.tags.get(TAG_SMALL_SAMPLE, "").lower() == "true"
-        fid, speed = (_history(client, ev.info.run_id, k) for k in ("ddim_fid", "ddim_sample_img_per_s"))
-        row.ddim = [(s, fid[s], speed[s]) for s in sorted(fid) if s in speed]
+        kid, speed = (_history(client, ev.info.run_id, k) for k in ("ddim_kid_mean", "ddim_sample_img_per_s"))
+        row.ddim = [(s, kid[s], speed[s]) for s in sorted(kid) if s in speed]
     known = [w for w in wall if w is not None]
     row.wall_time_s = sum(known) if known else None
     return row
+
+
+def curve_of(history: dict[str, dict[int, float]]) -> list[BudgetPoint]:
+    """The curve from an LDM run's metric histories (name -> step -> value): its ``kid_mean``
+    points with ``train_s`` (runs from before budget curves logged it have none: empty)."""
+    kid, train_s = history.get("kid_mean", {}), history.get("train_s", {})
+    low, high = history.get("kid_ci_low", {}), history.get("kid_ci_high", {})
+    return [BudgetPoint(s, train_s[s], kid[s], low.get(s), high.get(s)) for s in sorted(kid) if s in train_s]
 
 
 def _get_run(client: mlflow.MlflowClient, run_id: str | None) -> mlflow.entities.Run | None:

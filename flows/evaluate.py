@@ -31,6 +31,7 @@ from components.contract import (
 from components.errors import UserError
 from components.features import Extractor
 from components.fid_inf import fid_infinity
+from components.metrics import bootstrap_intervals
 from components.params import Params
 from components.runs import autoencoder_run_of, seeded_name
 from flows.stage import DataVersion, Stage, log
@@ -90,9 +91,12 @@ class EvaluateStage(Stage):
         ev, seed, model, real = self.params.eval, self.params.seed, self.model, self.real
         cond = real.conditions(ev.samples, seed=seed)
         self.samples = evaluation.sample_as_told(model.module, model.stage, cond, ev, seed, ev.sample_steps, ev.sampler)
-        intervals = {"bootstrap": ev.bootstrap_rounds, "confidence": ev.confidence, "seed": seed}
-        scored = real.score(self.samples.images, full=True, **intervals)
-        real_features, fake_features = real.features(self.samples.images)
+        scored = real.score(self.samples.images, full=True)
+        real_features, fake_features = real.features(self.samples.images)  # once, for both resamplings
+        if ev.bootstrap_rounds:
+            scored |= bootstrap_intervals(
+                real_features, fake_features, rounds=ev.bootstrap_rounds, confidence=ev.confidence, seed=seed
+            )
         scored |= fid_infinity(real_features, fake_features, confidence=ev.confidence, seed=seed)
         counts = {
             "samples": len(self.samples.images),
@@ -115,8 +119,8 @@ class EvaluateStage(Stage):
             mlflow.log_metrics(
                 {"ddim_fid": p.fid, "ddim_kid_mean": p.kid_mean, "ddim_sample_img_per_s": p.img_per_s}, step=p.steps
             )
-        title = f"f={factor}: FID vs sampling throughput ({extractor})"
-        mlflow.log_image(evaluation.plot_curve(points, title), "fid_vs_throughput.png")
+        title = f"f={factor}: KID vs sampling throughput ({extractor})"
+        mlflow.log_image(evaluation.plot_curve(points, title), "kid_vs_throughput.png")
         mlflow.log_dict([p.__dict__ for p in points], "ddim_curve.json")
         log.info(
             "f=%d: FID %.4g [%.4g, %.4g], KID %.4g, precision %.3g, recall %.3g, %.3g samples/s (%s)",

@@ -34,16 +34,16 @@ from components.contract import (
 )
 from components.dataset import load_split, read_manifest
 from components.diffusion import LatentDiffusionModule
-from components.evaluation import fid_during_training, reference, reference_split
+from components.evaluation import budget_evaluation, reference, reference_split
 from components.features import Extractor
 from components.first_stage import FirstStageRef
 from components.latents import cached_latents
-from components.mlflow_callbacks import MLflowReporter, PeriodicEvaluation, ShareCheckpoints
+from components.mlflow_callbacks import BudgetCurve, MLflowReporter, ShareCheckpoints
 from components.params import Params
 from components.precision import decide
 from components.runs import precision_tags, recorded_precision, seeded_name
 from components.tracking import log_metrics, register_once
-from components.training import check_trainable
+from components.training import Budget, check_trainable
 from flows.stage import DataVersion, Stage, log
 
 
@@ -136,8 +136,11 @@ class LDMStage(Stage):
             precision=self.precision.value,
             callbacks=[
                 MLflowReporter(run_id, params.ldm, self.grid, "samples"),
-                PeriodicEvaluation(
-                    run_id, params.ldm.fid_every, fid_during_training(module, self.stage, params, self.real)
+                BudgetCurve(
+                    run_id,
+                    params.ldm.budget_points,
+                    Budget(params.ldm.max_steps, params.ldm.max_minutes).progress,
+                    budget_evaluation(module, self.stage, params, self.real),
                 ),
                 ShareCheckpoints(run_id, checkpoints),
             ],

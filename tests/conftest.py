@@ -174,9 +174,9 @@ TINY_EVAL = [
     "eval.ddim_steps=[2, 4]",
     "eval.curve_samples=8",
     "eval.extractor_steps=20",
-    "ldm.fid_every=3",
-    "ldm.fid_samples=8",
-    "ldm.fid_sample_steps=2",
+    "ldm.budget_points=2",
+    "ldm.budget_samples=8",
+    "ldm.budget_sample_steps=2",
 ]
 
 

@@ -111,8 +111,8 @@ GPU_AT_TINY_SIZE = [  # params/gpu.yaml's shapes (levels, blocks, attention, los
     "ldm.image_every=2",
     "ldm.sample_steps=2",
     "ldm.samples_per_class=1",
-    "ldm.fid_samples=8",
-    "ldm.fid_sample_steps=2",
+    "ldm.budget_samples=8",
+    "ldm.budget_sample_steps=2",
     "eval.extractor_steps=20",
 ]
 

@@ -13,6 +13,7 @@ from mlflow.entities import Metric
 from PIL import Image
 
 from components import report, sweep_summary, verdict
+from components.sweep_summary import BudgetPoint
 
 EXTRACTOR = "latentlab-cnn:3f2a9c1d0e4b"
 # f -> (psnr, fid, kid_mean); f=1 has no autoencoder, f=32 failed before its LDM.
@@ -83,8 +84,10 @@ def make_sweep(
             ldm_metrics = {"steps": 2000, "images_seen": 64000, "wall_time_s": 240.0, "flops_per_step": 2.5e12 / f}
             curve = [(500, fid * 3), (1000, fid * 2), (2000, fid)]
             ldm_hist = {
-                "fid": curve,
                 "kid_mean": [(s, v / 1000) for s, v in curve],
+                "kid_ci_low": [(s, v / 2000) for s, v in curve],
+                "kid_ci_high": [(s, v / 500) for s, v in curve],
+                "train_s": [(s, s / 8) for s, _ in curve],
                 "train_loss": [(1, 0.5), (2, 0.3)],
                 "train_img_per_s": [(1, 10.0 * f), (2, 30.0 * f)],
             }
@@ -118,6 +121,7 @@ def make_sweep(
                 ev_metrics |= {"kid_ci_low": kid * 0.5, "kid_ci_high": kid * 1.5}
             ddim = {
                 "ddim_fid": [(10, fid * 1.5), (20, fid * 1.2), (50, fid)],
+                "ddim_kid_mean": [(10, kid * 1.5), (20, kid * 1.2), (50, kid)],
                 "ddim_sample_img_per_s": [(10, 50.0 * f), (20, 25.0 * f), (50, 10.0 * f)],
             }
             ids["evaluate"] = _run(client, exp, f"eval-f{f}", "evaluate", sweep, f, ev_tags, ev_metrics, ddim)
@@ -165,11 +169,16 @@ def test_table_has_one_row_per_factor_with_the_recorded_numbers(built):
     assert (eight.fid, eight.psnr, eight.ldm_steps, eight.latent_shape) == (35.0, 24.0, 2000, "4x8x8")
     assert eight.ldm_img_per_s == pytest.approx(160.0) and eight.ae_img_per_s == pytest.approx(150.0)
     assert eight.wall_time_s == 300.0 and eight.fid_extractor == EXTRACTOR and eight.small_sample
-    assert eight.fid_by_step == [(500, 105.0), (1000, 70.0), (2000, 35.0)]
+    assert eight.budget_curve == [
+        BudgetPoint(500, 62.5, 0.105, 0.0525, 0.21),
+        BudgetPoint(1000, 125.0, 0.07, 0.035, 0.14),
+        BudgetPoint(2000, 250.0, 0.035, 0.0175, 0.07),
+    ]
     assert [d[0] for d in eight.ddim] == [10, 20, 50] and eight.samples is not None
     text = path.read_text()
     assert "sweep-3f2a" in text and "abc123" in text and "equal steps: ae 400, ldm 2000 per factor" in text
     assert text.index("## Verdict") < text.index("## Results") < text.index("## Provenance")  # the verdict first
+    assert "Budget curves (KID during training, 3 points): the most likely best is f=8 at 1/3 of the budget" in text
     rows = _table_rows(text)
     assert sorted(rows) == [1, 4, 8, 32]
     assert rows[8]["FID ↓"].startswith("35.0") and rows[8]["PSNR ↑"] == "24.00" and rows[8]["P(best)"] == "1.00"
@@ -231,7 +240,7 @@ def test_log_report_puts_the_comparison_on_the_sweep_run(built, store):
     sweep, summary, path = built
     report.log_report(sweep, path.parent, summary)
     logged = {a.path for a in client.list_artifacts(sweep, "report")}
-    assert {"report/report.md", "report/fid_vs_step.png", "report/factors.json"} <= logged
+    assert {"report/report.md", "report/kid_vs_training_time.png", "report/factors.json"} <= logged
     images = " ".join(a.path for a in client.list_artifacts(sweep, "images"))  # the plots, as UI images
     assert all(f"images/report~{Path(name).stem}+step+0" in images for name in report.PLOTS), images
     # each metric against f: step = f, one point per factor that has it (f=32 failed: no FID)

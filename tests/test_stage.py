@@ -125,9 +125,9 @@ def test_another_data_version_changes_the_autoencoder_key():
 @pytest.mark.parametrize(
     "setting",
     [
-        "ldm.fid_every=7",
-        "ldm.fid_samples=9",
-        "ldm.fid_sample_steps=7",
+        "ldm.budget_points=7",
+        "ldm.budget_samples=9",
+        "ldm.budget_sample_steps=7",
         "ldm.samples_per_class=7",
         "ldm.log_every=7",
         "ldm.image_every=7",

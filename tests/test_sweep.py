@@ -31,8 +31,9 @@ def test_evaluate_logs_metrics_and_reuses_reference_statistics(project, tiny):
     params = tiny()
     ldm = ldm_flow(params)
     ldm_run = mlflow.get_run(ldm.run_id)
-    fid_steps = [m.step for m in mlflow.MlflowClient().get_metric_history(ldm.run_id, "fid")]
-    assert fid_steps == [3, 4]  # every ldm.fid_every steps and at the end (Figure 6)
+    kid_steps = [m.step for m in mlflow.MlflowClient().get_metric_history(ldm.run_id, "kid_mean")]
+    assert kid_steps == [2, 4]  # at each half of the budget, the last at the end (Figure 6)
+    assert {"kid_ci_low", "kid_ci_high", "train_s", "kid_by_train_s"} <= set(ldm_run.data.metrics)
     assert ldm_run.data.tags["latentlab.fid_extractor"].startswith("latentlab-cnn:")
 
     result = evaluate_flow(params, ldm.run_id)
@@ -46,7 +47,7 @@ def test_evaluate_logs_metrics_and_reuses_reference_statistics(project, tiny):
     curve = mlflow.MlflowClient().get_metric_history(result.run_id, "ddim_fid")
     assert sorted(m.step for m in curve) == [2, 4]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
-    assert {"samples.png", "fid_vs_throughput.png", "ddim_curve.json"} <= artifacts
+    assert {"samples.png", "kid_vs_throughput.png", "ddim_curve.json"} <= artifacts
 
     # The extractor was trained once for this data version and logged with its own run.
     (extractor_run,) = [r for r in runs("evaluate") if r.data.tags.get("latentlab.role") == "feature-extractor"]
@@ -117,7 +118,7 @@ def test_sweep_marks_a_failed_factor_redoes_only_it_then_reuses_everything(proje
     assert report.parent == project / "reports" and report.name.endswith(f"-sweep-{sweep.info.run_id[:8]}")
     text = (report / "report.md").read_text()
     assert "| 1 |" in text and "| 4 |" in text and "Verdict" in text
-    assert all((report / name).stat().st_size > 0 for name in ("fid_vs_step.png", "fid_vs_throughput.png"))
+    assert all((report / name).stat().st_size > 0 for name in ("kid_vs_training_time.png", "kid_vs_throughput.png"))
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "report")}
     assert "report/report.md" in logged
 
@@ -379,7 +380,7 @@ def test_reproduce_of_an_ldm_run_scores_with_the_runs_own_extractor_and_matches(
     # The caller's evaluation settings differ (a longer-trained extractor): the run's own are used.
     result = reproduce_flow(tiny("ae.factor=4", "eval.extractor_steps=25"), original.run_id)
     assert result.within_tolerance, result.comparisons
-    assert {"fid", "kid_mean", "train_loss"} <= {c.metric for c in result.comparisons}
+    assert {"kid_mean", "train_loss"} <= {c.metric for c in result.comparisons}  # (KID during training)
     assert mlflow.get_run(result.new_run_id).data.tags["latentlab.fid_extractor"] == extractor
     assert len([r for r in runs("evaluate") if r.data.tags.get("latentlab.role") == "feature-extractor"]) == 1
 

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from components.mlflow_callbacks import MLflowReporter, PeriodicEvaluation
+from components.mlflow_callbacks import BudgetCurve, MLflowReporter
 from components.params import TrainingBudget
 from components.tracking import log_metrics
-from components.training import add_budget_buffers, fit, make_trainer
+from components.training import Budget, add_budget_buffers, fit, make_trainer
 
 BATCH = 2
 
@@ -95,7 +95,7 @@ def test_reporter_throughput_leaves_out_time_spent_on_grids_and_evaluations(tmp_
         time.sleep(0.5)  # far longer than the tiny model's training steps
         return blank(module)
 
-    slow_evaluation = PeriodicEvaluation(run_id, 4, lambda: time.sleep(0.5) or {"fid": 1.0})
+    slow_evaluation = BudgetCurve(run_id, 2, Budget(8, None).progress, lambda: time.sleep(0.5) or {"kid_mean": 1.0})
     module = train(tmp_path, limits, [MLflowReporter(run_id, limits, slow_grid, "grid"), slow_evaluation])
     rates = [value for _, value in history(run_id, "train_img_per_s")]
     # 2 batches of 2 images per window: had the 1 s of grid + evaluation at step 4 counted, the
@@ -129,30 +129,38 @@ def test_reporter_logs_steps_images_and_training_time_at_the_end(tmp_path, run_i
     assert not steps(run_id, "train_loss")  # log_every was never reached
 
 
-def test_periodic_evaluation_logs_every_n_steps_and_once_more_at_an_uneven_end(tmp_path, run_id):
+def test_budget_curve_evaluates_at_equal_shares_of_the_budget_and_logs_them_against_training_time(tmp_path, run_id):
     calls = []
 
     def evaluate():
         calls.append(None)
         time.sleep(0.01)
-        return {"fid": 100.0 / len(calls), "kid_mean": 0.5}
+        return {"kid_mean": 1.0 / len(calls), "kid_ci_low": 0.0, "kid_ci_high": 2.0}
 
-    train(tmp_path, budget(max_steps=7), [PeriodicEvaluation(run_id, 3, evaluate)])
-    assert history(run_id, "fid") == [(3, 100.0), (6, 50.0), (7, pytest.approx(100.0 / 3))]
-    assert steps(run_id, "kid_mean") == steps(run_id, "fid_eval_s") == [3, 6, 7]
-    assert all(seconds >= 0.01 for _, seconds in history(run_id, "fid_eval_s"))
+    limits = budget(max_steps=9)
+    curve = BudgetCurve(run_id, 3, Budget(limits.max_steps, limits.max_minutes).progress, evaluate)
+    module = train(tmp_path, limits, [curve])
+    assert history(run_id, "kid_mean") == [(3, 1.0), (6, 0.5), (9, pytest.approx(1 / 3))]
+    assert steps(run_id, "kid_ci_high") == steps(run_id, "budget_eval_s") == steps(run_id, "train_s") == [3, 6, 9]
+    assert all(seconds >= 0.01 for _, seconds in history(run_id, "budget_eval_s"))  # (not training time)
+    train_s = [seconds for _, seconds in history(run_id, "train_s")]
+    assert train_s == sorted(train_s) and train_s[-1] == pytest.approx(float(module.train_seconds))
+    # the same KIDs against training seconds, for the MLflow UI's side-by-side charts
+    by_time = history(run_id, "kid_by_train_s")  # (sorted by step, then value)
+    assert sorted(value for _, value in by_time) == [pytest.approx(1 / 3), 0.5, 1.0]
+    assert sorted(s for s, _ in by_time) == [round(t) for t in train_s]
 
 
-def test_periodic_evaluation_does_not_repeat_itself_when_the_last_step_is_a_multiple(tmp_path, run_id):
+def test_budget_curve_ends_with_an_evaluation_when_the_budget_stops_between_points(tmp_path, run_id):
     calls = []
 
     def evaluate():
         calls.append(None)
-        return {"fid": float(len(calls))}
+        return {"kid_mean": float(len(calls))}
 
-    train(tmp_path, budget(max_steps=6), [PeriodicEvaluation(run_id, 3, evaluate)])
-    assert len(calls) == 2
-    assert history(run_id, "fid") == [(3, 1.0), (6, 2.0)]
+    # training stops at step 7 (say, told to), between the curve's points at 5 and 10
+    train(tmp_path, budget(max_steps=7), [BudgetCurve(run_id, 2, Budget(10, None).progress, evaluate)])
+    assert history(run_id, "kid_mean") == [(5, 1.0), (7, 2.0)]
 
 
 class CountingClient(mlflow.MlflowClient):
