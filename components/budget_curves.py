@@ -88,14 +88,21 @@ def ranking_changes(found: list[Standing]) -> str:
 
 
 def plot(found: list[Standing], ax: plt.Axes) -> bool:
-    """Each factor's mean KID over seeds against training minutes, with its interval (over seeds,
-    or the evaluation's own with one seed). False when there is nothing to draw."""
+    """Each factor's mean KID over seeds against training minutes, with every seed's own KID as a
+    dot (with two or three seeds a t interval is too wide to read as a picture; the verdict has
+    it), or with one seed the evaluation's bootstrap interval. False when nothing is drawn."""
     factors = sorted({f for s in found for f in s.comparison.estimate})
     for f in factors:
         at = [s for s in found if f in s.comparison.estimate]
         minutes = [s.train_s_of[f] / 60 for s in at]
         mean = [s.comparison.estimate[f] for s in at]
-        low = [m - s.comparison.interval[f][0] for m, s in zip(mean, at, strict=True)]
-        high = [s.comparison.interval[f][1] - m for m, s in zip(mean, at, strict=True)]
-        ax.errorbar(minutes, mean, yerr=[low, high], marker="o", markersize=3, capsize=2, label=f"f={f}")
+        (line,) = ax.plot(minutes, mean, marker="o", markersize=4, label=f"f={f}")
+        if all(s.comparison.training_noise_measured for s in at):
+            for x, s in zip(minutes, at, strict=True):
+                seeds = s.comparison.scores[f]
+                ax.scatter([x] * len(seeds), seeds, s=10, color=line.get_color(), alpha=0.5)
+        else:
+            low = [max(m - s.comparison.interval[f][0], 0) for m, s in zip(mean, at, strict=True)]
+            high = [max(s.comparison.interval[f][1] - m, 0) for m, s in zip(mean, at, strict=True)]
+            ax.errorbar(minutes, mean, yerr=[low, high], fmt="none", ecolor=line.get_color(), capsize=2)
     return bool(factors)

@@ -394,9 +394,12 @@ def _save(fig: plt.Figure, ax: plt.Axes, path: Path, empty: bool, legend: bool =
 
 def _plot_budget_curves(summary: SweepSummary, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
-    drawn = budget_curves.plot(budget_standings(summary.rows), ax)
+    found = budget_standings(summary.rows)
+    drawn = budget_curves.plot(found, ax)
+    seeds = bool(found) and all(s.comparison.training_noise_measured for s in found)
     extractor = comparable(summary.rows)[0]
-    title = "KID vs LDM training time (Figure 6), mean over seeds" + (f"\nfeatures: {extractor}" if extractor else "")
+    title = "KID vs LDM training time (Figure 6)" + (": mean, dots each seed" if seeds else ", one seed")
+    title += f"\nfeatures: {extractor}" if extractor else ""
     ax.set(xlabel="LDM training (min, batches only)", ylabel="KID", title=title)
     ax.grid(alpha=0.3)
     _save(fig, ax, path, not drawn)
@@ -437,18 +440,19 @@ def _plot_psnr_kid(summary: SweepSummary, path: Path) -> None:
     twin = ax.twinx()
     if result is not None:
         kid = sorted(result.estimate.items())
-        twin.plot(*zip(*kid, strict=True), marker="s", color="tab:red", label="KID (evaluate, mean over seeds)")
-        below = [max(v - result.interval[f][0], 0) for f, v in kid]
-        above = [max(result.interval[f][1] - v, 0) for f, v in kid]
-        twin.errorbar(
-            [f for f, _ in kid],
-            [v for _, v in kid],
-            yerr=[below, above],
-            fmt="none",
-            ecolor="tab:red",
-            capsize=3,
-            alpha=0.7,
-        )
+        label = "KID (evaluate; line: mean, dots: each seed)"
+        if not result.training_noise_measured:
+            label = "KID (evaluate, one seed: its bootstrap interval)"
+        twin.plot(*zip(*kid, strict=True), marker="s", color="tab:red", label=label)
+        if result.training_noise_measured:  # (a t interval over 2-3 seeds is too wide to read; the table has it)
+            dots = [(f, v) for f, values in result.scores.items() for v in values]
+            twin.scatter(*zip(*dots, strict=True), s=14, color="tab:red", alpha=0.5)
+        else:
+            below = [max(v - result.interval[f][0], 0) for f, v in kid]
+            above = [max(result.interval[f][1] - v, 0) for f, v in kid]
+            twin.errorbar(
+                [f for f, _ in kid], [v for _, v in kid], yerr=[below, above], fmt="none", ecolor="tab:red", capsize=3
+            )
     twin.set_ylabel(f"KID [{extractor}]" if extractor else "KID", color="tab:red")
     if factors and min(factors) > 0:
         ax.set_xscale("log", base=2)
