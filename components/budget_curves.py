@@ -19,8 +19,6 @@ from typing import TYPE_CHECKING
 from components.comparison import Comparison, compare
 
 if TYPE_CHECKING:  # (only names for annotations: the report's import chain stays short)
-    import matplotlib.pyplot as plt
-
     from components.sweep_summary import FactorRow
 
 
@@ -85,24 +83,3 @@ def ranking_changes(found: list[Standing]) -> str:
     if len(set(leaders)) == 1:
         return head + f" The lead does not change along the budget: f={leaders[0]} at every point."
     return head + " The ranking changes: " + "; ".join(changes) + "."
-
-
-def plot(found: list[Standing], ax: plt.Axes) -> bool:
-    """Each factor's mean KID over seeds against training minutes, with every seed's own KID as a
-    dot (with two or three seeds a t interval is too wide to read as a picture; the verdict has
-    it), or with one seed the evaluation's bootstrap interval. False when nothing is drawn."""
-    factors = sorted({f for s in found for f in s.comparison.estimate})
-    for f in factors:
-        at = [s for s in found if f in s.comparison.estimate]
-        minutes = [s.train_s_of[f] / 60 for s in at]
-        mean = [s.comparison.estimate[f] for s in at]
-        (line,) = ax.plot(minutes, mean, marker="o", markersize=4, label=f"f={f}")
-        if all(s.comparison.training_noise_measured for s in at):
-            for x, s in zip(minutes, at, strict=True):
-                seeds = s.comparison.scores[f]
-                ax.scatter([x] * len(seeds), seeds, s=10, color=line.get_color(), alpha=0.5)
-        else:
-            low = [max(m - s.comparison.interval[f][0], 0) for m, s in zip(mean, at, strict=True)]
-            high = [max(s.comparison.interval[f][1] - m, 0) for m, s in zip(mean, at, strict=True)]
-            ax.errorbar(minutes, mean, yerr=[low, high], fmt="none", ecolor=line.get_color(), capsize=2)
-    return bool(factors)

@@ -20,6 +20,7 @@ import mlflow  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from components import budget_curves  # noqa: E402
+from components.comparison import Comparison  # noqa: E402
 from components.store import UI_ADDRESS, run_page  # noqa: E402
 from components.sweep_summary import FactorRow, SweepSummary  # noqa: E402
 from components.verdict import comparable, comparison, verdict  # noqa: E402
@@ -36,7 +37,8 @@ def write_report(summary: SweepSummary, out_dir: Path) -> Path:
     comes first, then the tables with their legends, where the sweep came from, and the plots."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _plot_budget_curves(summary, out_dir / PLOTS[0])
+    standings = budget_standings(summary.rows)
+    _plot_budget_curves(summary, standings, out_dir / PLOTS[0])
     _plot_kid_vs_throughput(summary, out_dir / PLOTS[1])
     _plot_psnr_kid(summary, out_dir / PLOTS[2])
     _samples_by_factor(summary).save(out_dir / PLOTS[3])
@@ -51,7 +53,7 @@ def write_report(summary: SweepSummary, out_dir: Path) -> Path:
         "",
         verdict(summary),
         "",
-        budget_curves.ranking_changes(budget_standings(summary.rows)),
+        budget_curves.ranking_changes(standings),
         "",
         "## Results",
         "",
@@ -392,17 +394,35 @@ def _save(fig: plt.Figure, ax: plt.Axes, path: Path, empty: bool, legend: bool =
     plt.close(fig)
 
 
-def _plot_budget_curves(summary: SweepSummary, path: Path) -> None:
+def _plot_budget_curves(summary: SweepSummary, found: list[budget_curves.Standing], path: Path) -> None:
+    """Each factor's mean KID over seeds against its LDM's training minutes, seeds as in ``_seed_spread``."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    found = budget_standings(summary.rows)
-    drawn = budget_curves.plot(found, ax)
+    factors = sorted({f for s in found for f in s.comparison.estimate})
+    for f in factors:
+        at = [s for s in found if f in s.comparison.estimate]
+        minutes = [s.train_s_of[f] / 60 for s in at]
+        (line,) = ax.plot(minutes, [s.comparison.estimate[f] for s in at], marker="o", markersize=4, label=f"f={f}")
+        for x, s in zip(minutes, at, strict=True):
+            _seed_spread(ax, s.comparison, f, x, line.get_color())
     seeds = bool(found) and all(s.comparison.training_noise_measured for s in found)
     extractor = comparable(summary.rows)[0]
     title = "KID vs LDM training time (Figure 6)" + (": mean, dots each seed" if seeds else ", one seed")
     title += f"\nfeatures: {extractor}" if extractor else ""
     ax.set(xlabel="LDM training (min, batches only)", ylabel="KID", title=title)
     ax.grid(alpha=0.3)
-    _save(fig, ax, path, not drawn)
+    _save(fig, ax, path, not factors)
+
+
+def _seed_spread(ax: plt.Axes, result: Comparison, f: int, x: float, color: str) -> None:
+    """At ``x``, each seed's KID as a dot (a t interval over 2-3 seeds is too wide to read as a
+    picture; the tables have it), or with one seed its evaluation's bootstrap interval."""
+    if result.training_noise_measured:
+        ax.scatter([x] * len(result.scores[f]), result.scores[f], s=12, color=color, alpha=0.5)
+    else:
+        mean, (low, high) = result.estimate[f], result.interval[f]
+        ax.errorbar(
+            [x], [mean], yerr=[[max(mean - low, 0)], [max(high - mean, 0)]], fmt="none", ecolor=color, capsize=3
+        )
 
 
 def _plot_kid_vs_throughput(summary: SweepSummary, path: Path) -> None:
@@ -444,15 +464,8 @@ def _plot_psnr_kid(summary: SweepSummary, path: Path) -> None:
         if not result.training_noise_measured:
             label = "KID (evaluate, one seed: its bootstrap interval)"
         twin.plot(*zip(*kid, strict=True), marker="s", color="tab:red", label=label)
-        if result.training_noise_measured:  # (a t interval over 2-3 seeds is too wide to read; the table has it)
-            dots = [(f, v) for f, values in result.scores.items() for v in values]
-            twin.scatter(*zip(*dots, strict=True), s=14, color="tab:red", alpha=0.5)
-        else:
-            below = [max(v - result.interval[f][0], 0) for f, v in kid]
-            above = [max(result.interval[f][1] - v, 0) for f, v in kid]
-            twin.errorbar(
-                [f for f, _ in kid], [v for _, v in kid], yerr=[below, above], fmt="none", ecolor="tab:red", capsize=3
-            )
+        for f, _ in kid:
+            _seed_spread(twin, result, f, f, "tab:red")
     twin.set_ylabel(f"KID [{extractor}]" if extractor else "KID", color="tab:red")
     if factors and min(factors) > 0:
         ax.set_xscale("log", base=2)
