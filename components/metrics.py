@@ -215,10 +215,14 @@ def bootstrap_intervals(
     resampled with replacement ``rounds`` times (KID against a fixed subset of at most
     ``KID_REAL`` real images).
 
-    Basic (reverse-percentile) bootstrap: [2 t - q_hi, 2 t - q_lo] around the estimate t, so the
-    FID interval also corrects FID's upward bias at small N (resampling repeats images, which
-    biases each round further up by about as much); KID is unbiased, and stays so in each round
-    (``_weighted_mmd2``). A lower bound below 0 is reported as 0.
+    FID: basic (reverse-percentile) bootstrap, [2 t - q_hi, 2 t - q_lo] around the estimate t, so
+    the interval also corrects FID's upward bias at small N (resampling repeats images, which
+    biases each round further up by about as much). KID: percentile bootstrap, [q_lo, q_hi]. KID
+    is unbiased, and stays so in each round (``_weighted_mmd2``), so there is no bias to reflect,
+    but its spread is skewed to the right, which reflecting would turn the wrong way: on simulated
+    features at this project's sizes (tests/test_intervals.py, 400 trials, 494 real) the
+    percentile interval covered the true KID 94.5 % / 94.8 % / 94.3 % of the time at 256 / 64 / 24
+    fake, the basic one 89.8 % / 91.8 % / 90.0 %. A lower bound below 0 is reported as 0.
     """
     return _bootstrap(real, fake, rounds=rounds, confidence=confidence, seed=seed, metrics=metrics)[1]
 
@@ -259,8 +263,9 @@ def _bootstrap(
     out = {}
     for name, values in rounds_of.items() if rounds else ():  # (no rounds: no intervals)
         low_q, high_q = np.percentile(values, [tail, 100 - tail])
-        out[f"{name}_ci_low"] = max(0.0, 2 * estimate[name] - high_q)
-        out[f"{name}_ci_high"] = max(0.0, 2 * estimate[name] - low_q)
+        if name == "fid":  # basic: reflected around the estimate
+            low_q, high_q = 2 * estimate[name] - high_q, 2 * estimate[name] - low_q
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = max(0.0, low_q), max(0.0, high_q)
     return estimate, out
 
 
