@@ -13,11 +13,21 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from components import safe_yaml
+from components.credentials import holds_credentials, redact
 from components.errors import UserError
 from components.workspace import PARAMS_FILE
 
 FACTORS = (1, 2, 4, 8, 16, 32)
 UNLIMITED_STEPS = 10**9  # a time budget's step cap
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's seeds are 32-bit
+# Upper bounds that catch a typo (an extra digit) before it allocates or spawns without end; each
+# is far above any setting this project's hardware or the paper's recipe would use.
+MAX_DEVICES = 64
+MAX_BASE_CHANNELS = 1024  # paper: 128
+MAX_TIMESTEPS = 100_000  # paper: 1000
+MAX_BOOTSTRAP_ROUNDS = 100_000  # default 200
+MAX_LISTED = 10  # problems listed in one parameter error
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -36,8 +46,8 @@ def reporting(default: Any, **field: Any) -> Any:
 
 
 class Section(BaseModel):
-    # Unknown keys are typos, never silently ignored.
-    model_config = ConfigDict(extra="forbid")
+    # Unknown keys are typos, never silently ignored; 1.0e+400 reads as infinity, never a value.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     def shaping(self) -> dict[str, Any]:
         """The section's values that shape a result (every field not declared ``reporting``)."""
@@ -100,7 +110,10 @@ class TrainingBudget(Section):
     )
     accelerator: Literal["auto", "cpu", "cuda"] = reporting("auto", description="where it trains (auto: a GPU if any)")
     devices: int = Field(
-        1, ge=1, description="training processes; more than one: DDP (gloo on CPU, NCCL on CUDA), batch_size each"
+        1,
+        ge=1,
+        le=MAX_DEVICES,
+        description="training processes; more than one: DDP (gloo on CPU, NCCL on CUDA), batch_size each",
     )
 
 
@@ -108,16 +121,13 @@ class AEParams(TrainingBudget):
     factor: int = Field(8, description="downsampling factor f = 2^m; 1 means pixel space")
     regularizer: Literal["kl", "vq"] = Field("kl", description="latent regularizer: kl (AutoencoderKL) or vq (VQModel)")
     latent_channels: int | None = Field(None, ge=1, description="default by f, as the paper")
-    base_channels: int = Field(16, ge=8, description="paper: 128; 16 fits a 2-core CPU")
+    base_channels: int = Field(16, ge=8, le=MAX_BASE_CHANNELS, description="paper: 128; 16 fits a 2-core CPU")
     channel_mult: list[int] = Field([1, 2, 4, 4, 4, 4], description="width per level, m + 1 used")
     layers_per_block: int = Field(1, ge=1, description="ResNet blocks per resolution level")
     attention: bool = Field(True, description="self-attention in the middle block")
     codebook_size: int = Field(256, ge=2, description="VQ codebook entries")
-    # Measured (benchmarks/autoencoder.py ablation, 3 min each): l2 reaches per-image PSNR 12.55
-    # where l1 reaches 11.50 at f = 32, 18.83 vs 18.28 at f = 8, and 24.41 vs 24.54 at f = 4.
-    pixel_loss: Literal["l1", "l2"] = Field(
-        "l2", description="per-pixel reconstruction loss (paper: l1; l2 learns more within CPU minutes, measured)"
-    )
+    # l2 raises PSNR, which it minimises by construction, but not the samples' KID (docs/results.md).
+    pixel_loss: Literal["l1", "l2"] = Field("l1", description="per-pixel reconstruction loss (paper: l1)")
     kl_weight: float = Field(1e-6, ge=0, description="relative to the per-pixel reconstruction loss, as CompVis")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="the paper's GAN setting: [0.5, 0.9]")
     channels_per_group: int = Field(4, ge=1, description="GroupNorm channels per group (CompVis: 4 or more)")
@@ -158,9 +168,13 @@ class LDMParams(TrainingBudget):
     attention_max_size: int = Field(16, ge=1, description="cross-attention only at latent sizes <= this")
     context_dim: int = Field(128, ge=8, description="class/null embedding width (text: the encoder's)")
     max_text_tokens: int = Field(16, ge=4, description="caption tokens kept (conditioning=text)")
-    timesteps: int = Field(1000, ge=10, description="diffusion steps of the noise schedule (paper: 1000)")
-    beta_start: float = Field(0.0015, gt=0, description="first beta of the scaled-linear schedule (paper: 0.0015)")
-    beta_end: float = Field(0.0195, gt=0, description="last beta of that schedule (paper: 0.0195)")
+    timesteps: int = Field(
+        1000, ge=10, le=MAX_TIMESTEPS, description="diffusion steps of the noise schedule (paper: 1000)"
+    )
+    beta_start: float = Field(
+        0.0015, gt=0, lt=1, description="first beta of the scaled-linear schedule (paper: 0.0015)"
+    )
+    beta_end: float = Field(0.0195, gt=0, lt=1, description="last beta of that schedule (paper: 0.0195)")
     # Measured (benchmarks/ldm_quality.py, equal steps): v-prediction with Min-SNR-5 reaches
     # FID 4.4-4.7 where the paper's plain epsilon loss is at 7.5-7.8 (f = 4, 8; KID intervals apart).
     prediction: Literal["epsilon", "v_prediction"] = Field(
@@ -205,6 +219,10 @@ class LDMParams(TrainingBudget):
 
     @model_validator(mode="after")
     def _steps_fit_the_schedule(self) -> LDMParams:
+        if self.beta_start >= self.beta_end:
+            raise ValueError(
+                f"beta_start={self.beta_start} must be below beta_end={self.beta_end} (paper: 0.0015, 0.0195)"
+            )
         for name in ("sample_steps", "budget_sample_steps"):
             if getattr(self, name) > self.timesteps:
                 raise ValueError(f"{name}={getattr(self, name)} exceeds timesteps={self.timesteps}: pick at most that")
@@ -230,7 +248,9 @@ class EvalParams(Section):
     ddim_steps: list[int] = Field([10, 20, 50, 100, 200], description="FID vs throughput curve (Figure 7)")
     curve_samples: int = Field(250, ge=8, description="samples per point of that curve")
     extractor_steps: int = Field(600, ge=1, description="training steps of the domain extractor")
-    bootstrap_rounds: int = Field(200, ge=0, description="bootstrap rounds for FID/KID intervals (0: none)")
+    bootstrap_rounds: int = Field(
+        200, ge=0, le=MAX_BOOTSTRAP_ROUNDS, description="bootstrap rounds for FID/KID intervals (0: none)"
+    )
     confidence: float = Field(0.95, gt=0, lt=1, description="level of those intervals")
 
 
@@ -271,7 +291,9 @@ class ReproduceParams(Section):
 
 
 class Params(Section):
-    seed: int = Field(0, description="seed of initialisation, batches and samples (the split is fixed by the data)")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="seed of initialisation, batches and samples (the split is fixed by the data)"
+    )
     data: DataParams = DataParams()
     ae: AEParams = AEParams()
     ldm: LDMParams = LDMParams()
@@ -280,7 +302,22 @@ class Params(Section):
     reproduce: ReproduceParams = ReproduceParams()
 
     @model_validator(mode="after")
+    def _no_credentials(self) -> Params:
+        # Parameters reach MLflow, Prefect's database, DVC's config (committed to git) and reports.
+        for key, value in self.flat().items():
+            if isinstance(value, str) and holds_credentials(value):
+                raise ValueError(
+                    f"{key} holds credentials ({redact(value)}): leave them out of parameters and give them to "
+                    "the client instead (for S3: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or ~/.aws)"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _factor_fits_image(self) -> Params:
+        if self.seed + self.sweep.seeds - 1 > MAX_SEED:
+            raise ValueError(
+                f"seed + sweep.seeds - 1 must be at most {MAX_SEED} (seeds are 32-bit): pick a smaller seed"
+            )
         # (sweep.factors are checked by for_factor, when a sweep starts)
         if self.ae.factor > self.data.resolution:
             raise ValueError(
@@ -374,7 +411,7 @@ def params_from_run(
         )
     tree: dict[str, Any] = {}
     for key, raw in logged.items():
-        value = None if raw == "None" else yaml.safe_load(raw)
+        value = None if raw == "None" else _logged_value(raw)
         *parents, leaf = key.split(".")
         if parents and parents[0] in sections:
             continue
@@ -390,19 +427,37 @@ def params_from_run(
         raise UserError(f"The run's recorded parameters no longer validate: {describe(exc, None)}") from None
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error names the value, never a whole file."""
+    shown = repr(redact(value))
+    return shown if len(shown) <= limit else f"{shown[: limit - 20]}... ({len(shown):,} characters)"
+
+
 def describe(exc: ValidationError, path: Path | None) -> str:
     where = f" in {path}" if path else ""
     lines = []
-    for error in exc.errors():
+    errors = exc.errors()
+    for error in errors[:MAX_LISTED]:
         key = ".".join(str(part) for part in error["loc"]) or "(top level)"
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = f"unknown parameter; check the spelling against {PARAMS_FILE}"
         value = error.get("input")
-        shown = "" if isinstance(value, dict) or error["type"] == "missing" else f" = {value!r}"
+        shown = "" if isinstance(value, dict) or error["type"] == "missing" else f" = {_short(value)}"
         lines.append(f"  {key}{shown}: {message}")
+    if len(errors) > MAX_LISTED:
+        lines.append(f"  ... and {len(errors) - MAX_LISTED} more")
     return (
         f"Invalid parameters{where}:\n"
         + "\n".join(lines)
         + "\nFix the value in the YAML file or override it with --set key=value."
     )
+
+
+def _logged_value(raw: str) -> Any:
+    """A logged parameter read back as YAML (``8``, ``[1, 2]``), or the string itself where it is
+    not YAML (an alias, as anyone with access to the store could write in: not expanded)."""
+    try:
+        return safe_yaml.load(raw)
+    except yaml.YAMLError:
+        return raw

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from components import workspace
+from components import safe_yaml, workspace
 from components.errors import UserError
 from components.params import Params, describe, flatten
 
@@ -86,7 +86,7 @@ def read_preset(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"Parameter file {path} does not exist: pass --params with a YAML file.")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}  # -sig: a BOM is not a key
+        tree = safe_yaml.load(path.read_text(encoding="utf-8-sig")) or {}  # -sig: a BOM is not a key
     except yaml.YAMLError as exc:
         raise UserError(f"Parameter file {path} is not valid YAML: {exc}") from None
     except UnicodeDecodeError as exc:
@@ -117,12 +117,12 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         if not isinstance(node, dict):
             raise UserError(f"--set {key}: {part} is a value, not a section.")
     try:
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        node[leaf] = safe_yaml.load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or "not YAML"
-        raise UserError(
-            f"--set {assignment!r}: the value is not valid YAML ({problem}); quote it, e.g. --set '{key}=\"{raw}\"'."
-        ) from None
+        # (safe_yaml's own refusals say what to do; a syntax error is usually a string to quote)
+        fix = "" if isinstance(exc, safe_yaml.Refused) else f"; quote it, e.g. --set '{key}=\"{raw}\"'"
+        raise UserError(f"--set {assignment!r}: the value is not valid YAML ({problem}){fix}.") from None
 
 
 def _origin_of(key: str, origin: dict[str, str]) -> str:

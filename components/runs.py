@@ -43,10 +43,11 @@ from components.contract import (
     TAG_RUN_KEY,
     TAG_STAGE,
 )
+from components.credentials import redact
 from components.errors import UserError
 from components.machine import describe as describe_machine
 from components.precision import Precision
-from components.store import RunGlance, check_run, redact
+from components.store import RunGlance, check_run
 
 # --- what a run's identity is made of --------------------------------------------------------
 

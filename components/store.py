@@ -7,21 +7,17 @@ else about runs goes through MLflow: ``components.tracking``, ``components.runs`
 from __future__ import annotations
 
 import os
-import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from components.contract import TAG_STAGE
+from components.credentials import redact
 from components.errors import InfrastructureError, UserError
 from components.workspace import TRACKING_DB
 
 DEFAULT_EXPERIMENT = "latentlab"
-
-# user:password@ (the password may hold "/" and "@": up to the last "@"), or a bare token@
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?:[^/:@\s]+:\S*|[^/@\s]+)@", re.IGNORECASE)
 
 
 def tracking_uri() -> str:
@@ -51,11 +47,6 @@ def run_page(experiment_id: str, run_id: str, uri: str | None = None) -> str:
 def default_uri() -> str:
     """``mlflow.db`` in the working directory."""
     return f"sqlite:///{TRACKING_DB.resolve()}"
-
-
-def redact(value: Any) -> Any:
-    """Drop credentials embedded in URLs (``s3://key:secret@host``) before anything is logged."""
-    return _URL_CREDENTIALS.sub(r"\g<scheme>***@", value) if isinstance(value, str) else value
 
 
 def check_store(uri: str | None = None) -> None:

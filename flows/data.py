@@ -15,12 +15,12 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from components import dvc, ownership, progress, workspace
+from components.credentials import redact
 from components.dataset import build_dataset, is_current, read_manifest, read_records, remember_build
 from components.grids import labeled_grid
 from components.params import DataParams, Params, flatten
 from components.runs import data_build_key
 from components.sources import load_source
-from components.store import redact
 from components.workspace import DATA_DIR
 from flows.stage import DataVersion, Stage, run_stage
 

@@ -46,12 +46,55 @@ def test_flat_uses_dotted_names():
         ("ldm.sample_steps=2000", "exceeds timesteps=1000"),
         ("eval.ddim_steps=[0, 10]", "eval.ddim_steps"),
         ("eval.sample_steps=5000", "eval.sample_steps"),
+        ("ldm.lr=1.0e+400", "ldm.lr"),  # infinity
+        ("ae.kl_weight=.nan", "ae.kl_weight"),
+        ("ldm.beta_end=1.5", "ldm.beta_end"),
+        ("ldm.beta_start=0.05", "beta_start=0.05 must be below"),
+        ("seed=4294967296", "seed"),  # 32-bit: would fail only once training starts
+        ("seed=-1", "seed"),
+        ("seed=4294967295", "sweep.seeds"),  # the default's second seed overflows
+        ("ae.devices=1000", "ae.devices"),
+        ("ae.base_channels=100000", "ae.base_channels"),
+        ("ldm.timesteps=10000000", "ldm.timesteps"),
+        ("eval.bootstrap_rounds=100000000", "eval.bootstrap_rounds"),
     ],
 )
 def test_invalid_values_name_the_key(repo, override, named):
     with pytest.raises(UserError) as caught:
         load_params(repo / "params/default.yaml", [override])
     assert named in str(caught.value)
+
+
+def test_an_error_names_a_long_value_without_printing_it_whole(repo):
+    with pytest.raises(UserError) as caught:
+        load_params(repo / "params/default.yaml", ["ldm.widths=[" + ", ".join(["48"] * 5000) + "]"])
+    assert "ldm.widths" in str(caught.value) and len(str(caught.value)) < 1000
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("ae:\n  factor: 4\n  factor: 16\n", "'factor' appears twice"),
+        ("ae:\n  factor: 4\nae:\n  lr: 1.0\n", "'ae' appears twice"),
+        ("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nae: [*b, *b]\n", "alias *a"),
+    ],
+)
+def test_duplicate_keys_and_aliases_are_refused_by_line(tmp_path, text, named):
+    """PyYAML keeps the last of two keys silently, and nested aliases expand without bound once
+    the tree is walked (a billion laughs in a few hundred bytes): neither reaches a run."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(UserError, match="not valid YAML") as caught:
+        load_params(bad)
+    assert named in str(caught.value) and "line" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "named"), [("ae={factor: 4, factor: 8}", "appears twice"), ("ae.channel_mult=[&a 1, *a]", "alias")]
+)
+def test_set_values_refuse_duplicate_keys_and_aliases_too(override, named):
+    with pytest.raises(UserError, match=named):
+        load_params(None, [override])
 
 
 def test_factor_larger_than_image_is_refused():

@@ -245,7 +245,7 @@ def test_cosine_schedule_decays_the_learning_rate_over_the_budget(tmp_path):
     ],
 )
 def test_credentials_in_urls_are_redacted_whatever_the_password_holds(text, expected):
-    from components.store import redact
+    from components.credentials import redact
 
     assert redact(text) == expected
 
