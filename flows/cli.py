@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from components import progress, workspace
+from components.credentials import redact
 from components.errors import InfrastructureError, Reported, UserError, store_failure
 from components.params import Params
 from components.presets import load_params
@@ -142,7 +143,7 @@ def cmd_ui(params: Params | None, args: argparse.Namespace) -> None:
     import socket
     import subprocess
 
-    from components.store import check_store, redact, tracking_uri
+    from components.store import check_store, tracking_uri
     from components.tracking import close_all_orphans
 
     uri = tracking_uri()
@@ -162,7 +163,7 @@ def cmd_ui(params: Params | None, args: argparse.Namespace) -> None:
             "reach this machine can read, change and delete your runs."
         )
     close_all_orphans()  # so RUNNING in the UI means running
-    console.print(f"MLflow UI for {uri} (Ctrl-C to stop); the runs of experiment {args.experiment!r}:")
+    console.print(f"MLflow UI for {redact(uri)} (Ctrl-C to stop); the runs of experiment {args.experiment!r}:")
     print(runs_page(f"http://{args.host}:{args.port}", args.experiment), flush=True)
     command = [
         sys.executable,
@@ -589,10 +590,10 @@ def main(argv: list[str] | None = None) -> int:
             check_store()
         args.handler(params, args)
     except InfrastructureError as exc:
-        console.print(f"[bold red]latentlab {args.command}:[/] {exc}", highlight=False)
+        console.print(f"[bold red]latentlab {args.command}:[/] {redact(str(exc))}", highlight=False)
         return 3
     except UserError as exc:
-        console.print(f"[bold red]latentlab {args.command}:[/] {exc}", highlight=False)
+        console.print(f"[bold red]latentlab {args.command}:[/] {redact(str(exc))}", highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print(f"latentlab {args.command}: interrupted; finished work is kept, rerun to resume.")

@@ -18,6 +18,7 @@ from prefect.states import Failed, State
 
 from components import progress, workspace
 from components.contract import TAG_AE_RUN
+from components.credentials import redact
 from components.errors import UserError
 from components.features import Extractor
 from components.first_stage import FirstStageRef
@@ -109,8 +110,9 @@ def factor(params: Params, experiment: str, sweep_run_id: str, data: DataVersion
             evaluation = evaluate_flow(params, ldm.run_id, experiment, sweep_run_id, data)
             entry = replace(entry.with_run("evaluate", evaluation.run_id), status=FINISHED)
     except Exception as exc:  # noqa: BLE001 (one factor must not sink the sweep)
-        get_run_logger().error("%s failed: %s: %s", name, type(exc).__name__, exc)
-        entry = replace(entry, status=f"failed: {type(exc).__name__}: {exc}"[:500])
+        why = redact(f"{type(exc).__name__}: {exc}")  # (MLflow's errors carry the server's URL, credentials too)
+        get_run_logger().error("%s failed: %s", name, why)
+        entry = replace(entry, status=f"failed: {why}"[:500])
         write_factor_entry(sweep_run_id, params.ae.factor, entry, repeat)
         raise FactorFailed(f"{name} {entry.status}") from None
     write_factor_entry(sweep_run_id, params.ae.factor, entry, repeat)
