@@ -13,6 +13,7 @@ import importlib.resources
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from components.params import DataParams
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 CAPTIONS_FILE = "captions.csv"
 UNLABELED = "unlabeled"
+# Above Pillow's bomb limit (``Image.MAX_IMAGE_PIXELS``, 89 M pixels) an image is a bad file; Pillow
+# only warns between the limit and twice it, so ``_file_loader`` refuses those images itself.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @dataclass(frozen=True)
@@ -249,17 +253,24 @@ def folder_items(root: Path) -> tuple[list[Item], list[BadFile]]:
     root = require_folder(root)
     captions = _read_captions(root)
     items: list[Item] = []
-    bad: list[BadFile] = []
+    paths, bad = _walk(root)
     named: dict[str, str] = {}  # item id -> the file that took it
-    for path in sorted(p for p in root.rglob("*") if not p.is_dir()):
+    for path in paths:
         rel = path.relative_to(root)
         if any(part.startswith(".") for part in rel.parts) or rel == Path(CAPTIONS_FILE):
+            continue
+        if not _utf8(rel):  # it would reach JSON, MLflow and the terminal: none can carry it
+            shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
+            bad.append(BadFile(shown, "its name is not valid UTF-8: rename it"))
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             bad.append(BadFile(str(rel), f"not an image (suffix {path.suffix or 'none'!r})"))
             continue
         if not path.exists():
             bad.append(BadFile(str(rel), f"a link to {os.readlink(path)}, which does not exist"))
+            continue
+        if not path.is_file():  # reading a FIFO would wait forever; a device file never ends
+            bad.append(BadFile(str(rel), "not a regular file (a FIFO, socket or device)"))
             continue
         name = rel.with_suffix("").as_posix()
         if name in named:  # a.png and a.jpg would both become a.png in data/
@@ -277,10 +288,45 @@ def folder_state(root: Path) -> list[tuple[str, int, int]]:
     """(path, size, mtime) of every file: cheap evidence that a folder changed."""
     root = Path(root)
     return [
-        (p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-        for p in sorted(root.rglob("*"))
+        (os.fsencode(p.relative_to(root)).decode("utf-8", "backslashreplace"), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in _files(root)
         if p.is_file()
     ]
+
+
+def _files(root: Path) -> list[Path]:
+    """Every non-folder entry under ``root``, sorted, through linked folders too (a class folder
+    linked from elsewhere is data; ``Path.rglob`` would skip it)."""
+    return _walk(root)[0]
+
+
+def _walk(root: Path) -> tuple[list[Path], list[BadFile]]:
+    """(the entries, linked folders left out): ``os.walk`` following links, each real folder
+    once, so a link back to a parent cannot loop and a folder linked twice counts once."""
+    seen = {os.path.realpath(root)}
+    found: list[Path] = []
+    left_out: list[BadFile] = []
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        keep = []
+        for name in sorted(subfolders, key=lambda n: (os.path.islink(os.path.join(folder, n)), n)):  # real first
+            real = os.path.realpath(os.path.join(folder, name))
+            if real in seen:
+                rel = os.path.relpath(os.path.join(folder, name), root)
+                left_out.append(BadFile(rel, "a link to a folder read already (or a loop): left out"))
+            else:
+                seen.add(real)
+                keep.append(name)
+        subfolders[:] = keep
+        found += [Path(folder) / name for name in names]
+    return sorted(found), left_out
+
+
+def _utf8(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # (undecodable bytes arrive as lone surrogates)
+        return False
+    return True
 
 
 def _read_captions(root: Path) -> dict[str, tuple[str | None, str]]:
@@ -289,12 +335,19 @@ def _read_captions(root: Path) -> dict[str, tuple[str | None, str]]:
     path = root / CAPTIONS_FILE
     if not path.exists():
         return {}
+    if not path.is_file():  # a FIFO would wait for a writer forever
+        raise UserError(f"{path} is not a regular file: make it a CSV file, or remove it.")
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a BOM is no part of a column name
-            rows = list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)
+            rows = list(reader)
     except UnicodeDecodeError as exc:
         raise UserError(
             f"{path} is not UTF-8 (byte {exc.object[exc.start]:#x} at offset {exc.start}): save it as UTF-8."
+        ) from None
+    except csv.Error as exc:  # e.g. a field over csv's 128 KiB limit: no caption is that long
+        raise UserError(
+            f"{path}: {exc} (after line {reader.line_num}). Fix that row: captions are short text."
         ) from None
     columns = set(rows[0]) if rows else set()
     if rows and ("file" not in columns or not columns & {"caption", "group"}):
@@ -311,6 +364,9 @@ def _file_loader(path: Path) -> Callable[[], Image.Image]:
             raise ValueError("empty file (0 bytes)")
         try:
             with Image.open(path) as image:
+                limit = Image.MAX_IMAGE_PIXELS
+                if limit and image.width * image.height > limit:  # (the header says; nothing decoded yet)
+                    raise Image.DecompressionBombError(f"{image.width} x {image.height} pixels, over {limit:,}")
                 image.load()
                 return image.copy()
         except PermissionError:

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -106,6 +108,43 @@ def test_folder_inputs_that_cannot_become_data_are_named_not_raised(tmp_path, mo
     assert "does not exist" in reasons["cats/gone.png"]
     with pytest.raises(ValueError, match="too large to decode safely"):
         next(item for item in items if item.origin == "cats/huge.png").load()
+
+
+def test_hostile_folder_entries_become_named_bad_files_and_linked_class_folders_count(tmp_path, monkeypatch):
+    """A FIFO would hang the reader, a name that is not UTF-8 breaks JSON and MLflow, an image
+    between Pillow's limit and twice it would decode after a mere warning, a class folder linked
+    from elsewhere was dropped silently, and a link back to a parent must not loop."""
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere" / "dogs"
+    (root / "cats").mkdir(parents=True)
+    elsewhere.mkdir(parents=True)
+    Image.new("RGB", (20, 20), "red").save(root / "cats" / "a.png")
+    Image.new("RGB", (20, 20), "blue").save(elsewhere / "d.png")
+    Image.new("RGB", (40, 40), "red").save(root / "cats" / "bomb.png")  # 1,600 pixels: in the warning band
+    (root / "dogs").symlink_to(elsewhere)
+    (root / "cats" / "back").symlink_to(root)
+    os.mkfifo(root / "cats" / "pipe.png")
+    (root / os.fsdecode(b"caf\xe9.png")).write_bytes(b"latin-1 name")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)
+    items, bad = folder_items(root)
+    assert sorted(item.origin for item in items) == ["cats/a.png", "cats/bomb.png", "dogs/d.png"]
+    reasons = {b.path: b.reason for b in bad}
+    assert "not a regular file" in reasons["cats/pipe.png"]
+    assert "not valid UTF-8" in reasons["caf\\xe9.png"]
+    assert "read already (or a loop)" in reasons["cats/back"]
+    with pytest.raises(ValueError, match="too large to decode safely .*40 x 40 pixels"):
+        next(item for item in items if item.origin == "cats/bomb.png").load()
+
+
+def test_a_caption_file_that_cannot_be_read_is_refused_by_name(tmp_path):
+    (tmp_path / "cats").mkdir()
+    Image.new("RGB", (40, 40)).save(tmp_path / "cats" / "c.png")
+    (tmp_path / "captions.csv").write_text("file,caption\ncats/c.png," + "x" * 200_000 + "\n")
+    with pytest.raises(UserError, match="field larger than field limit.*captions are short text"):
+        folder_items(tmp_path)
+    (tmp_path / "captions.csv").unlink()
+    os.mkfifo(tmp_path / "captions.csv")  # opening it would wait for a writer forever
+    with pytest.raises(UserError, match="captions.csv is not a regular file"):
+        folder_items(tmp_path)
 
 
 def test_captions_must_be_utf8_and_may_start_with_a_bom(tmp_path):
