@@ -73,7 +73,7 @@ def train_ldm(
     if conditioner.mode == "text":  # a fixed table, not a parameter that DDP would hand over
         tensors["text_states"] = conditioner.table
     with distributed.ranks(ldm.devices, Path(checkpoint_dir) / "ranks", f"{__name__}:train_rank", rank_args, tensors):
-        trainer = make_trainer(ldm, checkpoint_dir, list(callbacks), precision)
+        trainer = make_trainer(ldm, checkpoint_dir, list(callbacks), precision, section="ldm")
         fit(trainer, module, loader, checkpoint_dir)
     return module
 

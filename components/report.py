@@ -24,6 +24,7 @@ from components.comparison import Comparison  # noqa: E402
 from components.store import UI_ADDRESS, run_page  # noqa: E402
 from components.sweep_summary import FactorRow, SweepSummary  # noqa: E402
 from components.verdict import comparable, comparison, verdict  # noqa: E402
+from components.workspace import write_atomically  # noqa: E402
 
 DASH = "—"
 PLOTS = ("kid_vs_training_time.png", "kid_vs_throughput.png", "psnr_kid_vs_f.png", "samples_by_factor.png")
@@ -41,7 +42,8 @@ def write_report(summary: SweepSummary, out_dir: Path) -> Path:
     _plot_budget_curves(summary, standings, out_dir / PLOTS[0])
     _plot_kid_vs_throughput(summary, out_dir / PLOTS[1])
     _plot_psnr_kid(summary, out_dir / PLOTS[2])
-    _samples_by_factor(summary).save(out_dir / PLOTS[3])
+    grid = _samples_by_factor(summary)
+    write_atomically(out_dir / PLOTS[3], lambda partial: grid.save(partial, format="PNG"))
     day = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(summary.started_ms / 1000))
     link = f"[{summary.run_id}]({run_page(summary.experiment_id, summary.run_id)})"
     lines = [
@@ -84,9 +86,10 @@ def write_report(summary: SweepSummary, out_dir: Path) -> Path:
         f"![Final samples per factor]({PLOTS[3]})",
         "",
     ]
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    # Atomically, each file: another command may be reading or uploading this folder meanwhile.
+    return write_atomically(
+        out_dir / "report.md", lambda partial: partial.write_text("\n".join(lines), encoding="utf-8")
+    )
 
 
 def budget_standings(rows: list[FactorRow]) -> list[budget_curves.Standing]:
@@ -390,7 +393,7 @@ def _save(fig: plt.Figure, ax: plt.Axes, path: Path, empty: bool, legend: bool =
     elif legend and ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomically(path, lambda partial: fig.savefig(partial, dpi=110, format="png"))
     plt.close(fig)
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import pytorch_lightning as L
@@ -22,6 +22,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from components import progress
 from components.errors import UserError
 from components.params import TrainingBudget
+from components.workspace import write_atomically
 
 LAST = "last.ckpt"
 CHECKPOINT = "checkpoint"  # the run artifact folder a training run shares its latest LAST in (mlflow_callbacks)
@@ -159,11 +160,36 @@ class PeriodicCheckpoint(L.Callback):
         self.save(trainer)
 
     def save(self, trainer: L.Trainer) -> None:
-        partial = self.path.with_suffix(".partial")
-        trainer.save_checkpoint(partial, weights_only=False)  # full state, to resume (rank 0 writes it)
+        def full_state(path: Path) -> None:  # to resume; a collective that only rank 0 writes
+            trainer.save_checkpoint(path, weights_only=False)
+
         if trainer.is_global_zero:
-            os.replace(partial, self.path)  # never a half-written last.ckpt
+            write_atomically(self.path, full_state)  # never a half-written last.ckpt, nor a stray partial
+        else:
+            full_state(self.path)
         self._saved = time.monotonic()
+
+
+class Diverged(UserError):
+    """The training loss became NaN or infinite: the run fails, and nothing is registered."""
+
+
+class FiniteLoss(L.Callback):
+    """Stops the stage at the first non-finite loss: a NaN model would train on to the end of its
+    budget, be evaluated and be registered. (Every rank checks its own loss; DDP's averaged
+    gradients spread a NaN to every rank within a step, so all stop.)"""
+
+    def __init__(self, section: str):
+        self.section = section
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_) -> None:
+        loss = getattr(module, "logged", {}).get("train_loss")
+        if loss is not None and not torch.isfinite(loss):
+            raise Diverged(
+                f"Training diverged: the {self.section} loss is {float(loss)} at step {int(module.steps)}. The run "
+                f"fails and registers nothing; lower {self.section}.lr (now {trainer.optimizers[0].param_groups[0]['lr']:g})"
+                f" or set {self.section}.precision=32-true, and rerun."
+            )
 
 
 class RanksAgree(L.Callback):
@@ -227,10 +253,12 @@ def make_trainer(
     callbacks: list[L.Callback],
     precision: str = "32-true",
     manual_optimization: bool = False,
+    section: str = "ae",
 ) -> L.Trainer:
     """``precision``: decided (``components.precision.decide``), not ``auto``. With ``budget.devices`` > 1,
     inside ``distributed.ranks`` (which starts the other processes); ``manual_optimization``:
-    the module steps several optimisers, so each backward leaves some parameters out."""
+    the module steps several optimisers, so each backward leaves some parameters out;
+    ``section``: the budget's parameter section, as messages name it."""
     Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
     limits = Budget(budget.max_steps, budget.max_minutes)
     schedule = [CosineDecay(limits)] if budget.lr_schedule == "cosine" else []
@@ -246,6 +274,7 @@ def make_trainer(
             limits,
             *schedule,
             ReportProgress(limits),
+            FiniteLoss(section),
             PeriodicCheckpoint(checkpoint_dir, budget.checkpoint_every, budget.checkpoint_minutes * 60),
             *([RanksAgree()] if several else []),
             *callbacks,
@@ -260,8 +289,32 @@ def make_trainer(
 
 
 def fit(trainer: L.Trainer, module: L.LightningModule, loader, checkpoint_dir: Path) -> None:
-    """Train, resuming from ``checkpoint_dir/last.ckpt`` when a previous attempt left one."""
+    """Train, resuming from ``checkpoint_dir/last.ckpt`` when a previous attempt left one and it
+    is whole (else it is set aside, named in a warning, and training starts over)."""
     last = Path(checkpoint_dir) / LAST
-    trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None, weights_only=True)
+    resume = last.exists() and _whole(last)  # (every rank reads the same file: all decide alike)
+    if last.exists() and not resume and trainer.is_global_zero:
+        _set_aside(last)
+    trainer.fit(module, loader, ckpt_path=str(last) if resume else None, weights_only=True)
     if trainer.interrupted:
         raise KeyboardInterrupt
+
+
+def _whole(checkpoint: Path) -> bool:
+    """Whether a checkpoint (torch's zip format) reads back byte for byte: every member's CRC."""
+    try:
+        with zipfile.ZipFile(checkpoint) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
+
+
+def _set_aside(checkpoint: Path) -> None:
+    """Move a damaged checkpoint out of the way, keeping it for a post-mortem."""
+    kept = checkpoint.with_name(f"{checkpoint.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    checkpoint.replace(kept)
+    progress.log.warning(
+        "The checkpoint %s is damaged (truncated or corrupt): set aside as %s; training starts over.",
+        checkpoint,
+        kept.name,
+    )

@@ -57,16 +57,29 @@ def reading_data(folder: Path) -> Iterator[None]:
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
     """``write(temporary)`` then rename it to ``path``: a crash never leaves half a file there,
-    and two processes writing the same file never write into one temporary (unique names)."""
+    and two processes writing the same file never write into one temporary (unique names). The
+    temporary's bytes reach the disk before the rename, and the rename before this returns, so
+    a power loss leaves the old file or the new one, never an empty one (what the rename alone
+    gives on ext4/XFS once the page cache is lost)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
     try:
         write(partial)
+        _fsync(partial)
         partial.replace(path)
+        _fsync(path.parent)
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def dvc_config(root: Path, local: bool = False) -> Path:

@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from components.conditioning import Conditioner, TextEncoder
 from components.diffusion import LatentDiffusionModule, build_unet, noise_scheduler, read_config
+from components.errors import UserError
 from components.first_stage import build_first_stage
 from components.latents import cached_latents
 from components.params import AEParams, LDMParams
@@ -91,6 +92,25 @@ def test_a_damaged_latent_cache_is_encoded_again(tmp_path):
     assert torch.equal(cached_latents(cache, stage, images)["train"], expected["train"])
     assert torch.equal(load_file(cache)["train"], expected["train"])  # and rewritten whole
     assert [p.name for p in tmp_path.iterdir()] == ["z.safetensors"]  # no temporary left behind
+
+
+def test_a_latent_cache_holding_nan_is_encoded_again_and_a_nan_encoder_is_refused(tmp_path):
+    """Keys and lengths can be right while the values are not: a NaN latent would train a NaN
+    denoiser, which would then be evaluated and registered."""
+    stage = build_first_stage(AEParams(factor=4, base_channels=8, channel_mult=[1, 1, 2], attention=False), 16)
+    images = {"train": (torch.rand(8, 3, 16, 16) * 255).to(torch.uint8)}
+    cache = tmp_path / "z.safetensors"
+    expected = cached_latents(cache, stage, images)
+    poisoned = expected["train"].clone()
+    poisoned[3, 0, 0, 0] = float("nan")
+    save_file({"train": poisoned}, cache)
+    assert torch.equal(cached_latents(cache, stage, images)["train"], expected["train"])
+    with torch.no_grad():
+        next(stage.parameters()).fill_(float("nan"))  # weights as a diverged training leaves them
+    cache.unlink()
+    with pytest.raises(UserError, match="NaN or infinite latents: the autoencoder is broken"):
+        cached_latents(cache, stage, images)
+    assert not cache.exists()
 
 
 def test_saved_ldm_loads_from_its_directory_alone(tmp_path):
