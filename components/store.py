@@ -10,7 +10,7 @@ import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from components.contract import TAG_STAGE
 from components.credentials import redact
@@ -45,8 +45,21 @@ def run_page(experiment_id: str, run_id: str, uri: str | None = None) -> str:
 
 
 def default_uri() -> str:
-    """``mlflow.db`` in the working directory."""
-    return f"sqlite:///{TRACKING_DB.resolve()}"
+    """``mlflow.db`` in the working directory. A path holding ``?`` or ``%`` is refused: SQLAlchemy
+    ends the database's path at ``?`` and decodes ``%XX`` (the store would land outside the
+    project), and MLflow creates the undecoded folder if the path is encoded."""
+    path = str(TRACKING_DB.resolve())
+    if "?" in path or "%" in path:
+        raise UserError(
+            f"The project folder {Path.cwd()} has '?' or '%' in its path, which the SQLite store's URI cannot "
+            "hold (mlflow.db would land elsewhere): rename or move it, or set MLFLOW_TRACKING_URI."
+        )
+    return f"sqlite:///{path}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for any other store)."""
+    return Path(unquote(uri.removeprefix("sqlite:///"))) if uri.startswith("sqlite:///") else None
 
 
 def check_store(uri: str | None = None) -> None:
@@ -64,8 +77,7 @@ def check_store(uri: str | None = None) -> None:
                 f"The MLflow tracking server {redact(uri)} does not answer ({type(exc).__name__}): start it "
                 f"(see the README), or unset MLFLOW_TRACKING_URI to use {TRACKING_DB} in this directory."
             ) from None
-    elif uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
+    elif (path := sqlite_path(uri)) is not None:
         header = b""
         if path.is_file():
             with path.open("rb") as handle:
@@ -106,8 +118,8 @@ def glance(run_id: str, uri: str | None = None) -> RunGlance | None:
     that wants credentials, a schema it does not know): MLflow's client then decides."""
     uri = uri or tracking_uri()
     try:
-        if uri.startswith("sqlite:///"):
-            return _from_sqlite(Path(uri.removeprefix("sqlite:///")), run_id)
+        if (path := sqlite_path(uri)) is not None:
+            return _from_sqlite(path, run_id)
         if uri.startswith(("http://", "https://")):
             return _from_server(uri, run_id)
     except (sqlite3.Error, OSError, ValueError, KeyError):

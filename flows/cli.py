@@ -101,6 +101,8 @@ def cmd_sweep(params: Params, args: argparse.Namespace) -> None:
         params, experiment=args.experiment, fail_on_regression=args.fail_on_regression, return_state=True
     )
     result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):  # the flow itself failed (not a factor): its own error, as raised
+        raise result
     verb = "Reused finished sweep" if result.reused else "Sweep"
     console.print(f"[bold green]{verb} {result.run_id}[/]: report {result.report}")
     for name, entry in result.failed.items():
@@ -279,10 +281,10 @@ def cmd_runs(params: Params | None, args: argparse.Namespace) -> None:
     import mlflow
 
     from components.recent_runs import age, recent
-    from components.store import tracking_uri
+    from components.store import sqlite_path, tracking_uri
 
     uri = tracking_uri()
-    fresh = uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
+    fresh = (path := sqlite_path(uri)) is not None and not path.exists()
     mlflow.set_tracking_uri(uri)
     found = [] if fresh else recent(args.experiment, args.limit, args.stage)  # (a fresh store is not created)
     if not found:

@@ -256,3 +256,28 @@ def test_the_experiment_is_marked_as_model_training_so_the_ui_opens_on_its_runs(
     assert "mlflow.experimentKind" not in mlflow.get_experiment(mlflow_store).tags  # made by MLflow itself
     assert use_experiment("latentlab") == mlflow_store
     assert mlflow.get_experiment(mlflow_store).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_project_folder_whose_path_the_sqlite_uri_cannot_hold_is_refused_and_others_keep_the_store_inside(
+    tmp_path, cli, monkeypatch
+):
+    """SQLAlchemy ends a database path at "?" (the store landed outside the project, at the
+    folder's prefix) and decodes "%XX"; "#", spaces and non-ASCII letters are fine."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    refused = tmp_path / "runs?v=2"
+    refused.mkdir()
+    done = cli(refused, "train-ae")
+    assert done.returncode == 2 and "'?' or '%' in its path" in " ".join((done.stderr + done.stdout).split())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs?v=2"] and not any(refused.iterdir())
+
+    from components.tracking import use_experiment
+
+    kept = tmp_path / "runs #1 ü"
+    kept.mkdir()
+    monkeypatch.chdir(kept)
+    use_experiment("latentlab")
+    with mlflow.start_run() as run:
+        mlflow.log_text("kept", "note.txt")
+    assert (kept / "mlflow.db").is_file() and (kept / "mlartifacts").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs #1 ü", "runs?v=2"]
+    assert mlflow.get_run(run.info.run_id).info.status == "FINISHED"
