@@ -18,6 +18,7 @@ Downloads are kept under ``.latentlab/models/<run id>/``.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import warnings
@@ -46,8 +47,18 @@ LDM = "ldm"
 PIPELINE = "pipeline"
 
 
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # MLflow's: uuid4().hex
+
+
 def local_copy(run_id: str, artifact_path: str) -> Path:
-    """Run ``run_id``'s artifact, downloaded once; a partial download never looks complete."""
+    """Run ``run_id``'s artifact, downloaded once; a partial download never looks complete.
+    ``run_id`` may come from the store (an LDM's config names its first stage's run), which
+    anyone with access can edit: it becomes a folder name only as a run id."""
+    if not RUN_ID.fullmatch(str(run_id)):
+        raise UserError(
+            f"{str(run_id)[:80]!r} is not an MLflow run id (32 hex digits): the run that names it was edited "
+            "or damaged; train that stage again."
+        )
     target = workspace.model_dir(run_id) / artifact_path
     if target.exists():
         return target

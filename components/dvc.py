@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from components.errors import UserError
 from components.workspace import DATA_DIR, DATA_DVC, DVC_DIR, dvc_config
 
 REMOTE_NAME = "latentlab"
+DATA_VERSION = re.compile(r"[0-9a-f]{32}(\.dir)?")  # DVC's md5 of data/: the data version
 
 
 def dvc(root: Path, *args: str) -> str:
@@ -122,9 +124,21 @@ def is_up_to_date(root: Path, dvc_file: str | Path = DATA_DVC) -> bool:
         return False
 
 
+def check_version(data_version: str) -> str:
+    """``data_version`` if it is one: it comes from a run's tag, which anyone with access to the
+    store can edit, and it becomes a folder name ("/elsewhere" would run `dvc init` there)."""
+    if not DATA_VERSION.fullmatch(str(data_version)):
+        raise UserError(
+            f"{str(data_version)[:80]!r} is not a data version (DVC's md5 of data/, 32 hex digits and .dir): the "
+            "run's latentlab.data_version tag was edited or damaged; use another run."
+        )
+    return data_version
+
+
 def restore(data_version: str, workspace: Path, *, cache_dir: Path, remote: str, endpoint: str | None = None) -> Path:
     """Check out data version ``data_version`` into ``workspace/data`` (a separate DVC project that
     shares ``cache_dir`` and the remote), leaving the user's own ``data/`` untouched."""
+    check_version(data_version)
     workspace = Path(workspace)
     workspace.mkdir(parents=True, exist_ok=True)
     if version(workspace) == data_version and is_up_to_date(workspace):

@@ -3,8 +3,6 @@
 import re
 from urllib.parse import urlsplit
 
-from components.credentials import redact
-
 RESULT_NEUTRAL = True  # messages, never what a run computes: not part of any stage's code identity
 
 
@@ -33,5 +31,5 @@ def store_failure(error: BaseException) -> str | None:
     url, cause = text.removeprefix("API request to ").split(" failed with exception ", 1)
     caused = re.search(r"Caused by \w+\((.*)$", cause, re.DOTALL)
     reason = (caused.group(1) if caused else cause).rstrip("')\" \n").lstrip("'\" ").split(">: ")[-1]
-    host = urlsplit(url).netloc.rpartition("@")[2]  # (without user:password@)
-    return redact(f"{host} did not answer ({reason[:160]})")
+    host = urlsplit(url).netloc.rpartition("@")[2]  # (without user:password@; the reason names no URL)
+    return f"{host} did not answer ({reason[:160]})"

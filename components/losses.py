@@ -56,18 +56,21 @@ def vgg_weights_available(path: str | None) -> Path | None:
 def _install_in_hub_cache(weights: Path | None) -> None:
     """torchvision loads VGG16 only from torch's hub cache, and unpickles it in full. So a file the
     user names is never linked there: its bytes are copied there only after they loaded with
-    ``weights_only=True`` (tensors and plain containers, nothing that runs code)."""
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
-    if weights is None or weights.resolve() == cached.resolve():
+    ``weights_only=True`` (tensors and plain containers, nothing that runs code); a file found
+    there already is checked the same way before torchvision reads it."""
+    if weights is None:
         return
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
     content = weights.read_bytes()
     try:
         torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - whatever it is, it is not a plain state dict
         raise UserError(
-            f"ae.lpips_vgg_weights={weights} is not a plain weights file ({type(exc).__name__}): "
-            f"use torchvision's {VGG16_FILE}."
+            f"{weights} is not a plain weights file ({type(exc).__name__}), so it was not loaded: "
+            f"replace it with torchvision's {VGG16_FILE} (ae.lpips_vgg_weights names it; else torch's hub cache)."
         ) from None
+    if weights.resolve() == cached.resolve():
+        return
     cached.unlink(missing_ok=True)  # (older versions linked the named file here)
     write_atomically(cached, lambda partial: partial.write_bytes(content))
 

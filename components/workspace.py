@@ -117,7 +117,7 @@ def latent_cache(first_stage_id: str) -> Path:
 
 
 def model_dir(run_id: str) -> Path:
-    """A downloaded copy of a run's model artifacts."""
+    """A downloaded copy of a run's model artifacts (``run_id`` checked: ``artifacts.local_copy``)."""
     return STATE_DIR / "models" / run_id
 
 

@@ -57,6 +57,7 @@ def data_version_here(params: DataParams, version: str, root: Path = Path(".")) 
     it is at that version, else a checkout restored from the DVC cache or remote
     (``data.remote``) under ``.latentlab/``; the project's ``data/`` is left as it is."""
     root = Path(root).resolve()
+    dvc.check_version(version)  # (before it names a lock or a folder)
     if dvc.version(root) == version and dvc.is_up_to_date(root):
         return root / DATA_DIR
     remote = params.remote if "://" in params.remote else str((root / params.remote).resolve())

@@ -145,6 +145,10 @@ def test_named_vgg_weights_are_never_unpickled_in_full(tmp_path, monkeypatch):
     _install_in_hub_cache(plain)
     cached = tmp_path / "hub" / "checkpoints" / VGG16_FILE
     assert not cached.is_symlink() and cached.read_bytes() == plain.read_bytes()  # a checked copy
+    torch.save({"features.0.weight": RunsCode()}, cached)  # planted in the hub cache, where auto finds it
+    with pytest.raises(UserError, match="not a plain weights file"):
+        PerceptualLoss("auto")
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_training_reduces_reconstruction_error():

@@ -1,4 +1,5 @@
-"""Credentials never leave the process: not in messages, tags, parameters, DVC's config or logs."""
+"""Credentials never leave the process (messages, tags, parameters, DVC config, logs), and what
+the store hands back never becomes a path outside the project."""
 
 from __future__ import annotations
 
@@ -47,3 +48,19 @@ def test_credentials_in_parameters_are_refused_before_they_reach_dvc_mlflow_or_p
     output = done.stdout + done.stderr
     assert "holds credentials" in output and "AWS_ACCESS_KEY_ID" in output and SECRET not in output
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / ".dvc").exists()
+
+
+@pytest.mark.parametrize("edited", ["/tmp/elsewhere", "../../..", "0" * 31, "abc/../../x"])
+def test_ids_from_the_store_never_become_paths_outside_the_project(edited):
+    """A data-version tag or an LDM's first-stage run id can be edited by anyone with access to
+    the store; as a folder name, "/tmp/elsewhere" would have run `dvc init` there and overwritten
+    its data.dvc, and a relative climb would have loaded a first stage from any folder."""
+    from components.artifacts import local_copy
+    from components.dvc import check_version
+    from components.errors import UserError
+
+    with pytest.raises(UserError, match="is not a data version"):
+        check_version(edited)
+    with pytest.raises(UserError, match="is not an MLflow run id"):
+        local_copy(edited, "first_stage")
+    assert check_version("0123456789abcdef" * 2 + ".dir")
