@@ -209,7 +209,7 @@ def test_one_seed_leaves_training_noise_unmeasured_and_names_no_winner(built):
     text = verdict.verdict(summary)
     assert "**Training noise is unmeasured**" in text and "no winner is named" in text and "beats" not in text
     assert "Probability of being best: f=8 1.00" in text  # evaluation noise only, here none recorded
-    assert "PSNR falls with f" in text and "The paper's shape on the means only" in text
+    assert "PSNR falls with f" in text and "is not settled at this noise: 0 of its" in text
     assert EXTRACTOR in text and "FID from fewer than 5,000 samples is biased upward" in text
     assert "Left out" not in text
 
@@ -350,3 +350,18 @@ def test_report_folders_sort_by_date(store):
     assert str(workspace.report_dir("0e3509111df240c994259141d02ee4b6", int(day))).endswith(
         "reports/2026-12-05-sweep-0e350911"
     )
+
+
+def test_the_papers_shape_is_said_only_as_far_as_pairs_differ_beyond_the_noise():
+    """Where the means fall is no evidence: two replications of the main job ordered f=16 and
+    f=1 either way. The verdict says what the pairwise tests carry, nothing more."""
+    from components.comparison import compare
+
+    rows = [sweep_summary.FactorRow(f) for f in (1, 4, 8)]
+    holds = compare({1: [0.50, 0.51, 0.52], 4: [0.10, 0.11, 0.10], 8: [0.20, 0.21, 0.20]})
+    assert "The paper's shape holds beyond the noise: every f in 4..16 beats f=1." in verdict._shape(rows, holds)
+    against = compare({1: [0.10, 0.11, 0.10], 4: [0.50, 0.52, 0.51], 8: [0.30, 0.31, 0.30]})
+    assert "Against the paper's shape, beyond the noise: f=1 beats f=4, f=1 beats f=8." in verdict._shape(rows, against)
+    unsettled = compare({1: [0.3, 0.1], 4: [0.2, 0.25], 8: [0.1, 0.35]})
+    text = verdict._shape(rows, unsettled)
+    assert "is not settled at this noise: 0 of its 2 pairs differ beyond it" in text and "means" not in text
