@@ -49,7 +49,7 @@ def test_a_truncated_checkpoint_is_set_aside_and_training_starts_over(tmp_path):
     assert int(resumed.steps) == 4
     kept = [p.name for p in tmp_path.iterdir() if p.name.startswith(f"{LAST}.damaged-")]
     assert len(kept) == 1, sorted(p.name for p in tmp_path.iterdir())
-    assert torch.load(last, weights_only=False)["state_dict"]["steps"] == 4  # a whole one again
+    assert torch.load(last, weights_only=True)["state_dict"]["steps"] == 4  # a whole one again
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
 
 
