@@ -229,6 +229,25 @@ def cmd_deploy(params: Params, args: argparse.Namespace) -> None:
     print("\n".join(names))
 
 
+SERVE_STOP_GRACE_S = 15.0
+
+
+def _stop_within(grace_s: float) -> None:
+    """Ctrl-C ends this process within ``grace_s``. Prefect's runner sometimes misses a Ctrl-C that
+    lands while it starts (seen: still serving 3 minutes later); the first SIGINT now raises
+    KeyboardInterrupt as always and arms a timer that ends the process if shutdown stalls."""
+    import signal
+    import threading
+
+    def interrupt(signum: int, frame: object) -> None:
+        timer = threading.Timer(grace_s, lambda: os._exit(130))
+        timer.daemon = True
+        timer.start()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+
+
 def cmd_serve(params: Params, args: argparse.Namespace) -> None:
     from flows.pipeline import sweep_flow
 
@@ -237,6 +256,7 @@ def cmd_serve(params: Params, args: argparse.Namespace) -> None:
         f"Run it now: prefect deployment run sweep/{args.name}"
     )
     print(f"{sweep_flow.name}/{args.name}", flush=True)
+    _stop_within(SERVE_STOP_GRACE_S)
     with contextlib.redirect_stdout(sys.stderr):  # Prefect's banner and the runs' output: stdout keeps the name
         sweep_flow.serve(
             name=args.name,
