@@ -22,7 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +134,7 @@ def stage_run(
         except Exception:
             raise  # FAILED, as MLflow marks it
         except BaseException as stop:  # Ctrl-C, SIGTERM (Prefect raises it), exit: stopped, not failed
+            ownership.still_mine(run.info.run_id)  # a run taken over is the other process's to close
             mlflow.set_tag(ownership.TAG_CLOSED_REASON, f"stopped by {type(stop).__name__}")
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
             raise
@@ -163,6 +164,7 @@ class ReuseOrResume:
     key: str
     reusable: Run | None
     resumable: Run | None
+    lock: ownership.KeyLock | None = field(default=None, compare=False, repr=False)  # held by ``claim``
 
     @classmethod
     def find(cls, experiment_id: str, stage: str, key: str, *, fresh: bool = False) -> ReuseOrResume:
@@ -184,22 +186,28 @@ class ReuseOrResume:
         fresh: bool = False,
         log: Callable[[str], None] = lambda message: None,
     ) -> Iterator[ReuseOrResume]:
-        """``find``, with the key held for the block: no other process on this machine claims it
-        meanwhile, and while an unfinished run of the key has a live writer elsewhere, this waits
-        for it to finish (then reuses it) or to die (then resumes it)."""
-        with ownership.key_lock(f"{stage}-{key}", log):
-            logged = 0.0
+        """``find``, with the key held until ``start`` has opened the run as this process's: no
+        other process on this machine claims it meanwhile. While an unfinished run of the key
+        has a live writer elsewhere, this waits for it to finish (then reuses it) or to stop
+        (then resumes it): its process ended, or its heartbeat stood still for
+        ``ownership.STALE_SECONDS`` (``ownership.Watch``)."""
+        with ownership.key_lock(f"{stage}-{key}", log) as lock:
+            watch, logged = ownership.Watch(), -ownership.WAIT_LOG_SECONDS
             while True:
                 recorded = cls.find(experiment_id, stage, key, fresh=fresh)
                 busy = recorded.resumable if recorded.reusable is None and recorded.resumable else None
-                writer = ownership.live_writer(busy) if busy else None
+                writer = watch.writer(busy) if busy else None
                 if writer is None:
                     break
-                if time.monotonic() - logged > ownership.WAIT_LOG_SECONDS:
-                    log(f"{stage} run {busy.info.run_id} is being written by {writer}; waiting for it")
+                if time.monotonic() - logged >= ownership.WAIT_LOG_SECONDS:
+                    log(
+                        f"{stage} run {busy.info.run_id} is being written by {writer.describe()} (no heartbeat for "
+                        f"{watch.silent_for(busy):.0f} s); waiting for it to finish, or to stay silent for "
+                        f"{ownership.STALE_SECONDS:.0f} s and then resuming it here"
+                    )
                     logged = time.monotonic()
                 time.sleep(2.0)
-            yield recorded
+            yield replace(recorded, lock=lock)
 
     @contextmanager
     def start(
@@ -213,7 +221,8 @@ class ReuseOrResume:
         parent_run_id: str | None = None,
         reopen: Run | None = None,
     ) -> Iterator[mlflow.ActiveRun]:
-        """The stage's run: the interrupted one reopened (or ``reopen``), else a new one."""
+        """The stage's run: the interrupted one reopened (or ``reopen``), else a new one. Once
+        it is open as this process's, the key's lock is let go: others see its writer."""
         resume = reopen or self.resumable
         with stage_run(
             self.stage,
@@ -225,6 +234,8 @@ class ReuseOrResume:
             parent_run_id=parent_run_id,
             resume_run_id=resume.info.run_id if resume else None,
         ) as run:
+            if self.lock is not None:
+                self.lock.release()
             yield run
 
 

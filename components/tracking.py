@@ -54,12 +54,24 @@ def close_all_orphans() -> None:
 
 def register_once(name: str, run_id: str, model_uri: str, tags: dict[str, str]) -> str:
     """Register the logged model ``model_uri`` as a version of ``name`` unless ``run_id``
-    already has one (a resumed run registers once)."""
+    already has one (a resumed run registers once). The store has no register-if-absent, so
+    two processes may both register one run: each then keeps the lowest version and deletes its
+    own if it is not that one, and every process returns the same version."""
     client = mlflow.MlflowClient()
-    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    existing = _versions_of(client, name, run_id)
     if existing:
-        return existing[0].version
-    return mlflow.register_model(model_uri, name, tags=tags).version
+        return existing[0]
+    mine = mlflow.register_model(model_uri, name, tags=tags).version
+    kept, *duplicates = _versions_of(client, name, run_id)
+    if str(mine) in duplicates:
+        client.delete_model_version(name, str(mine))
+    return kept
+
+
+def _versions_of(client: mlflow.MlflowClient, name: str, run_id: str) -> list[str]:
+    """The versions of ``name`` registered from ``run_id``, lowest first."""
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return sorted((str(v.version) for v in found), key=int)
 
 
 def point_aliases(name: str, run_by_alias: dict[str, str]) -> dict[str, str]:
