@@ -14,6 +14,12 @@ What a rank needs travels as JSON (the arguments) and safetensors (the tensors):
 unpickled. What the ranks must agree on, or one waits forever for a collective the other
 never enters (when to stop, when to save, the learning rate), is decided from rank 0's clock
 (``training.Budget``, ``training.PeriodicCheckpoint``).
+
+A rank that dies makes the others' next collective fail at once (its connections close); a
+rank that is stopped (SIGSTOP) or frozen keeps them open, and the others would wait for DDP's
+30-minute timeout. So while they train, rank 0 watches the other ranks (``_Watchdog``): one
+stopped for ``STALL_S`` is ended with the rest, which fails rank 0's collective, and the stage
+fails with that rank's last lines.
 """
 
 from __future__ import annotations
@@ -22,15 +28,18 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -39,6 +48,7 @@ from components.errors import UserError
 RANK_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 READY_TIMEOUT_S = 300.0  # a rank builds its model and data in seconds; this is for a machine under load
 EXIT_TIMEOUT_S = 120.0
+STALL_S = 30.0  # a rank stopped this long is ended: the others would wait for it for half an hour
 FOLDER_ENV = "LATENTLAB_RANK_FOLDER"
 
 
@@ -68,14 +78,27 @@ def ranks(
     threads = torch.get_num_threads()
     helpers = [_start(folder, rank, {**os.environ, **env, "LOCAL_RANK": str(rank)}) for rank in range(1, devices)]
     saved = {name: os.environ.get(name) for name in RANK_ENV}
+    watchdog = _Watchdog(helpers)
     try:
         _wait_until_ready(folder, helpers)
         os.environ.update(env, LOCAL_RANK="0")
         torch.set_num_threads(threads_per_rank(devices))
-        yield
+        watchdog.start()
+        try:
+            yield
+        except UserError:  # rank 0's own reason (a diverged loss): the others stop on it, not it on them
+            raise
+        except Exception:
+            watchdog.halt()
+            casualty = watchdog.casualty or _first_dead(helpers)
+            if casualty is None:
+                raise
+            raise _failure(folder, *casualty) from None  # not gloo's "connection closed": which rank, and why
+        watchdog.halt()
         _wait_for_exit(folder, helpers)
         shutil.rmtree(folder, ignore_errors=True)
     finally:
+        watchdog.halt()
         for process in helpers:
             if process.poll() is None:
                 process.kill()
@@ -110,11 +133,65 @@ def _start(folder: Path, rank: int, env: dict[str, str]) -> subprocess.Popen:
         )
 
 
-def _failure(folder: Path, rank: int, process: subprocess.Popen) -> UserError:
+def _failure(folder: Path, rank: int, how: str) -> UserError:
     tail = (folder / f"rank{rank}.log").read_text(errors="replace").strip().splitlines()[-15:]
-    return UserError(
-        f"Training process {rank} stopped (exit code {process.returncode}); its last lines:\n  " + "\n  ".join(tail)
-    )
+    return UserError(f"Training process {rank} {how}; its last lines:\n  " + "\n  ".join(tail))
+
+
+def _ended(process: subprocess.Popen) -> str:
+    code = process.returncode
+    if code is not None and code < 0:
+        return f"was killed ({signal.Signals(-code).name})"
+    return f"stopped (exit code {code})"
+
+
+def _first_dead(helpers: list[subprocess.Popen]) -> tuple[int, str] | None:
+    for rank, process in enumerate(helpers, start=1):
+        if process.poll() not in (None, 0):
+            return rank, _ended(process)
+    return None
+
+
+class _Watchdog(threading.Thread):
+    """Rank 0's eye on the other ranks while they train: when one has been stopped for
+    ``STALL_S``, or has died, every other rank is ended too, so that no collective waits for
+    them; ``casualty`` says which rank and what happened."""
+
+    def __init__(self, helpers: list[subprocess.Popen]):
+        super().__init__(name="ranks-watchdog", daemon=True)
+        self.helpers = helpers
+        self.casualty: tuple[int, str] | None = None
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        stopped_since: dict[int, float] = {}
+        while not self._halt.wait(0.5):
+            dead = _first_dead(self.helpers)
+            if dead is not None:
+                return self._end(dead)
+            for rank, process in enumerate(self.helpers, start=1):
+                if not _is_stopped(process):
+                    stopped_since.pop(rank, None)
+                elif time.monotonic() - stopped_since.setdefault(rank, time.monotonic()) >= STALL_S:
+                    return self._end((rank, f"was stopped (SIGSTOP or frozen) for {STALL_S:.0f} s and was ended"))
+
+    def _end(self, casualty: tuple[int, str]) -> None:
+        self.casualty = casualty
+        for process in self.helpers:
+            if process.poll() is None:
+                process.kill()  # closes its connections: rank 0's collective fails now, not in 30 minutes
+
+    def halt(self) -> None:
+        self._halt.set()
+        if self.is_alive():
+            self.join()
+
+
+def _is_stopped(process: subprocess.Popen) -> bool:
+    try:
+        return psutil.Process(process.pid).status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+    except psutil.Error:
+        return False
 
 
 def _wait_until_ready(folder: Path, helpers: list[subprocess.Popen]) -> None:
@@ -124,7 +201,7 @@ def _wait_until_ready(folder: Path, helpers: list[subprocess.Popen]) -> None:
     for rank, process in enumerate(helpers, start=1):
         while not (folder / f"ready{rank}").exists():
             if process.poll() is not None:
-                raise _failure(folder, rank, process)
+                raise _failure(folder, rank, _ended(process))
             if time.monotonic() > deadline:
                 raise UserError(f"Training process {rank} did not start within {READY_TIMEOUT_S:.0f} s.")
             time.sleep(0.05)
@@ -138,7 +215,7 @@ def _wait_for_exit(folder: Path, helpers: list[subprocess.Popen]) -> None:
             process.kill()
             process.wait()
         if process.returncode != 0:
-            raise _failure(folder, rank, process)
+            raise _failure(folder, rank, _ended(process))
 
 
 def _mark_ready() -> None:

@@ -4,9 +4,12 @@ and EMA in every process, checkpoints that resume."""
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 
 import mlflow
+import psutil
 import pytest
 import torch
 
@@ -53,6 +56,39 @@ def test_a_process_that_cannot_start_fails_the_training_at_once_with_its_output(
         pytest.fail("rank 0 must not start training without the other process")
     assert time.monotonic() - started < 60  # not DDP's 30-minute rendezvous timeout
     assert "LOCAL_RANK" not in os.environ
+
+
+@pytest.mark.parametrize("blow", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
+def test_a_process_killed_or_stopped_while_training_fails_the_training_within_a_minute(tmp_path, blow):
+    """A killed rank closes its connections; a stopped one keeps them open, and rank 0 waited for
+    gloo's 30-minute timeout. Either way the training fails within a minute, naming the rank."""
+    ldm = LDMParams(
+        widths=[16, 32], batch_size=4, max_steps=10**6, checkpoint_every=10**6, image_every=10**6, devices=2
+    )
+    latents, cond = torch.randn(16, 3, 4, 4), torch.randint(0, 2, (16,))
+    module = LatentDiffusionModule(ldm.model_dump(mode="json"), 3, 4, 2, Conditioner("class", 2, 8))
+    struck: dict[str, float] = {}
+
+    def strike() -> None:  # once the other process trains, as a crash or Ctrl-Z in its terminal would
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "ranks" / "ready1").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(5)
+        (helper,) = [p for p in psutil.Process().children() if "components.distributed" in p.cmdline()]
+        helper.send_signal(blow)
+        struck["at"] = time.monotonic()
+
+    threading.Thread(target=strike, daemon=True).start()
+    how = (
+        "was killed \\(SIGKILL\\)"
+        if blow == signal.SIGKILL
+        else "was stopped \\(SIGSTOP or frozen\\) for 30 s and was ended"
+    )
+    with pytest.raises(UserError, match=f"Training process 1 {how}; its last lines:"):
+        train_ldm(module, ldm, latents, cond, checkpoint_dir=tmp_path, seed=0)
+    assert time.monotonic() - struck["at"] < 60
+    assert not [p for p in psutil.Process().children() if "components.distributed" in p.cmdline()]
+    assert not torch.distributed.is_initialized()
 
 
 def test_each_process_needs_a_whole_batch():
