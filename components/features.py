@@ -14,9 +14,9 @@ Two extractors, both run through torch-fidelity:
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,6 +56,11 @@ class Extractor:
     weights_path: str | None
     tag: str
     has_logits: bool
+
+    @property
+    def fidelity_name(self) -> str:
+        """The name torch-fidelity knows its network by: a local Inception file loads as tensors only."""
+        return SAFE_INCEPTION if self.name == INCEPTION and self.weights_path is not None else self.name
 
     @property
     def cache_key(self) -> str:
@@ -280,21 +285,48 @@ def held_out_accuracy(state: dict[str, torch.Tensor], images: torch.Tensor, labe
 class _InceptionSkeleton(FeatureExtractorInceptionV3):
     """torch-fidelity's Inception modules without its weight loading (for shapes and tests)."""
 
+    def __init__(self, name: str, features_list: list[str], **kwargs):
+        kwargs["feature_extractor_weights_path"] = _empty_state()  # torch-fidelity insists on loading one
+        super().__init__(name, features_list, **kwargs)
+
     def load_state_dict(self, *_, **__):  # type: ignore[override]
         return None
 
 
+def _empty_state() -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save({}, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+class _WeightsOnlyInception(_InceptionSkeleton):
+    """torch-fidelity's Inception-v3 with its weights loaded as tensors only (``weights_only``).
+
+    torch-fidelity 0.4.0 loads a local weights file with full unpickling: checking the file first
+    and letting it load the file again would run whatever was put there in between."""
+
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str, **kwargs):
+        try:
+            state = torch.load(feature_extractor_weights_path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+            raise UserError(
+                f"{feature_extractor_weights_path} is no longer a plain state dict of tensors (it changed after it "
+                f"was checked; it was not unpickled: {str(error)[:200]}). Put torch-fidelity's Inception weights back."
+            ) from None
+        super().__init__(name, features_list, **kwargs)
+        nn.Module.load_state_dict(self, state)
+
+
+SAFE_INCEPTION = "latentlab-inception-v3-compat"  # torch-fidelity's name for ``_WeightsOnlyInception``
+torch_fidelity.register_feature_extractor(SAFE_INCEPTION, _WeightsOnlyInception)
+
+
 def inception_skeleton(device: str = "cpu") -> nn.Module:
     """torch-fidelity's own Inception-v3 network, randomly initialised, no download.
-
-    torch-fidelity's constructor insists on loading weights; it is handed an empty dict that
-    the skeleton ignores. ``device="meta"`` builds it instantly, for shapes only.
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        empty = Path(tmp) / "empty.pt"
-        torch.save({}, empty)
-        with torch.device(device):
-            return _InceptionSkeleton(INCEPTION, ["2048"], feature_extractor_weights_path=str(empty))
+    ``device="meta"`` builds it instantly, for shapes only."""
+    with torch.device(device):
+        return _InceptionSkeleton(INCEPTION, ["2048"])
 
 
 @cache
@@ -305,10 +337,9 @@ def _inception_shapes() -> dict[str, tuple[int, ...]]:
 def check_inception_weights(path: Path) -> None:
     """Refuse anything but a plain state dict of Inception-shaped tensors.
 
-    torch-fidelity 0.4.0 loads a local weights file with full unpickling (``weights_only`` off),
-    i.e. it would unpickle arbitrary objects. The file is loaded here first with
-    ``weights_only=True`` and its keys and shapes compared with torch-fidelity's network, so
-    what torch-fidelity later unpickles is known to be tensors only.
+    The file is loaded with ``weights_only=True`` and its keys and shapes compared with
+    torch-fidelity's network, for a message that names the problem; the extractor loads it again
+    the same way (``_WeightsOnlyInception``), never with torch-fidelity's full unpickling.
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

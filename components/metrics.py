@@ -6,7 +6,7 @@ torch-fidelity computes the sample metrics so the numbers are the library's, not
 
 from __future__ import annotations
 
-import pickle
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,24 +14,33 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch_fidelity
+from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
-from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-from torch_fidelity.metric_kid import kernel_poly
+from torch_fidelity.metric_fid import (
+    KEY_METRIC_FID,
+    fid_features_to_statistics,
+    fid_featuresdict_to_statistics,
+    fid_statistics_to_metric,
+)
+from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+from torch_fidelity.metric_kid import kernel_poly, kid_featuresdict_to_metric
+from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 from torch_fidelity.utils import (
     create_feature_extractor,
     extract_featuresdict_from_input_id,
-    extract_featuresdict_from_input_id_cached,
     resolve_feature_layer_for_metric,
 )
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from components import workspace
 from components.errors import UserError
-from components.features import INCEPTION, Extractor, check_inception_weights
+from components.features import INCEPTION, Extractor
 
 MIN_SAMPLES = 2  # FID needs a covariance, KID a pair per subset, precision/recall one neighbour
 PRC_NEIGHBORHOOD = 3  # k of Kynkäänniemi et al. 2019; smaller only when a set has <= 3 images
 KID_REAL = 1000  # reference images in the bootstrap's KID (its kernel grows with the square)
+
+log = logging.getLogger("latentlab")
 
 
 class _Images(Dataset):
@@ -82,19 +91,16 @@ def sample_metrics(
             raise ValueError(f"{what} images must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
         if len(images) < MIN_SAMPLES:
             raise UserError(f"FID-type metrics need at least {MIN_SAMPLES} {what} images, got {len(images)}.")
-    inputs = _fidelity_inputs(real, fake, extractor, reference, cache_dir)
     isc = isc and extractor.has_logits
+    settings = {
+        "kid_subset_size": min(1000, len(real), len(fake)),
+        "prc_neighborhood": min(PRC_NEIGHBORHOOD, len(real) - 1, len(fake) - 1),
+        "isc_splits": min(10, len(fake)),
+        "save_cpu_ram": True,
+        "verbose": False,
+    }
     try:
-        result = torch_fidelity.calculate_metrics(
-            **inputs,
-            fid=True,
-            kid=True,
-            prc=prc,
-            isc=isc,
-            kid_subset_size=min(1000, len(real), len(fake)),
-            prc_neighborhood=min(PRC_NEIGHBORHOOD, len(real) - 1, len(fake) - 1),
-            isc_splits=min(10, len(fake)),
-        )
+        layers, real_features, fake_features = _features(real, fake, extractor, reference, cache_dir, isc=isc)
     except OSError as error:  # urllib's errors included
         if extractor.name != INCEPTION or extractor.weights_path is not None:
             raise
@@ -103,8 +109,17 @@ def sample_metrics(
             "Pass a local weights file (evaluation parameter or $LATENTLAB_INCEPTION_WEIGHTS), "
             "or use the offline domain extractor."
         ) from None
+    # torch-fidelity's own metric functions on the features, with calculate_metrics' conventions
+    # (input 1 the samples, input 2 the real images): the library's numbers.
+    stats = [fid_featuresdict_to_statistics(f, layers["fid"]) for f in (fake_features, real_features)]
+    result = fid_statistics_to_metric(*stats, verbose=False)
+    result |= kid_featuresdict_to_metric(fake_features, real_features, layers["fid"], **settings)
+    if prc:
+        result |= prc_featuresdict_to_metric(fake_features, real_features, layers["fid"], **settings)
+    if isc:
+        result |= isc_featuresdict_to_metric(fake_features, layers["isc"], **settings)
     out = {
-        "fid": float(result["frechet_inception_distance"]),
+        "fid": float(result[KEY_METRIC_FID]),
         "kid_mean": float(result["kernel_inception_distance_mean"]),
         "kid_std": float(result["kernel_inception_distance_std"]),
     }
@@ -113,35 +128,9 @@ def sample_metrics(
     if isc:
         out |= {"isc_mean": float(result["inception_score_mean"]), "isc_std": float(result["inception_score_std"])}
     if bootstrap:
-        real_features, fake_features = feature_sets(real, fake, extractor, reference=reference, cache_dir=cache_dir)
-        out |= bootstrap_intervals(real_features, fake_features, rounds=bootstrap, confidence=confidence, seed=seed)
+        picked = real_features[layers["fid"]], fake_features[layers["fid"]]
+        out |= bootstrap_intervals(*picked, rounds=bootstrap, confidence=confidence, seed=seed)
     return out
-
-
-def _fidelity_inputs(
-    real: torch.Tensor, fake: torch.Tensor, extractor: Extractor, reference: str | None, cache_dir: Path | None
-) -> dict[str, Any]:
-    """torch-fidelity's arguments for ``fake`` against ``real``, after checking what it will load."""
-    if (reference is None) != (cache_dir is None):
-        raise ValueError("caching the reference features needs both reference and cache_dir")
-    cached = reference is not None
-    if cached:
-        _check_cache(Path(cache_dir), f"{reference}-{extractor.name}-")
-    if extractor.name == INCEPTION and extractor.weights_path is not None:
-        check_inception_weights(Path(extractor.weights_path))  # again: the file may have changed since
-    return dict(
-        input1=_Images(fake),
-        input2=_Images(real),
-        feature_extractor=extractor.name,
-        feature_extractor_weights_path=extractor.weights_path,
-        cuda=torch.cuda.is_available(),
-        cache=cached,
-        cache_root=str(cache_dir) if cached else None,
-        input2_cache_name=reference if cached else None,
-        save_cpu_ram=True,  # no loader worker processes for in-memory tensors
-        verbose=False,
-        batch_size=64,
-    )
 
 
 def feature_sets(
@@ -155,17 +144,58 @@ def feature_sets(
     """The real and fake sets' FID features [N, d], as torch-fidelity computes them (the real
     set's from the cache named ``reference`` when given): what every interval and the sweep's
     verdict resample."""
-    inputs = _fidelity_inputs(real, fake, extractor, reference, cache_dir)
-    return _features(inputs, reference is not None)
+    layers, real_features, fake_features = _features(real, fake, extractor, reference, cache_dir)
+    return real_features[layers["fid"]], fake_features[layers["fid"]]
 
 
-def _features(inputs: dict, cached: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The real and fake sets' FID features, as torch-fidelity computed them (the real set's
-    from its cache when ``cached``)."""
-    layer = resolve_feature_layer_for_metric("fid", **inputs)
-    network = create_feature_extractor(inputs["feature_extractor"], [layer], **inputs)
-    real_features = extract_featuresdict_from_input_id_cached if cached else extract_featuresdict_from_input_id
-    return real_features(2, network, **inputs)[layer], extract_featuresdict_from_input_id(1, network, **inputs)[layer]
+def _features(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    extractor: Extractor,
+    reference: str | None,
+    cache_dir: Path | None,
+    *,
+    isc: bool = False,
+) -> tuple[dict[str, str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """({metric: layer}, the real set's features by layer, the fake set's), extracted by
+    torch-fidelity. The real set's FID layer is cached under ``reference`` in ``cache_dir`` as
+    safetensors: torch-fidelity's own cache unpickles what it reads, so it is not used."""
+    if (reference is None) != (cache_dir is None):
+        raise ValueError("caching the reference features needs both reference and cache_dir")
+    inputs = dict(
+        input1=_Images(fake),
+        input2=_Images(real),
+        feature_extractor=extractor.fidelity_name,
+        feature_extractor_weights_path=extractor.weights_path,
+        cuda=torch.cuda.is_available(),
+        save_cpu_ram=True,  # no loader worker processes for in-memory tensors
+        verbose=False,
+        batch_size=64,
+    )
+    metrics = ("fid", "isc") if isc else ("fid",)
+    layers = {metric: resolve_feature_layer_for_metric(metric, **inputs) for metric in metrics}
+    cached = Path(cache_dir) / f"{reference}-{extractor.name}-{layers['fid']}.safetensors" if reference else None
+    real_features = _read_cache(cached, layers["fid"]) if cached else None
+    network = create_feature_extractor(inputs["feature_extractor"], sorted(set(layers.values())), **inputs)
+    if real_features is None:
+        real_features = {layers["fid"]: extract_featuresdict_from_input_id(2, network, **inputs)[layers["fid"]]}
+        if cached:
+            workspace.write_atomically(cached, lambda tmp: save_file(real_features, str(tmp)))
+    return layers, real_features, extract_featuresdict_from_input_id(1, network, **inputs)
+
+
+def _read_cache(path: Path, layer: str) -> dict[str, torch.Tensor] | None:
+    """The cached features, or None when there are none or they are damaged (then recomputed)."""
+    if not path.exists():
+        return None
+    try:
+        features = load_file(str(path))
+        if features[layer].ndim == 2 and torch.isfinite(features[layer]).all():
+            return features
+    except Exception:  # noqa: BLE001 - any damage means: compute them again
+        pass
+    log.warning("The cached reference features %s are damaged; computing them again", path)
+    return None
 
 
 def fid_of_features(real: np.ndarray, fake: np.ndarray) -> float:
@@ -267,25 +297,6 @@ def _bootstrap(
             low_q, high_q = 2 * estimate[name] - high_q, 2 * estimate[name] - low_q
         out[f"{name}_ci_low"], out[f"{name}_ci_high"] = max(0.0, low_q), max(0.0, high_q)
     return estimate, out
-
-
-def _check_cache(cache_dir: Path, prefix: str) -> None:
-    """Refuse cache files that are more than tensors and arrays before torch-fidelity reads them.
-
-    torch-fidelity 0.4.0 loads its cache with full unpickling (``weights_only`` off); a file planted
-    in the cache directory would otherwise run code.
-    """
-    reconstruct = np.zeros(0).__reduce__()[0]  # numpy's array unpickler, wherever this numpy keeps it
-    arrays = [np.ndarray, np.dtype, reconstruct, *(type(np.dtype(t)) for t in ("float32", "float64"))]
-    for path in sorted(cache_dir.glob(f"{prefix}*.pt")):
-        try:
-            with torch.serialization.safe_globals(arrays):
-                torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-            raise UserError(
-                f"Refusing to load the metrics cache file {path}: it holds more than tensors ({error}). "
-                "Delete it; it is recomputed."
-            ) from None
 
 
 @dataclass

@@ -19,10 +19,13 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+import torch_fidelity
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from safetensors.torch import load_file, save_file
+from torch_fidelity.utils import create_feature_extractor
 from torchvision.transforms.v2 import functional as TF
 
+from components import metrics as metrics_module
 from components.dataset import to_square_rgb
 from components.errors import UserError
 from components.features import (
@@ -40,7 +43,7 @@ from components.features import (
     majority_rate,
     train_domain_extractor,
 )
-from components.metrics import reference_name, sample_metrics
+from components.metrics import _Images, reference_name, sample_metrics
 from components.sources import limit_per_class, openmoji_items
 
 SIZE = 64  # params/default.yaml data.resolution
@@ -261,13 +264,33 @@ def test_reference_features_are_cached_and_reused(emoji, domain, tmp_path, monke
     assert files and all(f.startswith(f"{name}-{EXTRACTOR}-") for f in files)  # the fake set is never cached
 
 
-def test_planted_cache_file_is_refused(emoji, domain, tmp_path):
+def test_metrics_are_torch_fidelitys_own_and_its_unpickling_cache_is_never_read(emoji, domain, tmp_path):
+    """The numbers are calculate_metrics' to the last digit; the reference cache is safetensors,
+    so a pickle planted where torch-fidelity's cache would be never runs, and a damaged cache
+    file is computed again."""
     extractor, _ = domain
+    real, fake = emoji["val"][:40], emoji["holdout"][:40]
+    ours = sample_metrics(real, fake, extractor, isc=True)
+    theirs = torch_fidelity.calculate_metrics(
+        input1=_Images(fake),
+        input2=_Images(real),
+        feature_extractor=extractor.fidelity_name,
+        feature_extractor_weights_path=extractor.weights_path,
+        **dict(fid=True, kid=True, prc=True, isc=True, kid_subset_size=40, prc_neighborhood=3, isc_splits=10),
+        **dict(save_cpu_ram=True, verbose=False, batch_size=64, cuda=False),
+    )
+    names = {"fid": "frechet_inception_distance", "kid_mean": "kernel_inception_distance_mean"}
+    names |= {"kid_std": "kernel_inception_distance_std", "precision": "precision", "recall": "recall"}
+    names |= {"isc_mean": "inception_score_mean", "isc_std": "inception_score_std"}
+    assert ours == {ours_name: pytest.approx(float(theirs[name]), rel=1e-9) for ours_name, name in names.items()}
+
     name = reference_name("abc123", "val", extractor)
-    torch.save({"pool": _Planted()}, tmp_path / f"{name}-{EXTRACTOR}-features-pool.pt")
-    with pytest.raises(UserError, match="Refusing"):
-        sample_metrics(emoji["val"][:8], emoji["holdout"][:8], extractor, reference=name, cache_dir=tmp_path)
-    assert not PLANTED_RAN
+    torch.save({"pool": _Planted()}, tmp_path / f"{name}-{EXTRACTOR}-features-pool.pt")  # torch-fidelity's name
+    damaged = tmp_path / f"{name}-{EXTRACTOR}-pool.safetensors"
+    damaged.write_bytes(b"half a file")
+    cached = sample_metrics(real, fake, extractor, reference=name, cache_dir=tmp_path)
+    assert not PLANTED_RAN and cached["fid"] == pytest.approx(ours["fid"], rel=1e-9)
+    assert load_file(damaged)["pool"].shape == (40, 128)  # written again, whole
 
 
 # --- the standard Inception extractor, offline -------------------------------------------------
@@ -304,6 +327,23 @@ def test_inception_with_local_weights_runs_end_to_end(inception_weights):
     metrics = sample_metrics(real, fake, extractor, isc=True)
     assert set(metrics) == {"fid", "kid_mean", "kid_std", "precision", "recall", "isc_mean", "isc_std"}
     assert all(math.isfinite(v) for v in metrics.values())
+
+
+def test_inception_weights_changed_after_the_check_are_never_unpickled(inception_weights, tmp_path, monkeypatch):
+    """Checked, then swapped for a pickle before the network loads them (the check-then-load race):
+    the network loads tensors only, so the pickle does not run."""
+    weights = tmp_path / "inception.pt"
+    weights.write_bytes(inception_weights.read_bytes())
+    extractor = inception_extractor(weights)  # checked here
+
+    def swap_then_create(*args, **kwargs):
+        torch.save({"fc.weight": _Planted()}, weights)
+        return create_feature_extractor(*args, **kwargs)
+
+    monkeypatch.setattr(metrics_module, "create_feature_extractor", swap_then_create)
+    with pytest.raises(UserError, match="no longer a plain state dict"):
+        sample_metrics(noise_images(3, seed=1), noise_images(3, seed=2), extractor)
+    assert not PLANTED_RAN
 
 
 def test_inception_weights_from_env_var(inception_weights, monkeypatch):
