@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from components.errors import UserError
+from components.errors import UserError, disk_failure
 from components.workspace import DATA_DIR, DATA_DVC, DVC_DIR, dvc_config
 
 REMOTE_NAME = "latentlab"
@@ -29,6 +29,14 @@ def dvc(root: Path, *args: str) -> str:
     done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         detail = (done.stderr or done.stdout).strip()
+        disk = disk_failure(RuntimeError(detail))
+        if disk is not None:
+            raise UserError(f"dvc {args[0]}: {disk}")
+        if "codec can't encode" in detail:
+            raise UserError(
+                f"DVC writes its config files in ASCII only, and a path in `dvc {' '.join(args)}` is not ASCII. "
+                "Give data.remote (and the project's folder, if the remote lies outside it) a path of ASCII letters."
+            )
         raise UserError(f"dvc {' '.join(args)} failed in {root}:\n{detail}")
     return done.stdout
 
@@ -59,13 +67,20 @@ def use_remote(root: Path, url: str, endpoint: str | None = None) -> bool:
         if "url" in local:  # an earlier directory remote would override it
             dvc(root, "remote", "modify", "--local", "--unset", REMOTE_NAME, "url")
     else:
-        dvc(root, "remote", "add", "--local", "--force", "--default", REMOTE_NAME, str((root / url).resolve()))
+        dvc(root, "remote", "add", "--local", "--force", "--default", REMOTE_NAME, _relative(root / url, root))
     if endpoint:
         if local.get("endpointurl") != endpoint:
             dvc(root, "remote", "modify", "--local", REMOTE_NAME, "endpointurl", endpoint)
     elif "endpointurl" in local:
         dvc(root, "remote", "modify", "--local", "--unset", REMOTE_NAME, "endpointurl")
     return changed
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to ``root``, as DVC stores a local path (relative to its config file):
+    what the two share, such as a project folder named with non-ASCII letters, is left out of
+    the config, which DVC (configobj) can write in ASCII only; the project can also move."""
+    return os.path.relpath(Path(path).resolve(), Path(root).resolve())
 
 
 def _config(path: Path) -> dict:
@@ -145,7 +160,7 @@ def restore(data_version: str, workspace: Path, *, cache_dir: Path, remote: str,
         return workspace / DATA_DIR
     if not (workspace / DVC_DIR).is_dir():
         dvc(workspace, "init", "--no-scm", "-q")
-    dvc(workspace, "config", "--local", "cache.dir", str(Path(cache_dir).resolve()))
+    dvc(workspace, "config", "--local", "cache.dir", _relative(Path(cache_dir), workspace))
     use_remote(workspace, remote, endpoint)
     (workspace / DATA_DVC).write_text(
         yaml.safe_dump({"outs": [{"md5": data_version, "hash": "md5", "path": str(DATA_DIR)}]})

@@ -1,5 +1,6 @@
 """The exceptions the CLI shows as a short message instead of a traceback."""
 
+import errno
 import re
 from urllib.parse import urlsplit
 
@@ -33,3 +34,39 @@ def store_failure(error: BaseException) -> str | None:
     reason = (caused.group(1) if caused else cause).rstrip("')\" \n").lstrip("'\" ").split(">: ")[-1]
     host = urlsplit(url).netloc.rpartition("@")[2]  # (without user:password@; the reason names no URL)
     return f"{host} did not answer ({reason[:160]})"
+
+
+_DISK_ERRNOS = {errno.ENOSPC: "full", errno.EDQUOT: "full", errno.EROFS: "read-only"}
+_DISK_TEXTS = {  # how SQLite and DVC say the same, when no OSError reaches us
+    "database or disk is full": "full",
+    "no space left on device": "full",
+    "attempt to write a readonly database": "read-only",
+    "read-only file system": "read-only",
+}
+
+
+def disk_failure(error: BaseException) -> str | None:
+    """One line with the fix, when ``error`` (or what caused it) is a disk that is full or
+    mounted read-only: the platform can do nothing about either, and a traceback adds nothing.
+    None for anything else."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        kind, where = None, ""
+        if isinstance(error, OSError) and error.errno in _DISK_ERRNOS:
+            kind, where = _DISK_ERRNOS[error.errno], error.filename or ""
+        else:
+            text = str(error).lower()
+            kind = next((k for t, k in _DISK_TEXTS.items() if t in text), None)
+        if kind == "full":
+            return (
+                f"the disk is full{f' (writing {where})' if where else ''}: free some space, then run the same "
+                "command again; finished work is kept and the interrupted stage resumes."
+            )
+        if kind == "read-only":
+            return (
+                f"the project is on a read-only file system{f' ({where})' if where else ''}: latentlab writes its "
+                "data, runs and checkpoints in the project folder; run it from a folder you can write to."
+            )
+        error = error.__cause__ or error.__context__
+    return None

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from components import progress, workspace
 from components.credentials import redact
-from components.errors import InfrastructureError, Reported, UserError, store_failure
+from components.errors import InfrastructureError, Reported, UserError, disk_failure, store_failure
 from components.params import Params
 from components.presets import load_params
 from components.store import DEFAULT_EXPERIMENT
@@ -531,7 +531,10 @@ class _DropUserErrorTracebacks(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(error, (UserError, Reported)) or (error is not None and store_failure(error)))
+        return not (
+            isinstance(error, (UserError, Reported))
+            or (error is not None and (store_failure(error) or disk_failure(error)))
+        )
 
 
 def _quiet_user_errors() -> None:
@@ -621,6 +624,10 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"latentlab {args.command}: interrupted; finished work is kept, rerun to resume.")
         return 130
     except Exception as exc:
+        disk = disk_failure(exc)
+        if disk is not None:
+            console.print(f"[bold red]latentlab {args.command}:[/] {redact(disk)}", highlight=False)
+            return 2
         failure = store_failure(exc)
         if failure is None:
             raise

@@ -223,3 +223,28 @@ def test_cli_reports_bad_files_by_name(project, tmp_path, repo, cli, write_folde
     )
     assert strict.returncode == 2
     assert "cats/corrupt.png" in strict.stderr and "Traceback" not in strict.stderr
+
+
+def test_a_project_folder_named_in_non_ascii_letters_versions_and_restores_in_the_c_locale(
+    tmp_path, write_folder, repo, monkeypatch
+):
+    """DVC writes its config files in ASCII (configobj), in every locale: the absolute remote and
+    cache paths through a folder named 'prüf' failed ("'ascii' codec can't encode"). They go in
+    relative to the project, where the folder's own name is not written."""
+    root = tmp_path / "prüf ü"
+    root.mkdir()
+    images = tmp_path / "images"
+    write_folder(images)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"LC_ALL": "C", "LANG": "C"}
+    settings = ["data.source=folder", f"data.path={images}", "data.resolution=32"]
+    command = [shutil.which("latentlab", path=os.path.dirname(sys.executable)), "data"]
+    command += ["--params", str(repo / "params/default.yaml"), *(a for s in settings for a in ("--set", s))]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    version = done.stdout.strip().splitlines()[-1]
+    assert "prüf" not in (root / ".dvc" / "config.local").read_text() and (root / "dvc-remote").is_dir()
+
+    monkeypatch.setenv("LC_ALL", "C")  # (for the DVC processes the restore starts)
+    checkout = root / ".latentlab" / "data-versions" / "v"
+    restored = dvc.restore(version, checkout, cache_dir=root / ".dvc" / "cache", remote=str(root / "dvc-remote"))
+    assert sorted(p.name for p in restored.rglob("*.png")) == sorted(p.name for p in (root / "data").rglob("*.png"))
