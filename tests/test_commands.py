@@ -101,9 +101,10 @@ def test_serve_creates_the_deployment_deploy_names_and_stops_on_ctrl_c(project, 
 
 def test_a_ctrl_c_that_the_serving_code_swallows_still_ends_serve_within_its_grace():
     """What Prefect's runner does when a Ctrl-C lands while it starts, reduced to its essence."""
-    code = (
-        "import time\nfrom flows.cli import _stop_within\n_stop_within(1.0)\nprint('up', flush=True)\n"
-        "while True:\n    try:\n        time.sleep(0.1)\n    except KeyboardInterrupt:\n        pass\n"
+    code = (  # "up" is printed inside the loop that swallows: a Ctrl-C that lands while it prints is swallowed too
+        "import time\nfrom flows.cli import _stop_within\n_stop_within(1.0)\nup = False\n"
+        "while True:\n    try:\n        if not up:\n            print('up', flush=True)\n            up = True\n"
+        "        time.sleep(0.1)\n    except KeyboardInterrupt:\n        pass\n"
     )
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline() == "up\n"

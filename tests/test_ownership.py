@@ -287,19 +287,24 @@ def test_one_run_registered_by_two_processes_at_once_has_one_version(mlflow_stor
         """
         import sys, time
         from components.tracking import register_once
-        run_id, go = sys.argv[1], float(sys.argv[2])
+        run_id, model_uri, go = sys.argv[1], sys.argv[2], float(sys.argv[3])
         time.sleep(max(0.0, go - time.time()))
-        print(register_once("race", run_id, f"runs:/{run_id}/model", {}), flush=True)
+        print(register_once("race", run_id, model_uri, {}), flush=True)
         """
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "PYTHONPATH": str(REPO)}
     client = mlflow.MlflowClient()
     for _ in range(4):
         run_id = client.create_run(mlflow_store).info.run_id
+        model = mlflow.initialize_logged_model(name="model", source_run_id=run_id, experiment_id=mlflow_store)
+        mlflow.finalize_logged_model(model.model_id, "READY")  # as publishing a model leaves it
         go = time.time() + 4  # both past their imports, then register in the same instant
         racers = [
             subprocess.Popen(
-                [sys.executable, "-c", script, run_id, str(go)], env=env, stdout=subprocess.PIPE, text=True
+                [sys.executable, "-c", script, run_id, f"models:/{model.model_id}", str(go)],
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
             )
             for _ in range(2)
         ]
