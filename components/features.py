@@ -307,13 +307,7 @@ class _WeightsOnlyInception(_InceptionSkeleton):
     and letting it load the file again would run whatever was put there in between."""
 
     def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str, **kwargs):
-        try:
-            state = torch.load(feature_extractor_weights_path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
-            raise UserError(
-                f"{feature_extractor_weights_path} is no longer a plain state dict of tensors (it changed after it "
-                f"was checked; it was not unpickled: {str(error)[:200]}). Put torch-fidelity's Inception weights back."
-            ) from None
+        state = _load_tensors(Path(feature_extractor_weights_path))  # (the file may have changed since its check)
         super().__init__(name, features_list, **kwargs)
         nn.Module.load_state_dict(self, state)
 
@@ -334,6 +328,17 @@ def _inception_shapes() -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in inception_skeleton("meta").state_dict().items()}
 
 
+def _load_tensors(path: Path) -> object:
+    """What ``path`` holds, loaded with ``weights_only=True``: never anything but tensors and containers."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        raise UserError(
+            f"{path} is not a plain PyTorch state dict of tensors (it was not unpickled: {str(error)[:200]}). "
+            f"Use torch-fidelity's weights-inception-2015-12-05-6726825d.pth."
+        ) from None
+
+
 def check_inception_weights(path: Path) -> None:
     """Refuse anything but a plain state dict of Inception-shaped tensors.
 
@@ -341,13 +346,7 @@ def check_inception_weights(path: Path) -> None:
     torch-fidelity's network, for a message that names the problem; the extractor loads it again
     the same way (``_WeightsOnlyInception``), never with torch-fidelity's full unpickling.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
-        raise UserError(
-            f"{path} is not a plain PyTorch state dict of tensors (it was not unpickled: {error}). "
-            f"Use torch-fidelity's weights-inception-2015-12-05-6726825d.pth."
-        ) from None
+    state = _load_tensors(path)
     expected = _inception_shapes()
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is not a state dict of tensors; use torch-fidelity's Inception weights file.")

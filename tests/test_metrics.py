@@ -341,7 +341,7 @@ def test_inception_weights_changed_after_the_check_are_never_unpickled(inception
         return create_feature_extractor(*args, **kwargs)
 
     monkeypatch.setattr(metrics_module, "create_feature_extractor", swap_then_create)
-    with pytest.raises(UserError, match="no longer a plain state dict"):
+    with pytest.raises(UserError, match="not a plain PyTorch state dict"):
         sample_metrics(noise_images(3, seed=1), noise_images(3, seed=2), extractor)
     assert not PLANTED_RAN
 
