@@ -33,26 +33,36 @@ from components.sweep_summary import collect  # noqa: E402
 CONFIDENCE = 0.95
 
 
-def arm_scores(sweep_ids: list[str]) -> tuple[dict[int, list[float]], set[str]]:
-    """Per factor, every seed's KID over the arm's sweeps; and the feature extractors they used."""
+def arm_scores(sweep_ids: list[str]) -> tuple[dict[int, list[float]], dict[int, set[str]], set[str]]:
+    """Per factor, every seed's KID over the arm's sweeps and the evaluate runs it came from; and
+    the feature extractors they used."""
     scores: dict[int, list[float]] = {}
+    runs: dict[int, set[str]] = {}
     extractors = set()
     for sweep_id in sweep_ids:
         for row in collect(sweep_id, images=False).rows:
             for seed in row.all_seeds:
                 if seed.kid_mean is not None:
                     scores.setdefault(row.factor, []).append(seed.kid_mean)
+                    runs.setdefault(row.factor, set()).add(seed.runs.get("evaluate", ""))
                     extractors.add(seed.fid_extractor or "unrecorded")
-    return scores, extractors
+    return scores, runs, extractors
 
 
 def main(a: list[str], b: list[str]) -> dict:
     mlflow.set_tracking_uri(tracking_uri())
-    (score_a, ext_a), (score_b, ext_b) = arm_scores(a), arm_scores(b)
+    (score_a, runs_a, ext_a), (score_b, runs_b, ext_b) = arm_scores(a), arm_scores(b)
     if len(ext_a | ext_b) > 1:
         sys.exit(f"The arms were scored by different feature extractors ({sorted(ext_a | ext_b)}): not one scale.")
     factors = sorted(set(score_a) & set(score_b))
-    tests = [(f, "a", *welch(score_b[f], score_a[f])) for f in factors if min(len(score_a[f]), len(score_b[f])) >= 2]
+    # A factor the setting does not touch (f = 1 has no autoencoder, so a first-stage setting
+    # leaves its runs shared by both arms) is no comparison: it stays out of Holm's family.
+    shared = {f for f in factors if runs_a[f] == runs_b[f]}
+    tests = [
+        (f, "a", *welch(score_b[f], score_a[f]))
+        for f in factors
+        if f not in shared and min(len(score_a[f]), len(score_b[f])) >= 2
+    ]
     differences = {d.a: d for d in holm(tests, 1 - CONFIDENCE)}
     rows = []
     for f in factors:
@@ -67,6 +77,8 @@ def main(a: list[str], b: list[str]) -> dict:
         if d is not None:
             row |= {"b_minus_a": d.estimate, "low": d.low, "high": d.high, "level": d.level, "p": d.p}
             row["verdict"] = ("B better" if d.estimate < 0 else "A better") if d.claimed else "no difference shown"
+        elif f in shared:
+            row["verdict"] = "the same runs in both arms (not compared)"
         else:
             row["verdict"] = "not tested (an arm has one seed)"
         rows.append(row)
