@@ -12,7 +12,6 @@ import sys
 import textwrap
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -314,37 +313,26 @@ def test_one_run_registered_by_two_processes_at_once_has_one_version(mlflow_stor
 
 
 @pytest.mark.slow
-def test_two_directories_against_one_mlflow_server_train_a_model_once(tmp_path, repo, ae_smoke):
+def test_two_directories_against_one_mlflow_server_train_a_model_once(tmp_path, repo, ae_smoke, mlflow_server_at):
     """Two projects (no shared lock files) on one real `mlflow server`: the second sees the
     first's autoencoder run being written by a live owner, waits, and reuses it."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-        + ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
-        + ["--artifacts-destination", (tmp_path / "server-artifacts").as_uri()],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
+    with mlflow_server_at(tmp_path / "server.db", (tmp_path / "server-artifacts").as_uri()) as uri:
         client = mlflow.MlflowClient(tracking_uri=uri)
-        deadline = time.time() + 120
-        while time.time() < deadline:  # /health with a short timeout: MLflow's client would back off for a minute
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.5)
+        deadline = time.time() + 300
         command = [
             str(Path(sys.executable).with_name("latentlab")),
             "train-ae",
             "--params",
             str(repo / "params/smoke.yaml"),
         ]
-        for setting in [*ae_smoke, "ae.max_steps=300"]:
+        # long enough that the second starts while the first trains; few uploads per step
+        for setting in [
+            *ae_smoke,
+            "ae.max_steps=300",
+            "ae.log_every=10",
+            "ae.image_every=100",
+            "ae.checkpoint_every=50",
+        ]:
             command += ["--set", setting]
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
         (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
@@ -364,7 +352,7 @@ def test_two_directories_against_one_mlflow_server_train_a_model_once(tmp_path, 
                 return []
 
         first = start("a")
-        while not autoencoder_runs() and time.time() < deadline + 300:
+        while not autoencoder_runs() and time.time() < deadline:
             time.sleep(0.5)
         second = start("b")  # the first's run is open now: the second must not write it or another
         outputs = [process.communicate(timeout=600)[0] for process in (first, second)]
@@ -372,10 +360,8 @@ def test_two_directories_against_one_mlflow_server_train_a_model_once(tmp_path, 
         assert "litlogger" not in outputs[0] and "LeafSpec" not in outputs[0]  # third-party noise, silenced
         (run,) = autoencoder_runs()
         assert run.info.status == "FINISHED" and run.info.run_id in outputs[1]  # the second printed it: reused
+        assert f"run {run.info.run_id} is being written by" in " ".join(outputs[1].split())  # after waiting for it
         assert len(client.search_model_versions("name = 'autoencoder-f4-kl'")) == 1
         # the command line's glance at a run, through the server's REST API (no MLflow client)
         assert store.glance(run.info.run_id, uri) == store.RunGlance(True, False, "autoencoder")
         assert store.glance("0123456789abcdef0123456789abcdef", uri) == store.RunGlance(exists=False)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
