@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import mlflow
@@ -174,7 +174,7 @@ def _mlflow_server(backend: Path, artifacts: str, env: dict[str, str] | None = N
 
 
 @pytest.fixture(scope="session")
-def mlflow_server_at() -> Callable[..., contextmanager]:
+def mlflow_server_at() -> Callable[..., AbstractContextManager[str]]:
     """``with mlflow_server_at(backend, artifacts, env) as uri``: a real ``mlflow server`` on loopback."""
     return _mlflow_server
 
