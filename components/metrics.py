@@ -223,8 +223,9 @@ def _kid_kernels(real: np.ndarray, fake: np.ndarray) -> tuple[np.ndarray, np.nda
 def within_pairs(k: np.ndarray, c: np.ndarray) -> float:
     """Mean kernel over the distinct pairs of a set that holds image i ``c[i]`` times: pairs of
     copies of one image are left out like the diagonal, so a bootstrap resample is not biased up
-    by its repeats."""
-    return float((c @ k @ c - (c**2) @ np.diag(k)) / (c.sum() ** 2 - (c**2).sum()))
+    by its repeats. NaN where the set holds one distinct image: it has no such pair."""
+    pairs = c.sum() ** 2 - (c**2).sum()
+    return float((c @ k @ c - (c**2) @ np.diag(k)) / pairs) if pairs else float("nan")
 
 
 def _weighted_mmd2(k_rr: np.ndarray, k_ff: np.ndarray, k_rf: np.ndarray, c_r: np.ndarray, c_f: np.ndarray) -> float:
@@ -292,7 +293,12 @@ def _bootstrap(
     tail = (1 - confidence) / 2 * 100
     out = {}
     for name, values in rounds_of.items() if rounds else ():  # (no rounds: no intervals)
-        low_q, high_q = np.percentile(values, [tail, 100 - tail])
+        # A round that drew one distinct image of a tiny set has no KID: it is left out, since a
+        # NaN percentile would be reported as the interval [0, 0].
+        defined = [v for v in values if np.isfinite(v)]
+        if not defined:
+            continue
+        low_q, high_q = np.percentile(defined, [tail, 100 - tail])
         if name == "fid":  # basic: reflected around the estimate
             low_q, high_q = 2 * estimate[name] - high_q, 2 * estimate[name] - low_q
         out[f"{name}_ci_low"], out[f"{name}_ci_high"] = max(0.0, low_q), max(0.0, high_q)
