@@ -20,6 +20,7 @@ TAG_AE_RUN = "latentlab.ae_run_id"  # on LDM and evaluate runs of an autoencoder
 TAG_FIRST_STAGE = "latentlab.first_stage"  # on LDM and evaluate runs: ``FirstStageRef.id``
 TAG_LDM_RUN = "latentlab.ldm_run_id"  # on evaluate runs
 TAG_LATENT_SHAPE = "latentlab.latent_shape"
+TAG_TASK = "latentlab.task"  # on LDM, evaluate and sweep runs: generate | superres | inpaint (``ldm.task``)
 TAG_PERCEPTUAL = "latentlab.perceptual"
 
 # --- on runs that compute FID -----------------------------------------------------------------------

@@ -31,9 +31,13 @@ WEIGHTS = "ldm_ema.safetensors"
 SAVED = ("unet", "conditioner")  # what the sampled model is made of
 
 
-def build_unet(ldm: LDMParams, channels: int, size: int, context_dim: int) -> UNet2DConditionModel:
+def build_unet(
+    ldm: LDMParams, channels: int, size: int, context_dim: int, condition_channels: int = 0
+) -> UNet2DConditionModel:
     """A UNet over ``size``-pixel latents: as many levels as ``ldm.widths`` and the size allow,
-    cross-attention only where the feature map is at most ``attention_max_size``."""
+    cross-attention only where the feature map is at most ``attention_max_size``.
+    ``condition_channels``: stacked on the noisy latent (``components.tasks``); it predicts the
+    latent's ``channels`` only."""
     levels = max(1, min(len(ldm.widths), size.bit_length()))  # each level but the last halves
     widths = tuple(ldm.widths[:levels])
     sizes = [max(size >> i, 1) for i in range(levels)]
@@ -41,7 +45,7 @@ def build_unet(ldm: LDMParams, channels: int, size: int, context_dim: int) -> UN
     up = tuple("CrossAttnUpBlock2D" if s <= ldm.attention_max_size else "UpBlock2D" for s in reversed(sizes))
     return UNet2DConditionModel(
         sample_size=size,
-        in_channels=channels,
+        in_channels=channels + condition_channels,
         out_channels=channels,
         down_block_types=down,
         up_block_types=up,
@@ -65,12 +69,20 @@ def noise_scheduler(ldm: LDMParams) -> DDPMScheduler:
 
 
 class LatentDiffusionModule(L.LightningModule):
-    def __init__(self, ldm: dict[str, Any], channels: int, size: int, num_classes: int, conditioner: Conditioner):
+    def __init__(
+        self,
+        ldm: dict[str, Any],
+        channels: int,
+        size: int,
+        num_classes: int,
+        conditioner: Conditioner,
+        condition_channels: int = 0,
+    ):
         super().__init__()
         self.save_hyperparameters(ignore=["conditioner"])
         self.params_ = LDMParams.model_validate(ldm)
         self.conditioner = conditioner
-        self.unet = build_unet(self.params_, channels, size, conditioner.dim)
+        self.unet = build_unet(self.params_, channels, size, conditioner.dim, condition_channels)
         self.scheduler = noise_scheduler(self.params_)
         self.ema = EMAModel(self.unet.parameters(), decay=self.params_.ema_decay, use_ema_warmup=True)
         self.logged: dict[str, torch.Tensor] = {}
@@ -79,18 +91,20 @@ class LatentDiffusionModule(L.LightningModule):
         trainable = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(trainable, lr=self.params_.lr, weight_decay=self.params_.weight_decay)
 
-    def loss(self, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def loss(self, latents: torch.Tensor, cond: torch.Tensor, concat: torch.Tensor | None = None) -> torch.Tensor:
         """L2 loss on the noise (``ldm.prediction`` epsilon, the paper's) or the velocity, at
         uniformly drawn timesteps, optionally Min-SNR-gamma weighted (``ldm.snr_gamma``, as
         diffusers' training examples); conditions dropped at ``uncond_prob`` so the same network
-        also learns the unconditional score."""
+        also learns the unconditional score. ``concat``: the task's image condition, stacked on
+        the noisy latent (never dropped: the task is what it is given)."""
         p = self.params_
         noise = torch.randn_like(latents)
         t = torch.randint(0, p.timesteps, (len(latents),), device=latents.device)
         drop = torch.rand(len(cond), device=cond.device) < p.uncond_prob
         cond = torch.where(drop, torch.full_like(cond, self.conditioner.null), cond)
         noisy = self.scheduler.add_noise(latents, noise, t)
-        prediction = self.unet(noisy, t, encoder_hidden_states=self.conditioner(cond)).sample
+        model_in = noisy if concat is None else torch.cat([noisy, concat], dim=1)
+        prediction = self.unet(model_in, t, encoder_hidden_states=self.conditioner(cond)).sample
         target = noise if p.prediction == "epsilon" else self.scheduler.get_velocity(latents, noise, t)
         if p.snr_gamma is None:
             return F.mse_loss(prediction, target)
@@ -99,7 +113,7 @@ class LatentDiffusionModule(L.LightningModule):
         per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
         return (per_sample * weight).mean()
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         loss = self.loss(*batch)
         self.logged = {"train_loss": loss.detach()}
         return loss
@@ -147,7 +161,7 @@ class LatentDiffusionModule(L.LightningModule):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         h = self.hparams
-        config = {"ldm": h["ldm"], "channels": h["channels"], "size": h["size"], "num_classes": h["num_classes"]}
+        config = {name: h[name] for name in ("ldm", "channels", "size", "num_classes", "condition_channels")}
         (directory / CONFIG).write_text(
             json.dumps({**config, "conditioning": self.conditioner.mode, **extra}, indent=2)
         )
@@ -163,7 +177,14 @@ class LatentDiffusionModule(L.LightningModule):
         saved one where the model learned it."""
         directory = Path(directory)
         config = read_config(directory)
-        module = cls(config["ldm"], config["channels"], config["size"], config["num_classes"], conditioner)
+        module = cls(
+            config["ldm"],
+            config["channels"],
+            config["size"],
+            config["num_classes"],
+            conditioner,
+            config.get("condition_channels", 0),  # (models saved before tasks stacked nothing)
+        )
         result = module.load_state_dict(load_file(directory / WEIGHTS), strict=False)
         missing = [k for k in result.missing_keys if k.split(".")[0] in SAVED]
         if missing or result.unexpected_keys:
@@ -179,6 +200,8 @@ class LatentDiffusionModule(L.LightningModule):
         self,
         cond: torch.Tensor,
         *,
+        concat: torch.Tensor | None = None,
+        size: int | None = None,
         steps: int | None = None,
         sampler: str | None = None,
         eta: float | None = None,
@@ -187,7 +210,10 @@ class LatentDiffusionModule(L.LightningModule):
         use_ema: bool = True,
         progress: bool = False,
     ) -> torch.Tensor:
-        """Latents for the condition indices ``cond`` (scaled like the training latents)."""
+        """Latents for the condition indices ``cond`` (scaled like the training latents).
+        ``concat``: the task's image condition per sample; its size is the latents' size. Else
+        ``size``: the latent's side (default: the training size; the denoiser is convolutional,
+        so a larger latent gives a larger image, the paper's Section 4.3.2)."""
         p = self.params_
         steps, eta = steps or p.sample_steps, p.eta if eta is None else eta
         guidance = p.guidance_scale if guidance_scale is None else guidance_scale
@@ -203,13 +229,17 @@ class LatentDiffusionModule(L.LightningModule):
                     null = self.conditioner(torch.full_like(cond, self.conditioner.null).to(self.device))
                     context = torch.cat([null, context])
                 unet = self.unet
-                x = torch.randn(
-                    (len(cond), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size),
-                    generator=generator,
-                ).to(self.device)
+                height, width = (size or unet.config.sample_size,) * 2 if concat is None else concat.shape[-2:]
+                x = torch.randn((len(cond), unet.config.out_channels, height, width), generator=generator)
+                x = x.to(self.device)
+                if concat is not None:
+                    concat = concat.to(self.device)
+                    concat = torch.cat([concat, concat]) if guided else concat
                 kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
                 for t in track(scheduler.timesteps, "Sampling") if progress else scheduler.timesteps:
                     model_in = torch.cat([x, x]) if guided else x
+                    if concat is not None:
+                        model_in = torch.cat([model_in, concat], dim=1)
                     eps = unet(model_in, t, encoder_hidden_states=context).sample
                     if guided:
                         eps_uncond, eps_cond = eps.chunk(2)

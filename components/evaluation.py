@@ -30,6 +30,7 @@ from components.images import to_pil  # noqa: E402
 from components.metrics import Reference, kid_with_interval  # noqa: E402
 from components.params import EvalParams, Params  # noqa: E402
 from components.progress import track  # noqa: E402
+from components.tasks import TaskInputs, complete, task_inputs  # noqa: E402
 
 SMALL_SAMPLE = 5000  # torch-fidelity / paper practice: FID from fewer samples is biased upward
 
@@ -39,6 +40,8 @@ class Samples:
     images: torch.Tensor  # uint8
     seconds: float
     cond: torch.Tensor  # the condition index of each image
+    originals: torch.Tensor | None = None  # tasks given an image: the image each output is made from
+    inputs: TaskInputs | None = None  # and what the model was given
 
     @property
     def img_per_s(self) -> float:
@@ -51,6 +54,7 @@ def generate(
     cond: torch.Tensor,
     *,
     steps: int,
+    concat: torch.Tensor | None = None,
     sampler: str = "ddim",
     eta: float = 0.0,
     guidance_scale: float = 1.0,
@@ -58,12 +62,21 @@ def generate(
     seed: int = 0,
     label: str = "Sampling",
 ) -> Samples:
-    """Images for ``cond`` (``sampler`` with ``steps``), decoded; timed end to end (denoise + decode)."""
+    """Images for ``cond`` (``sampler`` with ``steps``), decoded; timed end to end (denoise + decode).
+    ``concat``: the task's image condition of each (``components.tasks``)."""
     generator = torch.Generator().manual_seed(seed)
     chunks, started = [], time.perf_counter()
-    for batch in track(cond.split(batch_size), f"{label} ({steps} {sampler.upper()} steps)"):
+    concats = [None] * len(cond.split(batch_size)) if concat is None else concat.split(batch_size)
+    batches = list(zip(cond.split(batch_size), concats, strict=True))
+    for batch, stacked in track(batches, f"{label} ({steps} {sampler.upper()} steps)"):
         latents = module.sample(
-            batch, steps=steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale, generator=generator
+            batch,
+            concat=stacked,
+            steps=steps,
+            sampler=sampler,
+            eta=eta,
+            guidance_scale=guidance_scale,
+            generator=generator,
         )
         chunks.append(stage.decode_latents(latents.cpu()))
     return Samples(torch.cat(chunks), time.perf_counter() - started, cond)
@@ -141,26 +154,76 @@ def reference(extractor: Extractor, data_version: str, split: str, cond: torch.T
     )
 
 
+@dataclass
+class Draw:
+    """What ``n`` samples are made from: reference images drawn with replacement, their
+    conditions, and for a task given an image, the images and the task's inputs."""
+
+    cond: torch.Tensor
+    originals: torch.Tensor | None
+    inputs: TaskInputs
+
+
+def draw(real: Reference, n: int, seed: int, module: LatentDiffusionModule, stage: FirstStage) -> Draw:
+    """``n`` draws from the reference for ``module``'s task (inputs seeded by ``seed``)."""
+    pick, ldm = real.draw(n, seed), module.params_
+    if ldm.task == "generate":  # (the label distribution is all that samples take from the reference)
+        return Draw(real.cond[pick], None, TaskInputs(None, None, None))
+    originals = real.images[pick]
+    return Draw(real.cond[pick], originals, task_inputs(ldm, originals, stage, seed))
+
+
+def sample_for(
+    module: LatentDiffusionModule,
+    stage: FirstStage,
+    drawn: Draw,
+    *,
+    steps: int,
+    seed: int,
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    guidance_scale: float = 1.0,
+    batch_size: int = 64,
+) -> Samples:
+    """Images for ``drawn``, completed as the task delivers them (``tasks.complete``)."""
+    samples = generate(
+        module,
+        stage,
+        drawn.cond,
+        steps=steps,
+        concat=drawn.inputs.concat,
+        sampler=sampler,
+        eta=eta,
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    if drawn.originals is not None:
+        samples.images = complete(samples.images, drawn.originals, drawn.inputs)
+        samples.originals, samples.inputs = drawn.originals, drawn.inputs
+    return samples
+
+
 def sample_as_told(
     module: LatentDiffusionModule,
     stage: FirstStage,
-    cond: torch.Tensor,
+    drawn: Draw,
     ev: EvalParams,
     seed: int,
     steps: int,
     sampler: str = "ddim",
 ) -> Samples:
-    """Images for the condition indices ``cond``, sampled as the ``eval`` section says."""
-    return generate(
+    """Images for ``drawn``, sampled as the ``eval`` section says."""
+    return sample_for(
         module,
         stage,
-        cond,
+        drawn,
         steps=steps,
+        seed=seed,
         sampler=sampler,
         eta=ev.eta,
         guidance_scale=ev.guidance_scale,
         batch_size=ev.batch_size,
-        seed=seed,
     )
 
 
@@ -173,11 +236,11 @@ def budget_evaluation(
     ldm, ev = params.ldm, params.eval
 
     def evaluate() -> dict[str, float]:
-        cond = real.conditions(ldm.budget_samples, seed=params.seed)
-        samples = generate(
+        drawn = draw(real, ldm.budget_samples, params.seed, module, stage)
+        samples = sample_for(
             module,
             stage,
-            cond,
+            drawn,
             steps=ldm.budget_sample_steps,
             guidance_scale=ev.guidance_scale,
             batch_size=ev.batch_size,
@@ -192,7 +255,11 @@ def budget_evaluation(
 
 
 def samples_grid(samples: Samples, classes: list[str] | None, per_row: int = 8) -> Image.Image:
-    """Generated images grouped by their class (``classes``: class mode), else in rows."""
+    """Generated images grouped by their class (``classes``: class mode), else in rows; for a task
+    given an image, rows of inputs, outputs and originals."""
+    if samples.originals is not None:
+        rows = (("input", samples.inputs.shown), ("output", samples.images), ("original", samples.originals))
+        return labeled_grid([(label, to_pil(row[:per_row])) for label, row in rows])
     pil = to_pil(samples.images)
     cond = samples.cond.tolist()
     if classes is not None:

@@ -21,6 +21,7 @@ from components.grids import labeled_grid
 from components.images import to_pil
 from components.params import LDMParams
 from components.precision import decide
+from components.tasks import complete, task_inputs
 from components.training import fit, make_trainer
 
 
@@ -34,11 +35,29 @@ def sample_grid(
     return labeled_grid([(label, pil[r * per_row : (r + 1) * per_row]) for r, (label, _) in enumerate(rows)])
 
 
-def flops_per_step(module: LatentDiffusionModule, latents: torch.Tensor, cond: torch.Tensor) -> int:
+def task_grid(
+    module: LatentDiffusionModule,
+    stage: FirstStage,
+    ldm: LDMParams,
+    images: torch.Tensor,
+    cond: torch.Tensor,
+    seed: int = 0,
+) -> Image.Image:
+    """For a task that is given an image: its input, the model's output and the original, a row each."""
+    inputs = task_inputs(ldm, images, stage, seed)
+    latents = module.sample(cond, concat=inputs.concat, generator=torch.Generator().manual_seed(seed))
+    outputs = complete(stage.decode_latents(latents.cpu()), images, inputs)
+    rows = (("input", inputs.shown), ("output", outputs), ("original", images))
+    return labeled_grid([(label, to_pil(row)) for label, row in rows])
+
+
+def flops_per_step(
+    module: LatentDiffusionModule, latents: torch.Tensor, cond: torch.Tensor, concat: torch.Tensor | None = None
+) -> int:
     """Forward + backward FLOPs of one training step (torch.utils.flop_counter)."""
     counter = FlopCounterMode(display=False)
     with counter:
-        module.loss(latents, cond).backward()
+        module.loss(latents, cond, concat).backward()
     module.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -48,6 +67,7 @@ def train_ldm(
     ldm: LDMParams,
     latents: torch.Tensor,
     cond: torch.Tensor,
+    concat: torch.Tensor | None = None,
     *,
     checkpoint_dir: Path,
     seed: int,
@@ -55,13 +75,15 @@ def train_ldm(
     callbacks: list[L.Callback] = (),
 ) -> LatentDiffusionModule:
     """Train (or resume) on cached latents; ``callbacks`` report (see ``components.mlflow_callbacks``).
-    ``precision``: as the run decided it (``components.precision``); None decides here."""
+    ``precision``: as the run decided it (``components.precision``); None decides here.
+    ``concat``: the task's image condition of each latent (``components.tasks``)."""
     precision = precision or decide(ldm.precision, "ldm", latents.shape[-1]).value
     L.seed_everything(seed, verbose=False)
-    loader = DataLoader(TensorDataset(latents, cond), batch_size=ldm.batch_size, shuffle=True, drop_last=True)
+    data = TensorDataset(latents, cond) if concat is None else TensorDataset(latents, cond, concat)
+    loader = DataLoader(data, batch_size=ldm.batch_size, shuffle=True, drop_last=True)
     h, conditioner = module.hparams, module.conditioner
     rank_args = {
-        "model": {name: h[name] for name in ("ldm", "channels", "size", "num_classes")},
+        "model": {name: h[name] for name in ("ldm", "channels", "size", "num_classes", "condition_channels")},
         "budget": ldm.model_dump(mode="json"),  # (a resumed run may train longer than its model was built for)
         "conditioning": conditioner.mode,
         "context_dim": conditioner.dim,
@@ -69,7 +91,7 @@ def train_ldm(
         "seed": seed,
         "precision": precision,
     }
-    tensors = {"latents": latents, "cond": cond}
+    tensors = {"latents": latents, "cond": cond} | ({} if concat is None else {"concat": concat})
     if conditioner.mode == "text":  # a fixed table, not a parameter that DDP would hand over
         tensors["text_states"] = conditioner.table
     with distributed.ranks(ldm.devices, Path(checkpoint_dir) / "ranks", f"{__name__}:train_rank", rank_args, tensors):
@@ -93,6 +115,7 @@ def train_rank(args: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         ldm,
         tensors["latents"],
         tensors["cond"],
+        tensors.get("concat"),
         checkpoint_dir=checkpoint_dir,
         seed=args["seed"],
         precision=args["precision"],

@@ -328,10 +328,13 @@ class Reference:
     ) -> Reference:
         return cls(images, cond, extractor, reference_name(data_version, split, extractor), Path(cache_dir))
 
+    def draw(self, n: int, seed: int = 0) -> torch.Tensor:
+        """``n`` of the reference's images, by index, drawn with replacement."""
+        return torch.randint(len(self.cond), (n,), generator=torch.Generator().manual_seed(seed))
+
     def conditions(self, n: int, seed: int = 0) -> torch.Tensor:
         """``n`` condition indices drawn from the reference's own (so FID compares like with like)."""
-        pick = torch.randint(len(self.cond), (n,), generator=torch.Generator().manual_seed(seed))
-        return self.cond[pick]
+        return self.cond[self.draw(n, seed)]
 
     def score(self, fake: torch.Tensor, full: bool = True, **intervals: Any) -> dict[str, float]:
         """FID and KID; ``full`` adds precision/recall and, where the extractor classifies, IS;

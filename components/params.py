@@ -162,6 +162,18 @@ class LDMParams(TrainingBudget):
         gt=0,
         description="learning rate (AdamW); 1e-3 reaches in CPU minutes the loss 2e-4 needs ~2x the steps for",
     )
+    task: Literal["generate", "superres", "inpaint"] = Field(
+        "generate",
+        description="generate: from noise; superres / inpaint: from an image stacked on the denoiser's input "
+        "(concatenation, the paper's Tables 5 and 6); conditioning rides along by cross-attention (hybrid)",
+    )
+    superres_scale: int = Field(4, ge=2, le=16, description="superres: the upscaling factor (paper: 4)")
+    superres_degradation: Literal["bicubic", "blur_noise"] = Field(
+        "bicubic", description="superres: how the low-resolution input is made (blur_noise: a light BSR-style one)"
+    )
+    inpaint_masks: Literal["mixed", "boxes", "strokes"] = Field(
+        "mixed", description="inpaint: the holes drawn at random (seeded): boxes, free-form strokes, or either"
+    )
     conditioning: Literal["class", "text", "none"] = Field("class", description="cross-attention context")
     widths: list[int] = Field([64, 128, 128], description="UNet block widths, one per level")
     layers_per_block: int = Field(1, ge=1, description="ResNet blocks per UNet level")
@@ -328,6 +340,11 @@ class Params(Section):
             raise ValueError(
                 f"data.resolution={self.data.resolution} is too small for the patch discriminator, which starts "
                 f"at ae.disc_start={self.ae.disc_start}: it needs 16 px; set ae.disc_weight=0 or a larger resolution"
+            )
+        if self.ldm.task == "superres" and self.data.resolution % self.ldm.superres_scale:
+            raise ValueError(
+                f"ldm.superres_scale={self.ldm.superres_scale} does not divide data.resolution="
+                f"{self.data.resolution}: the low-resolution input would not have a whole size; pick a divisor"
             )
         steps = {"eval.sample_steps": [self.eval.sample_steps], "eval.ddim_steps": self.eval.ddim_steps}
         for name, values in steps.items():

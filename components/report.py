@@ -23,6 +23,7 @@ from components import budget_curves  # noqa: E402
 from components.comparison import Comparison  # noqa: E402
 from components.store import UI_ADDRESS, run_page  # noqa: E402
 from components.sweep_summary import FactorRow, SweepSummary  # noqa: E402
+from components.tasks import TASK_METRICS, TASK_TITLES  # noqa: E402
 from components.verdict import comparable, comparison, verdict  # noqa: E402
 from components.workspace import write_atomically  # noqa: E402
 
@@ -47,7 +48,7 @@ def write_report(summary: SweepSummary, out_dir: Path) -> Path:
     day = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(summary.started_ms / 1000))
     link = f"[{summary.run_id}]({run_page(summary.experiment_id, summary.run_id)})"
     lines = [
-        f"# Compression factor ablation, {summary.run_name}",
+        f"# Compression factor ablation{_task_title(summary)}, {summary.run_name}",
         "",
         f"{day}, sweep run {link}.",
         "",
@@ -63,6 +64,7 @@ def write_report(summary: SweepSummary, out_dir: Path) -> Path:
         "",
         *QUALITY_LEGEND,
         "",
+        *_task_table(summary),
         *_unfinished(summary.rows),
         *_seeds_table(summary.rows),
         "## Cost",
@@ -192,6 +194,12 @@ def by_factor(rows: list[FactorRow]) -> dict[str, dict[int, float]]:
             spread = _mean_std([getattr(x, attr) for x in r.all_seeds])
             if spread is not None:
                 out.setdefault(f"by_f/{name}", {})[r.factor] = spread[0]
+    for r in rows:
+        for name in r.task_metrics:
+            if "_ci_" not in name:
+                spread = _mean_std([x.task_metrics.get(name) for x in r.all_seeds])
+                if spread is not None:
+                    out.setdefault(f"by_f/{name}", {})[r.factor] = spread[0]
     result = comparison(rows)
     if result is not None:
         out["by_f/p_best"] = dict(result.p_best)
@@ -286,6 +294,51 @@ def _table(summary: SweepSummary) -> list[str]:
         ]
         out.append("| " + " | ".join(cells) + " |")
     return out
+
+
+def _task_title(summary: SweepSummary) -> str:
+    if summary.task == "generate":
+        return ""
+    scale = summary.params.get("ldm.superres_scale", "4")
+    return f" for {TASK_TITLES[summary.task]}" + (f" x{scale}" if summary.task == "superres" else "")
+
+
+def _task_table(summary: SweepSummary) -> list[str]:
+    """The task's own measures per f (``tasks.TASK_METRICS``): the mean over seeds, with one seed
+    the bootstrap interval over its images where recorded."""
+    measures = TASK_METRICS.get(summary.task, ())
+    if not measures:
+        return []
+    out = [
+        f"### {TASK_TITLES[summary.task].capitalize()} measures",
+        "",
+        "| f | " + " | ".join(f"{label} {'↑' if higher else '↓'}" for _, label, higher in measures) + " |",
+        "|" + "---|" * (len(measures) + 1),
+    ]
+    for r in summary.rows:
+        cells = []
+        for name, _, _ in measures:
+            spread = _mean_std([x.task_metrics.get(name) for x in r.all_seeds])
+            one = r.task_metrics
+            cell = DASH if spread is None else _fmt(spread[0], 4)
+            if spread is not None and spread[2] == 1 and f"{name}_ci_low" in one:
+                cell += f" [{_fmt(one[f'{name}_ci_low'], 4)}, {_fmt(one[f'{name}_ci_high'], 4)}]"
+            elif spread is not None and spread[2] > 1:
+                cell += f" ± {_fmt(spread[1], 2)}"
+            cells.append(cell)
+        out.append(f"| {r.factor} | " + " | ".join(cells) + " |")
+    return [*out, "", TASK_LEGENDS[summary.task], ""]
+
+
+TASK_LEGENDS = {
+    "superres": "The evaluation's outputs against the high-resolution originals of the images their low-resolution "
+    "inputs were made from (the paper's Table 5); **bicubic PSNR**: those inputs upsampled bicubically, the baseline "
+    "a model must beat. With one seed, [low, high] is the 95 % bootstrap interval over images; with more, ± the "
+    "standard deviation over seeds. KID above is of the outputs, as FID in Table 5.",
+    "inpaint": "The error inside the holes of the completed images (known pixels are kept), on [0, 1] pixel values; "
+    "KID above is of the completed images (the paper's Table 7 reports FID of them). With one seed, [low, high] "
+    "is the 95 % bootstrap interval over images; with more, ± the standard deviation over seeds.",
+}
 
 
 def _with_interval(seeds: list[FactorRow], value: str, low: str, high: str) -> str:

@@ -31,7 +31,9 @@ from components.contract import (
     TAG_SEED,
     TAG_SMALL_SAMPLE,
 )
+from components.tasks import TASK_METRICS
 
+TASK_METRIC_NAMES = {name for metrics in TASK_METRICS.values() for name, _, _ in metrics}
 EVALUATE_METRICS = (
     "fid", "fid_ci_low", "fid_ci_high", "kid_mean", "kid_std", "kid_ci_low", "kid_ci_high",
     "precision", "recall", "sample_img_per_s", "fid_inf", "fid_inf_ci_low", "fid_inf_ci_high",
@@ -90,6 +92,9 @@ class FactorRow:
     n_reference: int | None = None  # ... against this many real ones
     reference_split: str | None = None  # ... of this split
     repeats: list[FactorRow] = field(default_factory=list)  # the same f at the sweep's other seeds
+    task_metrics: dict[str, float] = field(
+        default_factory=dict
+    )  # the evaluation's ``tasks.TASK_METRICS`` (+ intervals)
 
     @property
     def all_seeds(self) -> list[FactorRow]:
@@ -115,6 +120,11 @@ class SweepSummary:
     machine: str | None = None
     params: dict[str, str] = field(default_factory=dict)  # as logged on the sweep run (dotted keys)
     changed_params: dict[str, Any] | None = None  # those that differ from params/default.yaml; None: unknown
+
+    @property
+    def task(self) -> str:
+        """What the sweep's denoisers do (``ldm.task``; sweeps before tasks generated)."""
+        return self.params.get("ldm.task", "generate")
 
 
 # ------------------------------------------------------------- the sweep's record, per (factor, repeat)
@@ -274,6 +284,7 @@ def _row(client: mlflow.MlflowClient, factor: int, child: FactorEntry | None, im
         row.reference_split = ev.data.tags.get(TAG_REFERENCE_SPLIT)
         row.n_samples, row.n_reference = (int(m[k]) if k in m else None for k in ("samples", "reference_images"))
         row.small_sample = ev.data.tags.get(TAG_SMALL_SAMPLE, "").lower() == "true"
+        row.task_metrics = {k: v for k, v in m.items() if k.split("_ci_")[0] in TASK_METRIC_NAMES}
         kid, speed = (_history(client, ev.info.run_id, k) for k in ("ddim_kid_mean", "ddim_sample_img_per_s"))
         row.ddim = [(s, kid[s], speed[s]) for s in sorted(kid) if s in speed]
     known = [w for w in wall if w is not None]

@@ -116,6 +116,12 @@ def latent_cache(first_stage_id: str) -> Path:
     return STATE_DIR / "latents" / f"{first_stage_id}.safetensors"
 
 
+def task_cache(first_stage_id: str, inputs: str) -> Path:
+    """Training inputs of a task that one first stage encodes (inpainting's masked images), by
+    what draws them (``inputs``: the task, its settings and the seed)."""
+    return STATE_DIR / "latents" / f"{first_stage_id}-{inputs}.safetensors"
+
+
 def model_dir(run_id: str) -> Path:
     """A downloaded copy of a run's model artifacts (``run_id`` checked: ``artifacts.local_copy``)."""
     return STATE_DIR / "models" / run_id

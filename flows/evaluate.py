@@ -27,6 +27,7 @@ from components.contract import (
     TAG_REFERENCE_SPLIT,
     TAG_SMALL_SAMPLE,
     TAG_SMALL_SAMPLE_NOTE,
+    TAG_TASK,
 )
 from components.errors import UserError
 from components.features import Extractor
@@ -34,6 +35,7 @@ from components.fid_inf import fid_infinity
 from components.metrics import bootstrap_intervals
 from components.params import Params
 from components.runs import autoencoder_run_of, seeded_name
+from components.tasks import task_scores
 from flows.stage import DataVersion, Stage, log
 
 COPIED_FROM_AE = ("psnr", "ssim", "rfid")
@@ -76,7 +78,7 @@ class EvaluateStage(Stage):
 
     def tags(self) -> dict[str, str]:
         ldm_tags = self.ldm_run.data.tags
-        linked = {tag: ldm_tags[tag] for tag in (TAG_AE_RUN, TAG_FIRST_STAGE) if tag in ldm_tags}
+        linked = {tag: ldm_tags[tag] for tag in (TAG_AE_RUN, TAG_FIRST_STAGE, TAG_TASK) if tag in ldm_tags}
         return {
             TAG_LDM_RUN: self.ldm_run.info.run_id,
             **linked,
@@ -89,8 +91,10 @@ class EvaluateStage(Stage):
     def train(self, run_id: str, resuming: bool) -> None:
         """Headline metrics with intervals, then the DDIM curve (Figure 7)."""
         ev, seed, model, real = self.params.eval, self.params.seed, self.model, self.real
-        cond = real.conditions(ev.samples, seed=seed)
-        self.samples = evaluation.sample_as_told(model.module, model.stage, cond, ev, seed, ev.sample_steps, ev.sampler)
+        drawn = evaluation.draw(real, ev.samples, seed, model.module, model.stage)
+        self.samples = evaluation.sample_as_told(
+            model.module, model.stage, drawn, ev, seed, ev.sample_steps, ev.sampler
+        )
         scored = real.score(self.samples.images, full=True)
         real_features, fake_features = real.features(self.samples.images)  # once, for both resamplings
         if ev.bootstrap_rounds:
@@ -98,14 +102,22 @@ class EvaluateStage(Stage):
                 real_features, fake_features, rounds=ev.bootstrap_rounds, confidence=ev.confidence, seed=seed
             )
         scored |= fid_infinity(real_features, fake_features, confidence=ev.confidence, seed=seed)
+        scored |= task_scores(
+            model.module.params_,
+            drawn.originals,
+            self.samples.images,
+            drawn.inputs,
+            confidence=ev.confidence,
+            seed=seed,
+        )
         counts = {
             "samples": len(self.samples.images),
             "reference_images": len(real.images),
         }  # (the report's provenance)
         self.metrics = scored | counts | {"sample_img_per_s": self.samples.img_per_s} | linked_metrics(self.ldm_run)
-        curve_cond = real.conditions(ev.curve_samples, seed=seed + 1)
+        curve_drawn = evaluation.draw(real, ev.curve_samples, seed + 1, model.module, model.stage)
         self.points = evaluation.ddim_curve(
-            lambda steps: evaluation.sample_as_told(model.module, model.stage, curve_cond, ev, seed, steps),
+            lambda steps: evaluation.sample_as_told(model.module, model.stage, curve_drawn, ev, seed, steps),
             real,
             ev.ddim_steps,
         )

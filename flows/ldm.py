@@ -31,6 +31,7 @@ from components.contract import (
     TAG_LATENT_SHAPE,
     TAG_REFERENCE_SPLIT,
     TAG_SEED,
+    TAG_TASK,
 )
 from components.dataset import load_split, read_manifest
 from components.diffusion import LatentDiffusionModule
@@ -42,9 +43,12 @@ from components.mlflow_callbacks import BudgetCurve, MLflowReporter, ShareCheckp
 from components.params import Params
 from components.precision import decide
 from components.runs import precision_tags, recorded_precision, seeded_name
+from components.tasks import TaskInputs, condition_channels, task_inputs
 from components.tracking import log_metrics, register_once
 from components.training import Budget, check_trainable
 from flows.stage import DataVersion, Stage, log
+
+GRID_IMAGES = 8  # validation images a task's sample grid shows (input, output, original)
 
 
 class LDMStage(Stage):
@@ -84,6 +88,8 @@ class LDMStage(Stage):
             splits = {split: pair[0] for split, pair in images.items()}
             bf16 = self.first.precision == "bf16-mixed"
             self.latents = cached_latents(workspace.latent_cache(self.first.id), self.stage, splits, bf16)
+            self.inputs = self.task_inputs(splits["train"], bf16)
+        self.grid_images = splits["val"][:GRID_IMAGES]
         self.conditioning = conditioning_for(
             params.ldm.conditioning,
             {split: pair[1] for split, pair in images.items()},
@@ -100,6 +106,19 @@ class LDMStage(Stage):
             params.ldm.precision, "ldm", self.shape[-1]
         )
 
+    def task_inputs(self, images: torch.Tensor, bf16: bool) -> TaskInputs:
+        """The task's inputs for the training images, drawn from the seed; inpainting's masked
+        images are encoded once per first stage, masks and seed (cached like the latents)."""
+        ldm, seed = self.params.ldm, self.params.seed
+        cache = workspace.task_cache(self.first.id, f"{ldm.task}-{ldm.inpaint_masks}-s{seed}")
+        return task_inputs(
+            ldm,
+            images,
+            self.stage,
+            seed,
+            lambda holed: cached_latents(cache, self.stage, {"train": holed}, bf16)["train"],
+        )
+
     def tags(self) -> dict[str, str]:
         autoencoder = {TAG_AE_RUN: self.first.autoencoder_run} if self.first.autoencoder_run else {}
         return {
@@ -109,19 +128,26 @@ class LDMStage(Stage):
             TAG_FID_EXTRACTOR: self.real.extractor.tag,
             TAG_REFERENCE_SPLIT: self.split,
             TAG_SEED: str(self.params.seed),
+            TAG_TASK: self.params.ldm.task,
             **precision_tags(self.precision),
         }
 
     def train(self, run_id: str, resuming: bool) -> None:
         params, conditioning = self.params, self.conditioning
-        z, cond = self.latents["train"], conditioning.cond["train"]
+        z, cond, concat = self.latents["train"], conditioning.cond["train"], self.inputs.concat
         channels, size, _ = self.shape
         torch.manual_seed(params.seed)  # the UNet's init: reproducible whatever ran before in this process
         module = LatentDiffusionModule(
-            params.ldm.model_dump(mode="json"), channels, size, len(conditioning.classes), conditioning.conditioner
+            params.ldm.model_dump(mode="json"),
+            channels,
+            size,
+            len(conditioning.classes),
+            conditioning.conditioner,
+            condition_channels(params.ldm, channels),
         )
         # FLOPs are linear in the batch: counting one sample costs 1/batch of the time (f=1: seconds)
-        flops = ldm_training.flops_per_step(module, z[:1], cond[:1]) * params.ldm.batch_size
+        one = None if concat is None else concat[:1]
+        flops = ldm_training.flops_per_step(module, z[:1], cond[:1], one) * params.ldm.batch_size
         log_metrics(run_id, {"flops_per_step": flops, "unet_params": sum(p.numel() for p in module.unet.parameters())})
         checkpoints = workspace.checkpoint_dir("ldm", run_id)
         if resuming and artifacts.fetch_checkpoint(run_id, checkpoints):  # (a new run has none to fetch)
@@ -131,6 +157,7 @@ class LDMStage(Stage):
             params.ldm,
             z,
             cond,
+            concat,
             checkpoint_dir=checkpoints,
             seed=params.seed,
             precision=self.precision.value,
@@ -147,6 +174,9 @@ class LDMStage(Stage):
         )
 
     def grid(self, module: LatentDiffusionModule):
+        if self.params.ldm.task != "generate":
+            cond = self.conditioning.cond["val"][:GRID_IMAGES]
+            return ldm_training.task_grid(module, self.stage, self.params.ldm, self.grid_images, cond)
         return ldm_training.sample_grid(
             module, self.stage, self.conditioning.grid_rows, self.params.ldm.samples_per_class
         )
@@ -159,10 +189,21 @@ class LDMStage(Stage):
         mlflow.log_metric("grid_s", time.perf_counter() - started, step=int(module.steps))
         mlflow.log_image(grid, "samples_final.png")
         mlflow.log_metric("latent_scale_factor", self.stage.scale)
+        task = self.params.ldm.task
         artifacts.publish_ldm(
-            module, factor=first.factor, first_stage=first.id, data_version=self.data.version, classes=classes
+            module,
+            factor=first.factor,
+            first_stage=first.id,
+            data_version=self.data.version,
+            classes=classes,
+            task=task,
         )
-        if first.autoencoder_run is None:
+        if task != "generate":
+            # Its UNet takes more input channels than StableDiffusionPipeline's; diffusers'
+            # LDMSuperResolutionPipeline wants a UNet2DModel and a VQ first stage (ours: a
+            # cross-attention UNet2DConditionModel): the model is the ldm/ artifact (``latentlab sample``).
+            log.info("ldm.task=%s: no diffusers pipeline to export; the model is the run's ldm/ artifact", task)
+        elif first.autoencoder_run is None:
             log.info("f=1: pixel-space model, no diffusers pipeline to export")
         else:
             with tempfile.TemporaryDirectory() as tmp:

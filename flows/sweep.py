@@ -29,7 +29,7 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from components import ownership, progress
-from components.contract import TAG_BUDGET, TAG_CHANGED_PARAMS
+from components.contract import TAG_BUDGET, TAG_CHANGED_PARAMS, TAG_TASK
 from components.errors import Reported
 from components.features import Extractor
 from components.params import Params
@@ -185,6 +185,7 @@ class SweepStage(Stage):
         changed = json.dumps(changed_from_defaults(self.params))
         return {
             TAG_BUDGET: self.params.budget_description(),
+            TAG_TASK: self.params.ldm.task,
             TAG_COMPARABLE: self.comparable,
             TAG_CHANGED_PARAMS: changed if len(changed) <= MAX_TAG else "(too many to tag: see the run's parameters)",
         }

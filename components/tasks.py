@@ -1,0 +1,213 @@
+"""The denoiser's task (``ldm.task``): what it sees beside the noisy latent, and how its outputs
+are judged.
+
+generate: nothing; it turns noise into images. superres and inpaint condition by concatenation
+(CompVis ``conditioning_key: concat``): an image stacked on the noisy latent's channels at the
+latent's spatial size, so every factor f is given the same input, resampled to its latent.
+
+- superres: the image downscaled ``ldm.superres_scale`` times (bicubic, antialiased; or blurred
+  and noised as well, a light BSR-style degradation), resized to the latent: 3 channels. At f=4
+  and x4 no resizing is needed (the paper's setting); at f=1 it is upsampled, at f>4 downsampled.
+- inpaint: the mask (1 where the image is to be filled; area-resized, so a latent cell holds the
+  share of it that is a hole) and the first stage's encoding of the masked image (holes grey):
+  1 + latent channels, in the order diffusers' StableDiffusionInpaintPipeline stacks them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from components.first_stage import FirstStage
+from components.images import to_float, to_uint8
+from components.metrics import psnr_ssim
+from components.params import LDMParams
+
+GREY = 128  # what a hole holds: 0 in [-1, 1], as CompVis and diffusers mask images
+
+
+# What an evaluate run of each task measures besides FID/KID (``task_scores``): (name, label, higher is better)
+TASK_METRICS = {
+    "generate": (),
+    "superres": (
+        ("sr_psnr", "PSNR (dB)", True),
+        ("sr_ssim", "SSIM", True),
+        ("sr_psnr_bicubic", "bicubic PSNR (dB)", True),
+    ),
+    "inpaint": (("mask_l1", "L1 in holes", False), ("mask_psnr", "PSNR in holes (dB)", True)),
+}
+TASK_TITLES = {"generate": "generation", "superres": "super-resolution", "inpaint": "inpainting"}
+
+
+@dataclass
+class TaskInputs:
+    """What one task gives the denoiser for a batch of images (all None for generate)."""
+
+    concat: torch.Tensor | None  # stacked on the noisy latent: [N, c, h, w] at the latent's size
+    shown: torch.Tensor | None  # uint8, the input as a person sees it: bicubic-upsampled low-res, masked image
+    masks: torch.Tensor | None  # inpaint: [N, 1, H, W], 1 where the image is filled
+
+
+def condition_channels(ldm: LDMParams, latent_channels: int) -> int:
+    """Channels the task stacks on a latent of ``latent_channels``."""
+    return {"generate": 0, "superres": 3, "inpaint": 1 + latent_channels}[ldm.task]
+
+
+def latent_size(stage: FirstStage, images: torch.Tensor) -> tuple[int, int]:
+    height, width = images.shape[-2:]
+    return height // stage.factor, width // stage.factor
+
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[-1, 1] images to ``size``: bicubic, antialiased when shrinking (no aliasing at f=32)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+
+
+def low_resolution(images: torch.Tensor, scale: int, degradation: str, generator: torch.Generator) -> torch.Tensor:
+    """uint8 images -> their [-1, 1] low-resolution version, ``scale`` times smaller."""
+    x = to_float(images)
+    if degradation == "blur_noise":  # a Gaussian blur of random width, then noise of random strength
+        sigma = float(torch.empty(()).uniform_(0.4, 1.6, generator=generator))
+        radius = math.ceil(2 * sigma)
+        taps = torch.exp(-(torch.arange(-radius, radius + 1) ** 2) / (2 * sigma**2))
+        taps = (taps / taps.sum()).to(x)
+        x = F.pad(x, (radius,) * 4, mode="reflect")
+        x = F.conv2d(x, taps.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
+        x = F.conv2d(x, taps.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
+    height, width = images.shape[-2:]
+    low = resize(x, (height // scale, width // scale))
+    if degradation == "blur_noise":
+        strength = torch.empty(len(low), 1, 1, 1).uniform_(0, 0.05, generator=generator)
+        low = (low + strength * torch.randn(low.shape, generator=generator)).clamp(-1, 1)
+    return low
+
+
+def draw_masks(n: int, size: tuple[int, int], kind: str, generator: torch.Generator) -> torch.Tensor:
+    """``n`` random holes [n, 1, H, W] (1: to fill): boxes covering 10-50 % of the image,
+    free-form strokes (thick random walks, as LaMa's and the paper's), or either at random."""
+    height, width = size
+    masks = torch.zeros(n, 1, height, width)
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    for mask in masks:
+        draw = kind if kind != "mixed" else ("boxes", "strokes")[int(torch.randint(2, (), generator=generator))]
+        if draw == "boxes":
+            area = float(torch.empty(()).uniform_(0.1, 0.5, generator=generator))
+            aspect = float(torch.empty(()).uniform_(0.5, 2.0, generator=generator))
+            h = max(1, min(height, round(height * math.sqrt(area * aspect))))
+            w = max(1, min(width, round(width * math.sqrt(area / aspect))))
+            top = int(torch.randint(height - h + 1, (), generator=generator))
+            left = int(torch.randint(width - w + 1, (), generator=generator))
+            mask[0, top : top + h, left : left + w] = 1
+            continue
+        radius = max(1.0, min(height, width) / 12)
+        for _ in range(int(torch.randint(1, 4, (), generator=generator))):
+            y, x = (float(torch.rand((), generator=generator)) * s for s in (height, width))
+            for _ in range(int(torch.randint(4, 10, (), generator=generator))):
+                angle = float(torch.rand((), generator=generator)) * 2 * math.pi
+                length = float(torch.empty(()).uniform_(0.1, 0.3, generator=generator)) * max(height, width)
+                end_y = min(max(y + length * math.sin(angle), 0.0), height - 1.0)
+                end_x = min(max(x + length * math.cos(angle), 0.0), width - 1.0)
+                mask[0][_near_segment(ys, xs, (y, x), (end_y, end_x), radius)] = 1
+                y, x = end_y, end_x
+    return masks
+
+
+def _near_segment(
+    ys: torch.Tensor, xs: torch.Tensor, start: tuple[float, float], end: tuple[float, float], radius: float
+) -> torch.Tensor:
+    """Pixels within ``radius`` of the segment ``start``-``end``: one brush stroke."""
+    (y0, x0), (y1, x1) = start, end
+    dy, dx = y1 - y0, x1 - x0
+    t = (((ys - y0) * dy + (xs - x0) * dx) / max(dy * dy + dx * dx, 1e-9)).clamp(0, 1)
+    return (ys - y0 - t * dy) ** 2 + (xs - x0 - t * dx) ** 2 <= radius**2
+
+
+def with_holes(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """uint8 images with their masked pixels grey."""
+    return torch.where(masks.bool(), torch.full_like(images, GREY), images)
+
+
+def task_inputs(
+    ldm: LDMParams,
+    images: torch.Tensor,
+    stage: FirstStage,
+    seed: int,
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> TaskInputs:
+    """The task's inputs for uint8 ``images`` (the high-resolution, complete ones), drawn from
+    ``seed`` (degradation, masks). ``encode``: how masked images become scaled latents (default:
+    ``stage.encode_images``; training passes a cached one)."""
+    generator = torch.Generator().manual_seed(seed)
+    if ldm.task == "superres":
+        low = low_resolution(images, ldm.superres_scale, ldm.superres_degradation, generator)
+        shown = to_uint8(resize(low, tuple(images.shape[-2:])))  # bicubic: also the baseline to beat
+        return TaskInputs(resize(low, latent_size(stage, images)), shown, None)
+    if ldm.task == "inpaint":
+        masks = draw_masks(len(images), tuple(images.shape[-2:]), ldm.inpaint_masks, generator)
+        holed = with_holes(images, masks)
+        latents = (encode or stage.encode_images)(holed)
+        small = F.interpolate(masks, size=latents.shape[-2:], mode="area")
+        return TaskInputs(torch.cat([small, latents], dim=1), holed, masks)
+    return TaskInputs(None, None, None)
+
+
+def subset(inputs: TaskInputs, index: torch.Tensor | slice) -> TaskInputs:
+    """The inputs of some of the images."""
+    return TaskInputs(*(None if x is None else x[index] for x in (inputs.concat, inputs.shown, inputs.masks)))
+
+
+def complete(outputs: torch.Tensor, originals: torch.Tensor, inputs: TaskInputs) -> torch.Tensor:
+    """What the task delivers: inpainting keeps the known pixels and takes only the holes from the
+    model (as CompVis' ``scripts/inpaint.py``); the other tasks deliver the outputs."""
+    if inputs.masks is None:
+        return outputs
+    return torch.where(inputs.masks.bool(), outputs, originals)
+
+
+def task_scores(
+    ldm: LDMParams, originals: torch.Tensor, outputs: torch.Tensor, inputs: TaskInputs, *, confidence: float, seed: int
+) -> dict[str, float]:
+    """The task's own measures beside FID/KID (``TASK_METRICS``), with a percentile-bootstrap
+    interval over images for the first. superres: PSNR and SSIM against the high-resolution image
+    (Table 5; ``sr_``: an evaluate run also carries its autoencoder's reconstruction PSNR), and
+    bicubic upsampling's PSNR, the baseline a model must beat. inpaint: the error inside the holes
+    (L1 on [0, 1] and the PSNR of the hole pixels) and the share of pixels that were holes."""
+    if ldm.task == "superres":
+        scores = {f"sr_{name}": value for name, value in psnr_ssim(originals, outputs).items()}
+        scores["sr_psnr_bicubic"] = float(_psnr_per_image(originals, inputs.shown).mean())
+        return scores | _interval("sr_psnr", _psnr_per_image(originals, outputs), confidence, seed)
+    if ldm.task == "inpaint":
+        hole = inputs.masks.bool().expand_as(originals)
+        error = (outputs.float() - originals.float()).abs() / 255
+        counts = hole.flatten(1).sum(1).clamp(min=1)
+        l1 = (error * hole).flatten(1).sum(1) / counts
+        mse = (error**2 * hole).flatten(1).sum(1) / counts
+        psnr = (10 * torch.log10(1 / mse.clamp(min=1e-10))).clamp(max=100)
+        scores = {
+            "mask_l1": float(l1.mean()),
+            "mask_psnr": float(psnr.mean()),
+            "mask_share": float(hole.float().mean()),
+        }
+        return scores | _interval("mask_l1", l1, confidence, seed)
+    return {}
+
+
+def _psnr_per_image(originals: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    mse = ((outputs.float() - originals.float()) / 255).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(1 / mse.clamp(min=1e-10))).clamp(max=100)
+
+
+def _interval(name: str, values: torch.Tensor, confidence: float, seed: int, rounds: int = 1000) -> dict[str, float]:
+    """A percentile bootstrap interval of the mean of per-image ``values``."""
+    x = values.double().numpy()
+    picks = np.random.default_rng(seed).integers(len(x), size=(rounds, len(x)))
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(x[picks].mean(axis=1), [tail, 100 - tail])
+    return {f"{name}_ci_low": float(low), f"{name}_ci_high": float(high)}

@@ -1,0 +1,108 @@
+"""The denoiser's tasks (``ldm.task``): the concatenated inputs at every f, masks, scores, and a
+super-resolution and an inpainting sweep end to end on a tiny OpenMoji subset."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+import torch
+
+from components.conditioning import Conditioner
+from components.diffusion import LatentDiffusionModule
+from components.first_stage import FirstStage, build_first_stage
+from components.params import AEParams, LDMParams, Params
+from components.tasks import complete, condition_channels, draw_masks, task_inputs, task_scores
+from flows.pipeline import sweep_flow
+
+IMAGES = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("task", ["superres", "inpaint"])
+@pytest.mark.parametrize("factor", [1, 2, 4, 8, 16, 32])
+def test_the_denoiser_takes_the_task_image_stacked_on_its_latent_at_every_factor(task, factor):
+    ldm = LDMParams(task=task, widths=[16, 16], conditioning="none")
+    stage = FirstStage() if factor == 1 else build_first_stage(AEParams(factor=factor, base_channels=8), 64)
+    channels, size, _ = stage.latent_shape(64)
+    inputs = task_inputs(ldm, IMAGES, stage, seed=0)
+    stacked = condition_channels(ldm, channels)
+    assert stacked == (3 if task == "superres" else channels + 1)  # RGB low-res | mask + encoded masked image
+    assert inputs.concat.shape == (2, stacked, size, size)
+    module = LatentDiffusionModule(ldm.model_dump(mode="json"), channels, size, 1, Conditioner("none", 1, 8), stacked)
+    assert module.unet.config.in_channels == channels + stacked and module.unet.config.out_channels == channels
+    cond = torch.zeros(2, dtype=torch.long)
+    assert torch.isfinite(module.loss(stage.encode_images(IMAGES), cond, inputs.concat))
+    assert module.sample(cond, concat=inputs.concat, steps=2).shape == (2, channels, size, size)
+
+
+def test_superres_gives_the_low_resolution_image_at_the_latent_size():
+    ldm = LDMParams(task="superres", superres_scale=4, conditioning="none")
+    f4 = build_first_stage(AEParams(factor=4, base_channels=8), 64)
+    exact = task_inputs(ldm, IMAGES, f4, seed=0)  # x4 on f=4 latents: the paper's setting, no resizing
+    low = torch.nn.functional.interpolate(IMAGES.float() / 127.5 - 1, size=16, mode="bicubic", antialias=True)
+    assert torch.allclose(exact.concat, low.clamp(-1, 1), atol=1e-5)
+    assert exact.shown.shape == IMAGES.shape and exact.shown.dtype == torch.uint8  # bicubic-upsampled: the baseline
+    degraded = task_inputs(ldm.model_copy(update={"superres_degradation": "blur_noise"}), IMAGES, f4, seed=0)
+    assert degraded.concat.shape == exact.concat.shape and not torch.allclose(degraded.concat, exact.concat)
+
+
+def test_masks_are_seeded_holes_of_boxes_and_strokes_and_inpainting_keeps_the_known_pixels():
+    draw = lambda kind, seed: draw_masks(64, (32, 32), kind, torch.Generator().manual_seed(seed))  # noqa: E731
+    for kind in ("boxes", "strokes", "mixed"):
+        masks = draw(kind, 0)
+        assert torch.equal(masks, draw(kind, 0)) and not torch.equal(masks, draw(kind, 1))
+        share = masks.flatten(1).mean(1)
+        assert set(masks.unique().tolist()) == {0.0, 1.0} and (share > 0.02).all() and (share < 0.9).all(), kind
+    boxes = draw("boxes", 0)[:, 0]  # a box is its own bounding box
+    rows, cols = boxes.any(2).sum(1), boxes.any(1).sum(1)
+    assert torch.equal(boxes.flatten(1).sum(1), (rows * cols).float())
+
+    ldm = LDMParams(task="inpaint", conditioning="none")
+    inputs = task_inputs(ldm, IMAGES, FirstStage(), seed=3)
+    hole = inputs.masks.bool().expand_as(IMAGES)
+    assert (inputs.shown[hole] == 128).all() and torch.equal(inputs.shown[~hole], IMAGES[~hole])
+    assert torch.equal(inputs.concat[:, :1], inputs.masks)  # pixel space: the mask at full size, then the image
+    white = torch.full_like(IMAGES, 255)
+    done = complete(white, IMAGES, inputs)
+    assert torch.equal(done[~hole], IMAGES[~hole]) and (done[hole] == 255).all()
+    scores = task_scores(ldm, IMAGES, done, inputs, confidence=0.95, seed=0)
+    expected = float(((255 - IMAGES.float()) / 255)[hole].mean())  # (two holes of about the same size)
+    assert scores["mask_l1"] == pytest.approx(expected, rel=0.2)
+    assert scores["mask_l1_ci_low"] <= scores["mask_l1"] <= scores["mask_l1_ci_high"]
+    perfect = task_scores(ldm, IMAGES, IMAGES, inputs, confidence=0.95, seed=0)
+    assert perfect["mask_l1"] == 0 and perfect["mask_psnr"] == 100
+
+
+def test_a_superres_scale_that_does_not_divide_the_image_is_refused():
+    with pytest.raises(ValueError, match="superres_scale=3 does not divide data.resolution=64"):
+        Params.model_validate({"ldm": {"task": "superres", "superres_scale": 3}})
+
+
+@pytest.mark.slow
+def test_superres_and_inpaint_sweeps_train_evaluate_and_report_each_task(project, tiny):
+    for task, measures in (("superres", {"sr_psnr", "sr_ssim", "sr_psnr_bicubic"}), ("inpaint", {"mask_l1"})):
+        result = sweep_flow(tiny(f"ldm.task={task}", "ldm.conditioning=none", "sweep.factors=[1, 4]"))
+        sweep = mlflow.get_run(result.run_id)
+        assert sweep.data.tags["latentlab.task"] == task
+        for factor in (1, 4):
+            entry = json.loads(sweep.data.tags[f"latentlab.sweep.f{factor}"])
+            assert entry["status"] == "finished", entry
+            ldm, evaluate = (mlflow.get_run(entry[stage]) for stage in ("ldm", "evaluate"))
+            assert ldm.data.tags["latentlab.task"] == evaluate.data.tags["latentlab.task"] == task
+            metrics = evaluate.data.metrics
+            assert measures <= set(metrics) and {"kid_mean", "fid"} <= set(metrics)
+            assert 0 < metrics[min(measures)] < 100
+            ldm_json = json.loads(_artifact_text(entry["ldm"], "ldm/ldm.json"))
+            assert ldm_json["task"] == task and ldm_json["condition_channels"] > 0
+        report = result.report.read_text()
+        title = {"superres": "super-resolution x4", "inpaint": "inpainting"}[task]
+        assert f"# Compression factor ablation for {title}" in report
+        assert "no shape from the paper is checked" in report
+        assert f"### {title.split(' x')[0].capitalize()} measures" in report
+        by_f = mlflow.MlflowClient().get_metric_history(result.run_id, f"by_f/{min(measures)}")
+        assert sorted(m.step for m in by_f) == [1, 4]
+
+
+def _artifact_text(run_id: str, path: str) -> str:
+    return mlflow.artifacts.load_text(f"runs:/{run_id}/{path}")
