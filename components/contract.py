@@ -41,3 +41,17 @@ TAG_WITHIN_TOLERANCE = "latentlab.within_tolerance"
 
 # --- registered models ----------------------------------------------------------------------------
 LDM_MODEL = "ldm"  # one version per LDM run with a pipeline (f > 1); aliases f<f> and best
+
+# --- metrics of each task (``ldm.task``) ---------------------------------------------------------
+# What an evaluate run of each task measures besides FID/KID at the training size (``tasks.task_scores``;
+# generation: ``evaluation.kid_at_larger_size``): (name, label, higher is better)
+TASK_METRICS = {
+    "generate": (("kid_2x", "KID of crops at 2x size", False),),
+    "superres": (
+        ("sr_psnr", "PSNR (dB)", True),
+        ("sr_ssim", "SSIM", True),
+        ("sr_psnr_bicubic", "bicubic PSNR (dB)", True),
+    ),
+    "inpaint": (("mask_l1", "L1 in holes", False), ("mask_psnr", "PSNR in holes (dB)", True)),
+}
+TASK_TITLES = {"generate": "generation", "superres": "super-resolution", "inpaint": "inpainting"}

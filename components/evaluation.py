@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -27,8 +28,8 @@ from components.features import INCEPTION_ENV, Extractor  # noqa: E402
 from components.first_stage import FirstStage  # noqa: E402
 from components.grids import labeled_grid  # noqa: E402
 from components.images import to_pil  # noqa: E402
-from components.metrics import Reference, kid_with_interval  # noqa: E402
-from components.params import EvalParams, Params  # noqa: E402
+from components.metrics import Reference, kid_with_interval, psnr_ssim  # noqa: E402
+from components.params import EvalParams, LDMParams, Params  # noqa: E402
 from components.progress import track  # noqa: E402
 from components.tasks import TaskInputs, complete, task_inputs  # noqa: E402
 
@@ -254,6 +255,40 @@ def budget_evaluation(
     return evaluate
 
 
+def kid_at_larger_size(
+    module: LatentDiffusionModule, stage: FirstStage, real: Reference, ev: EvalParams, seed: int, times: int = 2
+) -> tuple[dict[str, float], torch.Tensor]:
+    """How quality holds beyond the training size (the paper's Section 4.3.2): ``eval.large_samples``
+    samples from a latent ``times`` larger on each side, scored by KID of one random crop of
+    the training size each (``kid_<times>x`` with its interval; one crop per sample, so the
+    bootstrap's draws stay independent). Returns the scores and the large images."""
+    cond = real.conditions(ev.large_samples, seed=seed + 2)
+    generator = torch.Generator().manual_seed(seed)
+    size = module.unet.config.sample_size * times
+    chunks = []
+    for batch in track(cond.split(ev.batch_size), f"Sampling at {times}x the size ({ev.sample_steps} steps)"):
+        latents = module.sample(
+            batch,
+            size=size,
+            steps=ev.sample_steps,
+            sampler=ev.sampler,
+            eta=ev.eta,
+            guidance_scale=ev.guidance_scale,
+            generator=generator,
+        )
+        chunks.append(stage.decode_latents(latents.cpu()))
+    large = torch.cat(chunks)
+    side = real.images.shape[-1]
+    corners = torch.randint(large.shape[-1] - side + 1, (len(large), 2), generator=generator).tolist()
+    crops = torch.stack([image[:, y : y + side, x : x + side] for image, (y, x) in zip(large, corners, strict=True)])
+    real_features, fake_features = real.features(crops)
+    kid = kid_with_interval(
+        real_features, fake_features, rounds=ev.bootstrap_rounds, confidence=ev.confidence, seed=seed
+    )
+    name = f"kid_{times}x"
+    return {name: kid["kid_mean"], f"{name}_ci_low": kid["kid_ci_low"], f"{name}_ci_high": kid["kid_ci_high"]}, large
+
+
 def samples_grid(samples: Samples, classes: list[str] | None, per_row: int = 8) -> Image.Image:
     """Generated images grouped by their class (``classes``: class mode), else in rows; for a task
     given an image, rows of inputs, outputs and originals."""
@@ -268,3 +303,48 @@ def samples_grid(samples: Samples, classes: list[str] | None, per_row: int = 8) 
         ]
         return labeled_grid([row for row in rows if row[1]])
     return labeled_grid([("samples", pil[i : i + per_row]) for i in range(0, min(len(pil), 64), per_row)])
+
+
+# --- the measures of a task given an image ----------------------------------------------------------
+
+
+def task_scores(
+    ldm: LDMParams, originals: torch.Tensor, outputs: torch.Tensor, inputs: TaskInputs, *, confidence: float, seed: int
+) -> dict[str, float]:
+    """The task's own measures beside FID/KID (``contract.TASK_METRICS``), with a percentile-bootstrap
+    interval over images for the first. superres: PSNR and SSIM against the high-resolution image
+    (Table 5; ``sr_``: an evaluate run also carries its autoencoder's reconstruction PSNR), and
+    bicubic upsampling's PSNR, the baseline a model must beat. inpaint: the error inside the holes
+    (L1 on [0, 1] and the PSNR of the hole pixels) and the share of pixels that were holes."""
+    if ldm.task == "superres":
+        scores = {f"sr_{name}": value for name, value in psnr_ssim(originals, outputs).items()}
+        scores["sr_psnr_bicubic"] = float(_psnr_per_image(originals, inputs.shown).mean())
+        return scores | _interval("sr_psnr", _psnr_per_image(originals, outputs), confidence, seed)
+    if ldm.task == "inpaint":
+        hole = inputs.masks.bool().expand_as(originals)
+        error = (outputs.float() - originals.float()).abs() / 255
+        counts = hole.flatten(1).sum(1).clamp(min=1)
+        l1 = (error * hole).flatten(1).sum(1) / counts
+        mse = (error**2 * hole).flatten(1).sum(1) / counts
+        psnr = (10 * torch.log10(1 / mse.clamp(min=1e-10))).clamp(max=100)
+        scores = {
+            "mask_l1": float(l1.mean()),
+            "mask_psnr": float(psnr.mean()),
+            "mask_share": float(hole.float().mean()),
+        }
+        return scores | _interval("mask_l1", l1, confidence, seed)
+    return {}
+
+
+def _psnr_per_image(originals: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    mse = ((outputs.float() - originals.float()) / 255).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(1 / mse.clamp(min=1e-10))).clamp(max=100)
+
+
+def _interval(name: str, values: torch.Tensor, confidence: float, seed: int, rounds: int = 1000) -> dict[str, float]:
+    """A percentile bootstrap interval of the mean of per-image ``values``."""
+    x = values.double().numpy()
+    picks = np.random.default_rng(seed).integers(len(x), size=(rounds, len(x)))
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(x[picks].mean(axis=1), [tail, 100 - tail])
+    return {f"{name}_ci_low": float(low), f"{name}_ci_high": float(high)}

@@ -259,6 +259,12 @@ class EvalParams(Section):
     batch_size: int = Field(64, ge=1, description="samples drawn at once")
     ddim_steps: list[int] = Field([10, 20, 50, 100, 200], description="FID vs throughput curve (Figure 7)")
     curve_samples: int = Field(250, ge=8, description="samples per point of that curve")
+    large_samples: int = Field(
+        32,
+        ge=0,
+        description="generation: samples drawn at twice the training size (a latent twice as large on each side), "
+        "scored by KID of one training-size crop each (the paper's Section 4.3.2); 0: none",
+    )
     extractor_steps: int = Field(600, ge=1, description="training steps of the domain extractor")
     bootstrap_rounds: int = Field(
         200, ge=0, le=MAX_BOOTSTRAP_ROUNDS, description="bootstrap rounds for FID/KID intervals (0: none)"

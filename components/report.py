@@ -21,9 +21,9 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from components import budget_curves  # noqa: E402
 from components.comparison import Comparison  # noqa: E402
+from components.contract import TASK_METRICS, TASK_TITLES  # noqa: E402
 from components.store import UI_ADDRESS, run_page  # noqa: E402
 from components.sweep_summary import FactorRow, SweepSummary  # noqa: E402
-from components.tasks import TASK_METRICS, TASK_TITLES  # noqa: E402
 from components.verdict import comparable, comparison, verdict  # noqa: E402
 from components.workspace import write_atomically  # noqa: E402
 
@@ -331,6 +331,10 @@ def _task_table(summary: SweepSummary) -> list[str]:
 
 
 TASK_LEGENDS = {
+    "generate": "How quality holds beyond the training size (the paper's Section 4.3.2): samples from a latent "
+    "twice as large on each side, scored by KID of one crop of the training size each, against the same reference "
+    "as KID above (compare the two columns). With one seed, [low, high] is the 95 % bootstrap interval over crops; "
+    "with more, ± the standard deviation over seeds.",
     "superres": "The evaluation's outputs against the high-resolution originals of the images their low-resolution "
     "inputs were made from (the paper's Table 5); **bicubic PSNR**: those inputs upsampled bicubically, the baseline "
     "a model must beat. With one seed, [low, high] is the 95 % bootstrap interval over images; with more, ± the "

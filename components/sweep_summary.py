@@ -30,8 +30,8 @@ from components.contract import (
     TAG_REFERENCE_SPLIT,
     TAG_SEED,
     TAG_SMALL_SAMPLE,
+    TASK_METRICS,
 )
-from components.tasks import TASK_METRICS
 
 TASK_METRIC_NAMES = {name for metrics in TASK_METRICS.values() for name, _, _ in metrics}
 EVALUATE_METRICS = (

@@ -18,30 +18,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from components.first_stage import FirstStage
 from components.images import to_float, to_uint8
-from components.metrics import psnr_ssim
-from components.params import LDMParams
+
+if TYPE_CHECKING:  # (types only: the model and data code stays below the stages)
+    from components.first_stage import FirstStage
+    from components.params import LDMParams
 
 GREY = 128  # what a hole holds: 0 in [-1, 1], as CompVis and diffusers mask images
-
-
-# What an evaluate run of each task measures besides FID/KID (``task_scores``): (name, label, higher is better)
-TASK_METRICS = {
-    "generate": (),
-    "superres": (
-        ("sr_psnr", "PSNR (dB)", True),
-        ("sr_ssim", "SSIM", True),
-        ("sr_psnr_bicubic", "bicubic PSNR (dB)", True),
-    ),
-    "inpaint": (("mask_l1", "L1 in holes", False), ("mask_psnr", "PSNR in holes (dB)", True)),
-}
-TASK_TITLES = {"generate": "generation", "superres": "super-resolution", "inpaint": "inpainting"}
 
 
 @dataclass
@@ -56,11 +44,6 @@ class TaskInputs:
 def condition_channels(ldm: LDMParams, latent_channels: int) -> int:
     """Channels the task stacks on a latent of ``latent_channels``."""
     return {"generate": 0, "superres": 3, "inpaint": 1 + latent_channels}[ldm.task]
-
-
-def latent_size(stage: FirstStage, images: torch.Tensor) -> tuple[int, int]:
-    height, width = images.shape[-2:]
-    return height // stage.factor, width // stage.factor
 
 
 def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -147,15 +130,33 @@ def task_inputs(
     generator = torch.Generator().manual_seed(seed)
     if ldm.task == "superres":
         low = low_resolution(images, ldm.superres_scale, ldm.superres_degradation, generator)
-        shown = to_uint8(resize(low, tuple(images.shape[-2:])))  # bicubic: also the baseline to beat
-        return TaskInputs(resize(low, latent_size(stage, images)), shown, None)
+        return superres_inputs(low, tuple(images.shape[-2:]), stage)
     if ldm.task == "inpaint":
         masks = draw_masks(len(images), tuple(images.shape[-2:]), ldm.inpaint_masks, generator)
-        holed = with_holes(images, masks)
-        latents = (encode or stage.encode_images)(holed)
-        small = F.interpolate(masks, size=latents.shape[-2:], mode="area")
-        return TaskInputs(torch.cat([small, latents], dim=1), holed, masks)
+        return inpaint_inputs(images, masks, stage, encode)
     return TaskInputs(None, None, None)
+
+
+def superres_inputs(low: torch.Tensor, size: tuple[int, int], stage: FirstStage) -> TaskInputs:
+    """Super-resolution of [-1, 1] low-resolution images to ``size`` pixels: the image at the
+    latent's size of the output."""
+    latent = (size[0] // stage.factor, size[1] // stage.factor)
+    shown = to_uint8(resize(low, size))  # bicubic: also the baseline to beat
+    return TaskInputs(resize(low, latent), shown, None)
+
+
+def inpaint_inputs(
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    stage: FirstStage,
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> TaskInputs:
+    """Inpainting of uint8 ``images`` where ``masks`` [N, 1, H, W] is 1: the mask's share of each
+    latent cell, then the encoded masked image."""
+    holed = with_holes(images, masks)
+    latents = (encode or stage.encode_images)(holed)
+    small = F.interpolate(masks, size=latents.shape[-2:], mode="area")
+    return TaskInputs(torch.cat([small, latents], dim=1), holed, masks)
 
 
 def subset(inputs: TaskInputs, index: torch.Tensor | slice) -> TaskInputs:
@@ -169,45 +170,3 @@ def complete(outputs: torch.Tensor, originals: torch.Tensor, inputs: TaskInputs)
     if inputs.masks is None:
         return outputs
     return torch.where(inputs.masks.bool(), outputs, originals)
-
-
-def task_scores(
-    ldm: LDMParams, originals: torch.Tensor, outputs: torch.Tensor, inputs: TaskInputs, *, confidence: float, seed: int
-) -> dict[str, float]:
-    """The task's own measures beside FID/KID (``TASK_METRICS``), with a percentile-bootstrap
-    interval over images for the first. superres: PSNR and SSIM against the high-resolution image
-    (Table 5; ``sr_``: an evaluate run also carries its autoencoder's reconstruction PSNR), and
-    bicubic upsampling's PSNR, the baseline a model must beat. inpaint: the error inside the holes
-    (L1 on [0, 1] and the PSNR of the hole pixels) and the share of pixels that were holes."""
-    if ldm.task == "superres":
-        scores = {f"sr_{name}": value for name, value in psnr_ssim(originals, outputs).items()}
-        scores["sr_psnr_bicubic"] = float(_psnr_per_image(originals, inputs.shown).mean())
-        return scores | _interval("sr_psnr", _psnr_per_image(originals, outputs), confidence, seed)
-    if ldm.task == "inpaint":
-        hole = inputs.masks.bool().expand_as(originals)
-        error = (outputs.float() - originals.float()).abs() / 255
-        counts = hole.flatten(1).sum(1).clamp(min=1)
-        l1 = (error * hole).flatten(1).sum(1) / counts
-        mse = (error**2 * hole).flatten(1).sum(1) / counts
-        psnr = (10 * torch.log10(1 / mse.clamp(min=1e-10))).clamp(max=100)
-        scores = {
-            "mask_l1": float(l1.mean()),
-            "mask_psnr": float(psnr.mean()),
-            "mask_share": float(hole.float().mean()),
-        }
-        return scores | _interval("mask_l1", l1, confidence, seed)
-    return {}
-
-
-def _psnr_per_image(originals: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
-    mse = ((outputs.float() - originals.float()) / 255).pow(2).flatten(1).mean(1)
-    return (10 * torch.log10(1 / mse.clamp(min=1e-10))).clamp(max=100)
-
-
-def _interval(name: str, values: torch.Tensor, confidence: float, seed: int, rounds: int = 1000) -> dict[str, float]:
-    """A percentile bootstrap interval of the mean of per-image ``values``."""
-    x = values.double().numpy()
-    picks = np.random.default_rng(seed).integers(len(x), size=(rounds, len(x)))
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(x[picks].mean(axis=1), [tail, 100 - tail])
-    return {f"{name}_ci_low": float(low), f"{name}_ci_high": float(high)}

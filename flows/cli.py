@@ -114,6 +114,17 @@ def cmd_sweep(params: Params, args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_sample(params: Params, args: argparse.Namespace) -> None:
+    from flows.sample import sample_flow
+
+    out = args.out or Path("samples") / args.run.replace("models:/", "").replace("/", "-").replace("@", "-")
+    paths = sample_flow(
+        params, args.run, out, size=args.size, count=args.count, steps=args.steps, images=args.images, masks=args.masks
+    )
+    console.print(f"[bold green]{len(paths)} image(s)[/] in {out}")
+    print(out)
+
+
 def cmd_report(params: Params, args: argparse.Namespace) -> None:
     from flows.report import report_flow
 
@@ -327,6 +338,13 @@ def cmd_runs(params: Params | None, args: argparse.Namespace) -> None:
     Console(width=200).print(table)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive whole number")
+    return value
+
+
 @dataclass(frozen=True)
 class Command:
     """One ``latentlab`` command: what it does, prints and writes, and which options act on it."""
@@ -388,6 +406,44 @@ COMMANDS: dict[str, Command] = {
         f"{SWEEP_RUNS}; reports/<date>-sweep-<id>/report.md, also on the sweep run",
         fails="a factor failed, or --fail-on-regression found one worse than before",
         options=(REGRESSION_FLAG,),
+    ),
+    "sample": Command(
+        "Images from an LDM run: new ones (at N times its training size), or its task on given images.",
+        cmd_sample,
+        "the folder the images were written to",
+        "PNGs in --out (default samples/<run>/); nothing in MLflow",
+        options=(
+            (
+                ("--run",),
+                {
+                    "required": True,
+                    "metavar": "RUN_ID|MODEL_URI",
+                    "help": "an ldm run's id, or a registered version: models:/ldm/3, models:/ldm@f8",
+                },
+            ),
+            (
+                ("--size",),
+                {"type": _positive, "default": 1, "help": "N times the training size on each side (generate)"},
+            ),
+            (("--count",), {"type": _positive, "default": 16, "help": "images to generate (default %(default)s)"}),
+            (
+                ("--steps",),
+                {"type": _positive, "default": None, "help": "DDIM steps (default: the run's ldm.sample_steps)"},
+            ),
+            (
+                ("--images",),
+                {"type": Path, "default": None, "help": "superres / inpaint: a folder of images to work on"},
+            ),
+            (
+                ("--masks",),
+                {
+                    "type": Path,
+                    "default": None,
+                    "help": "inpaint: a folder of masks, one per image, same name (white: fill)",
+                },
+            ),
+            (("--out",), {"type": Path, "default": None, "help": "where the PNGs go (default samples/<run>/)"}),
+        ),
     ),
     "report": Command(
         "Write a sweep's report again, from MLflow alone.",

@@ -32,10 +32,11 @@ from components.contract import (
 from components.errors import UserError
 from components.features import Extractor
 from components.fid_inf import fid_infinity
+from components.grids import labeled_grid
+from components.images import to_pil
 from components.metrics import bootstrap_intervals
 from components.params import Params
 from components.runs import autoencoder_run_of, seeded_name
-from components.tasks import task_scores
 from flows.stage import DataVersion, Stage, log
 
 COPIED_FROM_AE = ("psnr", "ssim", "rfid")
@@ -102,7 +103,7 @@ class EvaluateStage(Stage):
                 real_features, fake_features, rounds=ev.bootstrap_rounds, confidence=ev.confidence, seed=seed
             )
         scored |= fid_infinity(real_features, fake_features, confidence=ev.confidence, seed=seed)
-        scored |= task_scores(
+        scored |= evaluation.task_scores(
             model.module.params_,
             drawn.originals,
             self.samples.images,
@@ -110,6 +111,10 @@ class EvaluateStage(Stage):
             confidence=ev.confidence,
             seed=seed,
         )
+        self.large = None
+        if model.module.params_.task == "generate" and ev.large_samples:
+            at_2x, self.large = evaluation.kid_at_larger_size(model.module, model.stage, real, ev, seed)
+            scored |= at_2x
         counts = {
             "samples": len(self.samples.images),
             "reference_images": len(real.images),
@@ -127,6 +132,8 @@ class EvaluateStage(Stage):
         mlflow.log_metrics(metrics)
         classes = self.model.conditioning.classes if self.model.conditioning.conditioner.mode == "class" else None
         mlflow.log_image(evaluation.samples_grid(self.samples, classes), "samples.png")
+        if self.large is not None:
+            mlflow.log_image(labeled_grid([("2x size", to_pil(self.large[:8]))]), "samples_2x.png")
         for p in points:
             mlflow.log_metrics(
                 {"ddim_fid": p.fid, "ddim_kid_mean": p.kid_mean, "ddim_sample_img_per_s": p.img_per_s}, step=p.steps

@@ -48,7 +48,7 @@ def test_model_and_data_code_imports_without_prefect_or_mlflow():
 
 # --- the import graph (benchmarks/architecture.py reads it with ast) -------------------------------
 
-COMPOSERS = {"flows.pipeline", "flows.cli", "flows.deployments", "flows.reproduce"}  # compose stages
+COMPOSERS = {"flows.pipeline", "flows.cli", "flows.deployments", "flows.reproduce", "flows.sample"}  # compose stages
 MAX_LEVELS = 8
 
 

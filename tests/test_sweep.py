@@ -12,12 +12,14 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from PIL import Image
 
 from components import workspace
 from components.errors import UserError
 from components.first_stage import FirstStageRef
 from flows.pipeline import evaluate_flow, ldm_flow, sweep_flow
 from flows.reproduce import reproduce_flow
+from flows.sample import sample_flow
 
 
 def runs(stage: str) -> list[mlflow.entities.Run]:
@@ -113,6 +115,11 @@ def test_sweep_marks_a_failed_factor_redoes_only_it_then_reuses_everything(proje
     f4 = json.loads(sweep.data.tags["latentlab.sweep.f4"])["ldm"]
     assert client.get_model_version_by_alias("ldm", "f4").run_id == f4
     assert set(client.get_registered_model("ldm").aliases) <= {"f4", "best"}
+    # Any registered version samples, at twice the training size too (the denoiser is convolutional).
+    paths = sample_flow(params, "models:/ldm@f4", project / "twice", size=2, count=3)
+    assert [p.name for p in paths] == ["0000.png", "0001.png", "0002.png"]
+    assert {Image.open(p).size for p in paths} == {(2 * params.data.resolution,) * 2}
+    assert {"kid_2x", "kid_2x_ci_low", "kid_2x_ci_high"} <= set(mlflow.get_run(entry["evaluate"]).data.metrics)
 
     report = project / result.report.parent  # (relative to the project)
     assert report.parent == project / "reports" and report.name.endswith(f"-sweep-{sweep.info.run_id[:8]}")

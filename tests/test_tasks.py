@@ -4,17 +4,24 @@ super-resolution and an inpainting sweep end to end on a tiny OpenMoji subset.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from components.conditioning import Conditioner
 from components.diffusion import LatentDiffusionModule
+from components.evaluation import task_scores
 from components.first_stage import FirstStage, build_first_stage
 from components.params import AEParams, LDMParams, Params
-from components.tasks import complete, condition_channels, draw_masks, task_inputs, task_scores
+from components.tasks import complete, condition_channels, draw_masks, task_inputs
+from flows.cli import main
 from flows.pipeline import sweep_flow
+
+REPO = Path(__file__).resolve().parents[1]
 
 IMAGES = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
@@ -80,7 +87,8 @@ def test_a_superres_scale_that_does_not_divide_the_image_is_refused():
 
 
 @pytest.mark.slow
-def test_superres_and_inpaint_sweeps_train_evaluate_and_report_each_task(project, tiny):
+def test_superres_and_inpaint_sweeps_train_evaluate_report_and_sample_each_task(project, tiny, tiny_sweep):
+    models, where = {}, ["--params", str(REPO / "params/smoke.yaml"), *(f"--set={s}" for s in tiny_sweep)]
     for task, measures in (("superres", {"sr_psnr", "sr_ssim", "sr_psnr_bicubic"}), ("inpaint", {"mask_l1"})):
         result = sweep_flow(tiny(f"ldm.task={task}", "ldm.conditioning=none", "sweep.factors=[1, 4]"))
         sweep = mlflow.get_run(result.run_id)
@@ -102,6 +110,37 @@ def test_superres_and_inpaint_sweeps_train_evaluate_and_report_each_task(project
         assert f"### {title.split(' x')[0].capitalize()} measures" in report
         by_f = mlflow.MlflowClient().get_metric_history(result.run_id, f"by_f/{min(measures)}")
         assert sorted(m.step for m in by_f) == [1, 4]
+        models[task] = json.loads(sweep.data.tags["latentlab.sweep.f4"])["ldm"]
+
+    # `latentlab sample` applies each model's task to the images it is given: 8 px -> 32 px (x4),
+    # and masks filled where white, every other pixel kept.
+    side = tiny().data.resolution
+    given, holes = project / "given", project / "holes"
+    for folder, size, mode in ((given / "low", side // 4, "RGB"), (given / "full", side, "RGB"), (holes, side, "L")):
+        folder.mkdir(parents=True)
+        for i in range(2):
+            if mode == "L":
+                mask = Image.new("L", (size, size), 0)
+                mask.paste(255, (4 + 8 * i, 4, 20 + 8 * i, 20))
+                mask.save(folder / f"img{i}.png")
+            else:
+                Image.effect_noise((size, size), 60 + 20 * i).convert("RGB").save(folder / f"img{i}.png")
+    assert main(["sample", "--run", models["superres"], "--images", str(given / "low"), "--out", "up", *where]) == 0
+    assert sorted(p.name for p in (project / "up").iterdir()) == ["img0.png", "img1.png"]
+    assert Image.open(project / "up" / "img0.png").size == (side, side)
+    assert main(["sample", "--run", models["inpaint"], "--images", str(given / "full"), "--masks", str(holes),
+                 "--out", "filled", *where]) == 0  # fmt: skip
+    filled = np.asarray(Image.open(project / "filled" / "img1.png"))
+    original, hole = (
+        np.asarray(Image.open(given / "full" / "img1.png")),
+        np.asarray(Image.open(holes / "img1.png")) > 127,
+    )
+    assert (filled[~hole] == original[~hole]).all() and filled.shape == original.shape
+    # A task model without its images, or at another size: a clear error, exit 2, nothing written.
+    assert main(["sample", "--run", models["superres"], "--out", "none", *where]) == 2
+    assert main(["sample", "--run", models["inpaint"], "--images", str(given / "full"), "--out", "none", *where]) == 2
+    assert main(["sample", "--run", models["superres"], "--images", str(given / "low"), "--size", "2", *where]) == 2
+    assert not (project / "none").exists()
 
 
 def _artifact_text(run_id: str, path: str) -> str:
