@@ -121,11 +121,14 @@ def publish_autoencoder(stage: Autoencoder, state: dict[str, Any]) -> str:
 PYFUNC_PACKAGES = ("mlflow", "torch", "diffusers", "safetensors", "pandas")  # what loading one needs
 
 
-def log_pyfunc(code: Path, artifacts: dict[str, Path], params: dict[str, Any]) -> str:
+def log_pyfunc(
+    code: Path, artifacts: dict[str, Path], params: dict[str, Any], metadata: dict[str, str] | None = None
+) -> str:
     """A pyfunc model (``components/pyfunc``, as code: loading it unpickles nothing) in the
     active run; returns its ``models:/`` URI. ``params``: what ``predict`` accepts, with
     defaults (pyfunc passes only declared params). Requirements are named, not inferred:
-    inference loads the model in a subprocess, seconds per model."""
+    inference loads the model in a subprocess, seconds per model. ``metadata``: facts a loader
+    reads from ``model.metadata.metadata`` (an LDM's ``task``)."""
     with warnings.catch_warnings():  # ("an input example was not provided": none fits images)
         warnings.filterwarnings("ignore", message=".*input example", category=UserWarning)
         info = mlflow.pyfunc.log_model(
@@ -134,6 +137,7 @@ def log_pyfunc(code: Path, artifacts: dict[str, Path], params: dict[str, Any]) -
             artifacts={key: str(path) for key, path in artifacts.items()},
             signature=ModelSignature(inputs=None, params=infer_signature(params=params).params),
             pip_requirements=[f"{package}=={version(package)}" for package in PYFUNC_PACKAGES],
+            metadata=metadata,
         )
     return info.model_uri
 
@@ -164,7 +168,18 @@ def publish_pipeline(pipeline: Path, *, resolution: int, conditioning: str) -> s
     (Path(pipeline) / pyfunc.PIPELINE_FACTS).write_text(json.dumps(facts))
     mlflow.log_artifacts(str(pipeline), PIPELINE)
     sampling = {"steps": 50, "seed": 0, "guidance_scale": 1.0}
-    return log_pyfunc(pyfunc.LDM_PIPELINE, {PIPELINE: pipeline}, sampling)
+    return log_pyfunc(pyfunc.LDM_PIPELINE, {PIPELINE: pipeline}, sampling, {"task": "generate"})
+
+
+def publish_task_model(module: LatentDiffusionModule, first: FirstStageRef, **facts: Any) -> str:
+    """Log an LDM given an image (``ldm.task`` superres or inpaint) as a pyfunc model of its
+    ``ldm/`` folder and first stage, ``task`` in its metadata; return the model's URI."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model = {LDM: module.save_pretrained(Path(tmp) / LDM, **facts)}
+        if first.autoencoder_run is not None:
+            model[FIRST_STAGE] = local_copy(first.autoencoder_run, FIRST_STAGE)
+        sampling = {"steps": module.params_.sample_steps, "seed": 0}
+        return log_pyfunc(pyfunc.LDM_TASK, model, sampling, {"task": module.params_.task})
 
 
 @dataclass

@@ -41,6 +41,8 @@ TAG_WITHIN_TOLERANCE = "latentlab.within_tolerance"
 
 # --- registered models ----------------------------------------------------------------------------
 LDM_MODEL = "ldm"  # one version per LDM run with a pipeline (f > 1); aliases f<f> and best
+# An LDM given an image registers under its task's name (every f: a pyfunc of latentlab's own model)
+LDM_MODELS = {"generate": LDM_MODEL, "superres": "ldm-superres", "inpaint": "ldm-inpaint"}
 
 # --- metrics of each task (``ldm.task``) ---------------------------------------------------------
 # What an evaluate run of each task measures besides FID/KID at the training size (``tasks.task_scores``;

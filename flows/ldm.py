@@ -23,6 +23,7 @@ from components import artifacts, progress, workspace
 from components.conditioning import conditioning_for
 from components.contract import (
     LDM_MODEL,
+    LDM_MODELS,
     TAG_AE_RUN,
     TAG_DATA_VERSION,
     TAG_FACTOR,
@@ -198,11 +199,14 @@ class LDMStage(Stage):
             classes=classes,
             task=task,
         )
+        facts = {TAG_FACTOR: str(first.factor), TAG_DATA_VERSION: self.data.version, TAG_TASK: task}
         if task != "generate":
-            # Its UNet takes more input channels than StableDiffusionPipeline's; diffusers'
-            # LDMSuperResolutionPipeline wants a UNet2DModel and a VQ first stage (ours: a
-            # cross-attention UNet2DConditionModel): the model is the ldm/ artifact (``latentlab sample``).
-            log.info("ldm.task=%s: no diffusers pipeline to export; the model is the run's ldm/ artifact", task)
+            # No diffusers pipeline takes it: its UNet has more input channels than
+            # StableDiffusionPipeline's, and LDMSuperResolutionPipeline wants a UNet2DModel with a
+            # VQ first stage (ours: a cross-attention UNet2DConditionModel). latentlab's own pyfunc does.
+            model = artifacts.publish_task_model(module, first, factor=first.factor, first_stage=first.id, task=task)
+            version = register_once(LDM_MODELS[task], run_id, model, facts)
+            log.info("Registered %s version %s (f=%d)", LDM_MODELS[task], version, first.factor)
         elif first.autoencoder_run is None:
             log.info("f=1: pixel-space model, no diffusers pipeline to export")
         else:
@@ -212,7 +216,6 @@ class LDMStage(Stage):
                     resolution=self.params.data.resolution,
                     conditioning=self.params.ldm.conditioning,
                 )
-            facts = {TAG_FACTOR: str(first.factor), TAG_DATA_VERSION: self.data.version}
             version = register_once(LDM_MODEL, run_id, model, facts)
             log.info("Registered %s version %s (f=%d)", LDM_MODEL, version, first.factor)
         artifacts.drop_checkpoint(run_id)  # published: nothing resumes this run any more

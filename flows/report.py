@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from components import progress, workspace
-from components.contract import LDM_MODEL
+from components.contract import LDM_MODELS
 from components.report import log_report, write_report
 from components.runs import run_of_stage
 from components.sweep_summary import SweepSummary, collect
@@ -20,14 +20,16 @@ from components.verdict import best_factor
 
 
 def point_ldm_aliases(summary: SweepSummary) -> None:
-    """``models:/ldm@f<f>``: the version this sweep evaluated for f; ``@best``: the f most likely best (the verdict's P(best))."""
+    """``models:/ldm@f<f>``: the version this sweep evaluated for f; ``@best``: the f most likely best (the verdict's P(best)).
+    A task's sweep points its own model's (``ldm-superres@f4``)."""
+    name = LDM_MODELS.get(summary.task, LDM_MODELS["generate"])
     runs = {f"f{row.factor}": row.runs["ldm"] for row in summary.rows if "ldm" in row.runs}
     best = best_factor(summary)
     if best is not None and "ldm" in best.runs:
         runs["best"] = best.runs["ldm"]
-    pointed = point_aliases(LDM_MODEL, runs)
+    pointed = point_aliases(name, runs)
     if pointed:
-        get_run_logger().info("Model aliases: %s", ", ".join(f"{LDM_MODEL}@{a} = v{v}" for a, v in pointed.items()))
+        get_run_logger().info("Model aliases: %s", ", ".join(f"{name}@{a} = v{v}" for a, v in pointed.items()))
 
 
 @flow(name="report")

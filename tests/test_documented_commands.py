@@ -27,6 +27,8 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 # Commands that serve until stopped or need a Prefect server with workers: their own tests run them.
 RUN_ELSEWHERE = {
+    "sample": "test_tasks.py::test_superres_and_inpaint_sweeps_train_evaluate_report_and_sample_each_task, "
+    "test_sweep.py::test_sweep_marks_a_failed_factor_redoes_only_it_then_reuses_everything",
     "ui": "test_commands.py::test_ui_serves_this_projects_runs_on_loopback, test_ui_browser.py",
     "serve": "test_deployments.py",
     "deploy": "test_deployments.py",

@@ -136,6 +136,15 @@ def test_superres_and_inpaint_sweeps_train_evaluate_report_and_sample_each_task(
         np.asarray(Image.open(holes / "img1.png")) > 127,
     )
     assert (filled[~hole] == original[~hole]).all() and filled.shape == original.shape
+    # Each task's registered pyfunc model (the sweep pointed @f4 at its f=4 version), its task recorded.
+    low = np.stack([np.asarray(Image.open(given / "low" / f"img{i}.png")) for i in range(2)])
+    superres = mlflow.pyfunc.load_model("models:/ldm-superres@f4")
+    assert superres.metadata.metadata["task"] == "superres"
+    assert superres.predict(low, params={"steps": 2}).shape == (2, side, side, 3)
+    inpaint = mlflow.pyfunc.load_model("models:/ldm-inpaint@f4")
+    full = np.stack([original, original])
+    out = inpaint.predict({"image": full, "mask": np.stack([hole, hole])}, params={"steps": 2})
+    assert out.shape == full.shape and (out[:, ~hole] == full[:, ~hole]).all()
     # A task model without its images, or at another size: a clear error, exit 2, nothing written.
     assert main(["sample", "--run", models["superres"], "--out", "none", *where]) == 2
     assert main(["sample", "--run", models["inpaint"], "--images", str(given / "full"), "--out", "none", *where]) == 2

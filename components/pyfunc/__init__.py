@@ -7,4 +7,5 @@ from pathlib import Path
 
 LDM_PIPELINE = Path(__file__).with_name("ldm_pipeline.py")
 AUTOENCODER = Path(__file__).with_name("autoencoder.py")
+LDM_TASK = Path(__file__).with_name("ldm_task.py")
 PIPELINE_FACTS = "latentlab.json"  # in the pipeline folder: resolution and conditioning mode
