@@ -169,7 +169,7 @@ def draw(real: Reference, n: int, seed: int, module: LatentDiffusionModule, stag
     """``n`` draws from the reference for ``module``'s task (inputs seeded by ``seed``)."""
     pick, ldm = real.draw(n, seed), module.params_
     if ldm.task == "generate":  # (the label distribution is all that samples take from the reference)
-        return Draw(real.cond[pick], None, TaskInputs(None, None, None))
+        return Draw(real.cond[pick], None, TaskInputs.nothing())
     originals = real.images[pick]
     return Draw(real.cond[pick], originals, task_inputs(ldm, originals, stage, seed))
 

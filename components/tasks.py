@@ -41,6 +41,11 @@ class TaskInputs:
     shown: torch.Tensor | None  # uint8, the input as a person sees it: bicubic-upsampled low-res, masked image
     masks: torch.Tensor | None  # inpaint: [N, 1, H, W], 1 where the image is filled
 
+    @classmethod
+    def nothing(cls) -> TaskInputs:
+        """What generation is given: nothing beside the noise."""
+        return cls(None, None, None)
+
 
 def condition_channels(ldm: LDMParams, latent_channels: int) -> int:
     """Channels the task stacks on a latent of ``latent_channels``."""
@@ -135,14 +140,14 @@ def task_inputs(
     """The task's inputs for uint8 ``images`` (the high-resolution, complete ones), drawn from
     ``seed`` (degradation, masks). ``encode``: how masked images become scaled latents (default:
     ``stage.encode_images``; training passes a cached one)."""
-    generator = torch.Generator().manual_seed(seed)
     if ldm.task == "superres":
+        generator = torch.Generator().manual_seed(seed)
         low = low_resolution(images, ldm.superres_scale, ldm.superres_degradation, generator)
         return superres_inputs(low, tuple(images.shape[-2:]), stage)
     if ldm.task == "inpaint":
         masks = seeded_masks(len(images), tuple(images.shape[-2:]), ldm.inpaint_masks, seed)
         return inpaint_inputs(images, masks, stage, encode)
-    return TaskInputs(None, None, None)
+    return TaskInputs.nothing()
 
 
 def superres_inputs(low: torch.Tensor, size: tuple[int, int], stage: FirstStage) -> TaskInputs:
@@ -165,11 +170,6 @@ def inpaint_inputs(
     latents = (encode or stage.encode_images)(holed)
     small = F.interpolate(masks, size=latents.shape[-2:], mode="area")
     return TaskInputs(torch.cat([small, latents], dim=1), holed, masks)
-
-
-def subset(inputs: TaskInputs, index: torch.Tensor | slice) -> TaskInputs:
-    """The inputs of some of the images."""
-    return TaskInputs(*(None if x is None else x[index] for x in (inputs.concat, inputs.shown, inputs.masks)))
 
 
 def complete(outputs: torch.Tensor, originals: torch.Tensor, inputs: TaskInputs) -> torch.Tensor:
