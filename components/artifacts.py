@@ -160,13 +160,17 @@ def publish_ldm(module: LatentDiffusionModule, **facts: Any) -> None:
         mlflow.log_artifacts(str(module.save_pretrained(Path(tmp) / LDM, **facts)), LDM)
 
 
-def publish_pipeline(pipeline: Path, *, resolution: int, conditioning: str) -> str:
-    """Log the exported diffusers pipeline as run artifacts (``pipeline/``) and as a pyfunc
-    model; return the model's URI."""
+def log_pipeline(pipeline: Path, *, resolution: int, conditioning: str) -> None:
+    """Log an exported diffusers pipeline as run artifacts (``pipeline/``), with the facts its
+    user needs beside it."""
     # (in the folder, not as MLflow's model_config, which MLflow also logs as run params)
     facts = {"resolution": resolution, "conditioning": conditioning}
     (Path(pipeline) / pyfunc.PIPELINE_FACTS).write_text(json.dumps(facts))
     mlflow.log_artifacts(str(pipeline), PIPELINE)
+
+
+def publish_pipeline(pipeline: Path) -> str:
+    """Log a logged generation pipeline (``log_pipeline``) as a pyfunc model; return its URI."""
     sampling = {"steps": 50, "seed": 0, "guidance_scale": 1.0}
     return log_pyfunc(pyfunc.LDM_PIPELINE, {PIPELINE: pipeline}, sampling, {"task": "generate"})
 

@@ -54,6 +54,11 @@ TASK_METRICS = {
         ("sr_ssim", "SSIM", True),
         ("sr_psnr_bicubic", "bicubic PSNR (dB)", True),
     ),
-    "inpaint": (("mask_l1", "L1 in holes", False), ("mask_psnr", "PSNR in holes (dB)", True)),
+    "inpaint": (
+        ("mask_l1", "L1 in holes", False),
+        ("mask_psnr", "PSNR in holes (dB)", True),
+        ("mask_l1_mean_fill", "mean-colour fill L1", False),
+        ("mask_psnr_mean_fill", "mean-colour fill PSNR (dB)", True),
+    ),
 }
 TASK_TITLES = {"generate": "generation", "superres": "super-resolution", "inpaint": "inpainting"}

@@ -315,25 +315,44 @@ def task_scores(
     interval over images for the first. superres: PSNR and SSIM against the high-resolution image
     (Table 5; ``sr_``: an evaluate run also carries its autoencoder's reconstruction PSNR), and
     bicubic upsampling's PSNR, the baseline a model must beat. inpaint: the error inside the holes
-    (L1 on [0, 1] and the PSNR of the hole pixels) and the share of pixels that were holes."""
+    (L1 on [0, 1] and the PSNR of the hole pixels), the same for the baseline a model must beat
+    (each hole filled with the mean colour of its image's known pixels: pixel errors reward a
+    blur, and this is the blurriest fill) and the share of pixels that were holes."""
     if ldm.task == "superres":
         scores = {f"sr_{name}": value for name, value in psnr_ssim(originals, outputs).items()}
         scores["sr_psnr_bicubic"] = float(_psnr_per_image(originals, inputs.shown).mean())
         return scores | _interval("sr_psnr", _psnr_per_image(originals, outputs), confidence, seed)
     if ldm.task == "inpaint":
         hole = inputs.masks.bool().expand_as(originals)
-        error = (outputs.float() - originals.float()).abs() / 255
-        counts = hole.flatten(1).sum(1).clamp(min=1)
-        l1 = (error * hole).flatten(1).sum(1) / counts
-        mse = (error**2 * hole).flatten(1).sum(1) / counts
-        psnr = (10 * torch.log10(1 / mse.clamp(min=1e-10))).clamp(max=100)
+        l1, psnr = _hole_errors(originals, outputs, hole)
+        base_l1, base_psnr = _hole_errors(originals, mean_fill(originals, hole), hole)
         scores = {
             "mask_l1": float(l1.mean()),
             "mask_psnr": float(psnr.mean()),
+            "mask_l1_mean_fill": float(base_l1.mean()),
+            "mask_psnr_mean_fill": float(base_psnr.mean()),
             "mask_share": float(hole.float().mean()),
         }
         return scores | _interval("mask_l1", l1, confidence, seed)
     return {}
+
+
+def mean_fill(images: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+    """uint8 ``images`` with each hole (``hole``, bool like them) the mean colour of the rest."""
+    known = ~hole
+    colour = (images.float() * known).flatten(2).sum(2) / known.flatten(2).sum(2).clamp(min=1)
+    return torch.where(hole, colour[..., None, None].round().to(images.dtype), images)
+
+
+def _hole_errors(
+    originals: torch.Tensor, outputs: torch.Tensor, hole: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: the L1 (on [0, 1]) and the PSNR of ``outputs`` inside ``hole``."""
+    error = (outputs.float() - originals.float()).abs() / 255
+    counts = hole.flatten(1).sum(1).clamp(min=1)
+    l1 = (error * hole).flatten(1).sum(1) / counts
+    mse = (error**2 * hole).flatten(1).sum(1) / counts
+    return l1, (10 * torch.log10(1 / mse.clamp(min=1e-10))).clamp(max=100)
 
 
 def _psnr_per_image(originals: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:

@@ -122,13 +122,32 @@ def train_rank(args: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     )
 
 
+# diffusers' StableDiffusionInpaintPipeline stacks the noisy latent, the mask and the masked image's
+# latent, as latentlab does, but takes a UNet of 9 input channels only (4 + 1 + 4).
+INPAINT_PIPELINE_CHANNELS = 4
+
+
+def exports_pipeline(task: str, stage: FirstStage) -> bool:
+    """Whether a diffusers pipeline runs this LDM: generation on any autoencoder (through
+    ``StableDiffusionPipeline``), inpainting where the latent has 4 channels (f=8 by default;
+    ``StableDiffusionInpaintPipeline``). Not f=1 (no first stage), not super-resolution:
+    ``LDMSuperResolutionPipeline`` calls its UNet without the ``encoder_hidden_states`` every
+    latentlab UNet (``UNet2DConditionModel``) takes, and decodes unscaled latents."""
+    if not isinstance(stage, Autoencoder):
+        return False
+    return task == "generate" or (task == "inpaint" and stage.latent_channels == INPAINT_PIPELINE_CHANNELS)
+
+
 def export_pipeline(module: LatentDiffusionModule, stage: Autoencoder, classes: list[str], directory: Path) -> Path:
-    """A diffusers ``StableDiffusionPipeline`` directory: first stage (scaling_factor = the
-    latent scale), EMA UNet, DDIM scheduler, and for text mode the MiniLM encoder and tokenizer.
-    Class and unconditional models ship their context table (``contexts.safetensors``, rows
-    named in ``contexts.json``), passed as ``prompt_embeds``; load them with
-    ``StableDiffusionPipeline.from_pretrained(dir, text_encoder=None, tokenizer=None)``."""
-    from diffusers import StableDiffusionPipeline
+    """A diffusers pipeline directory: ``StableDiffusionPipeline`` for generation,
+    ``StableDiffusionInpaintPipeline`` for inpainting (see ``exports_pipeline``). First stage
+    (scaling_factor = the latent scale), EMA UNet, DDIM scheduler, and for text mode the MiniLM
+    encoder and tokenizer. Class and unconditional models ship their context table
+    (``contexts.safetensors``, rows named in ``contexts.json``), passed as ``prompt_embeds``; load
+    them with ``from_pretrained(dir, text_encoder=None, tokenizer=None)``."""
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+
+    Pipeline = StableDiffusionInpaintPipeline if module.params_.task == "inpaint" else StableDiffusionPipeline
 
     directory = Path(directory)
     text = module.conditioner.mode == "text"
@@ -139,7 +158,7 @@ def export_pipeline(module: LatentDiffusionModule, stage: Autoencoder, classes: 
         loaded = TextEncoder(module.params_.max_text_tokens)
         encoder, tokenizer = loaded.model, loaded.tokenizer
     with module.ema_weights():
-        pipeline = StableDiffusionPipeline(
+        pipeline = Pipeline(
             vae=stage.net,
             text_encoder=encoder,
             tokenizer=tokenizer,

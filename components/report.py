@@ -340,6 +340,8 @@ TASK_LEGENDS = {
     "a model must beat. With one seed, [low, high] is the 95 % bootstrap interval over images; with more, ± the "
     "standard deviation over seeds. KID above is of the outputs, as FID in Table 5.",
     "inpaint": "The error inside the holes of the completed images (known pixels are kept), on [0, 1] pixel values; "
+    "**mean-colour fill**: each hole filled with the mean colour of its image's known pixels, the baseline a model "
+    "must beat (pixel errors reward a blur, and this is the blurriest fill). "
     "KID above is of the completed images (the paper's Table 7 reports FID of them). With one seed, [low, high] "
     "is the 95 % bootstrap interval over images; with more, ± the standard deviation over seeds.",
 }

@@ -11,6 +11,9 @@ latent's spatial size, so every factor f is given the same input, resampled to i
 - inpaint: the mask (1 where the image is to be filled; area-resized, so a latent cell holds the
   share of it that is a hole) and the first stage's encoding of the masked image (holes grey):
   1 + latent channels, in the order diffusers' StableDiffusionInpaintPipeline stacks them.
+  CompVis's inpaint.py and diffusers resize the mask nearest instead: at f=4 a cell is 4 px, but
+  on this sweep's 64 px images a cell at f=16 or 32 is 16-32 px, and nearest would call a cell
+  whole or empty by one pixel of it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ if TYPE_CHECKING:  # (types only: the model and data code stays below the stages
     from components.first_stage import FirstStage
     from components.params import LDMParams
 
-GREY = 128  # what a hole holds: 0 in [-1, 1], as CompVis and diffusers mask images
+GREY = 128  # what a hole holds: 0 in [-1, 1], as diffusers masks images (CompVis's inpaint.py: -1, black)
 
 
 @dataclass

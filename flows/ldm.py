@@ -200,22 +200,24 @@ class LDMStage(Stage):
             task=task,
         )
         facts = {TAG_FACTOR: str(first.factor), TAG_DATA_VERSION: self.data.version, TAG_TASK: task}
-        if task != "generate":
-            # No diffusers pipeline takes it: its UNet has more input channels than
-            # StableDiffusionPipeline's, and LDMSuperResolutionPipeline wants a UNet2DModel with a
-            # VQ first stage (ours: a cross-attention UNet2DConditionModel). latentlab's own pyfunc does.
-            model = artifacts.publish_task_model(module, first, factor=first.factor, first_stage=first.id, task=task)
-            version = register_once(LDM_MODELS[task], run_id, model, facts)
-            log.info("Registered %s version %s (f=%d)", LDM_MODELS[task], version, first.factor)
-        elif first.autoencoder_run is None:
-            log.info("f=1: pixel-space model, no diffusers pipeline to export")
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                model = artifacts.publish_pipeline(
-                    ldm_training.export_pipeline(module, self.stage, classes, Path(tmp)),
-                    resolution=self.params.data.resolution,
-                    conditioning=self.params.ldm.conditioning,
+        model = None
+        with tempfile.TemporaryDirectory() as tmp:
+            pipeline = None
+            if ldm_training.exports_pipeline(task, self.stage):  # generation; inpainting on 4 latent channels
+                pipeline = ldm_training.export_pipeline(module, self.stage, classes, Path(tmp))
+                artifacts.log_pipeline(
+                    pipeline, resolution=self.params.data.resolution, conditioning=self.params.ldm.conditioning
                 )
-            version = register_once(LDM_MODEL, run_id, model, facts)
-            log.info("Registered %s version %s (f=%d)", LDM_MODEL, version, first.factor)
+            if task != "generate":  # latentlab's own pyfunc runs a task model at every f
+                name = LDM_MODELS[task]
+                model = artifacts.publish_task_model(
+                    module, first, factor=first.factor, first_stage=first.id, task=task
+                )
+            elif pipeline is not None:
+                name, model = LDM_MODEL, artifacts.publish_pipeline(pipeline)
+            else:
+                log.info("f=1: pixel-space model, no diffusers pipeline to export")
+        if model is not None:
+            version = register_once(name, run_id, model, facts)
+            log.info("Registered %s version %s (f=%d)", name, version, first.factor)
         artifacts.drop_checkpoint(run_id)  # published: nothing resumes this run any more

@@ -14,7 +14,7 @@ from PIL import Image
 
 from components.conditioning import Conditioner
 from components.diffusion import LatentDiffusionModule
-from components.evaluation import task_scores
+from components.evaluation import mean_fill, task_scores
 from components.first_stage import FirstStage, build_first_stage
 from components.params import AEParams, LDMParams, Params
 from components.tasks import complete, condition_channels, draw_masks, task_inputs
@@ -79,6 +79,55 @@ def test_masks_are_seeded_holes_of_boxes_and_strokes_and_inpainting_keeps_the_kn
     assert scores["mask_l1_ci_low"] <= scores["mask_l1"] <= scores["mask_l1_ci_high"]
     perfect = task_scores(ldm, IMAGES, IMAGES, inputs, confidence=0.95, seed=0)
     assert perfect["mask_l1"] == 0 and perfect["mask_psnr"] == 100
+    # The baseline a model must beat: each hole its image's mean known colour, whatever the outputs.
+    filled = mean_fill(IMAGES, hole)
+    assert torch.equal(filled[~hole], IMAGES[~hole])
+    colour = IMAGES[0, :, ~hole[0, 0]].float().mean(1).round()
+    assert torch.equal(filled[0, :, hole[0, 0]].float(), colour[:, None].expand(3, int(hole[0, 0].sum())))
+    assert scores["mask_l1_mean_fill"] == perfect["mask_l1_mean_fill"] > 0
+    assert scores["mask_psnr_mean_fill"] == perfect["mask_psnr_mean_fill"] < 100
+
+
+def test_an_inpainting_ldm_on_4_latent_channels_exports_a_diffusers_pipeline_that_samples_as_latentlab(tmp_path):
+    from diffusers import StableDiffusionInpaintPipeline
+    from safetensors.torch import load_file
+
+    from components.ldm_training import export_pipeline, exports_pipeline
+    from components.tasks import inpaint_inputs
+
+    images = IMAGES[:, :, ::2, ::2].contiguous()  # 32 px
+    f4 = build_first_stage(AEParams(factor=4, base_channels=8), 32)
+    assert not exports_pipeline("inpaint", f4) and not exports_pipeline("superres", f4)  # 3 latent channels
+    stage = build_first_stage(AEParams(factor=4, base_channels=8, latent_channels=4), 32)  # f=8's channels
+    assert exports_pipeline("inpaint", stage) and not exports_pipeline("inpaint", FirstStage())
+    stage.fit_scale(images)
+    ldm = LDMParams(task="inpaint", widths=[16, 16], conditioning="none", sampler="ddim")
+    module = LatentDiffusionModule(ldm.model_dump(mode="json"), 4, 8, 1, Conditioner("none", 1, 8), 5)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:20, 12:28] = 1  # on the 4-pixel grid: nearest and area resizing agree
+    inputs = inpaint_inputs(images[:1], mask, stage)
+    cond = torch.full((1,), module.conditioner.null)
+    latents = module.sample(cond, concat=inputs.concat, steps=3, generator=torch.Generator().manual_seed(0))
+    ours = stage.decode_latents(latents)
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(
+        export_pipeline(module, stage, [], tmp_path), text_encoder=None, tokenizer=None, safety_checker=None
+    )
+    assert pipe.unet.config.in_channels == 9 and pipe.vae.config.scaling_factor == pytest.approx(stage.scale)
+    out = pipe(
+        prompt_embeds=load_file(tmp_path / "contexts.safetensors")["contexts"][-1:],
+        image=Image.fromarray(images[0].permute(1, 2, 0).numpy()),
+        mask_image=Image.fromarray((mask[0, 0] * 255).byte().numpy()),
+        masked_image_latents=inputs.concat[:, 1:],  # latentlab encodes the posterior's mode; diffusers samples it
+        latents=torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0)),
+        num_inference_steps=3,
+        guidance_scale=1.0,
+        height=32,
+        width=32,
+        output_type="np",
+    ).images
+    theirs = torch.from_numpy(out * 255).round().permute(0, 3, 1, 2)
+    assert (theirs - ours.float()).abs().max() <= 1
 
 
 def test_a_superres_scale_that_does_not_divide_the_image_is_refused():
@@ -89,11 +138,16 @@ def test_a_superres_scale_that_does_not_divide_the_image_is_refused():
 @pytest.mark.slow
 def test_superres_and_inpaint_sweeps_train_evaluate_report_and_sample_each_task(project, tiny, tiny_sweep):
     models, where = {}, ["--params", str(REPO / "params/smoke.yaml"), *(f"--set={s}" for s in tiny_sweep)]
-    for task, measures in (("superres", {"sr_psnr", "sr_ssim", "sr_psnr_bicubic"}), ("inpaint", {"mask_l1"})):
-        result = sweep_flow(tiny(f"ldm.task={task}", "ldm.conditioning=none", "sweep.factors=[1, 4]"))
+    # inpainting at f=8 as well: its 4 latent channels are what diffusers' inpainting pipeline takes
+    tasks = (
+        ("superres", 4, {"sr_psnr", "sr_ssim", "sr_psnr_bicubic"}),
+        ("inpaint", 8, {"mask_l1", "mask_l1_mean_fill"}),
+    )
+    for task, top, measures in tasks:
+        result = sweep_flow(tiny(f"ldm.task={task}", "ldm.conditioning=none", f"sweep.factors=[1, {top}]"))
         sweep = mlflow.get_run(result.run_id)
         assert sweep.data.tags["latentlab.task"] == task
-        for factor in (1, 4):
+        for factor in (1, top):
             entry = json.loads(sweep.data.tags[f"latentlab.sweep.f{factor}"])
             assert entry["status"] == "finished", entry
             ldm, evaluate = (mlflow.get_run(entry[stage]) for stage in ("ldm", "evaluate"))
@@ -103,14 +157,20 @@ def test_superres_and_inpaint_sweeps_train_evaluate_report_and_sample_each_task(
             assert 0 < metrics[min(measures)] < 100
             ldm_json = json.loads(_artifact_text(entry["ldm"], "ldm/ldm.json"))
             assert ldm_json["task"] == task and ldm_json["condition_channels"] > 0
+            exported = {a.path for a in mlflow.MlflowClient().list_artifacts(entry["ldm"])}
+            assert ("pipeline" in exported) == (task == "inpaint" and factor == 8), (task, factor)
         report = result.report.read_text()
         title = {"superres": "super-resolution x4", "inpaint": "inpainting"}[task]
         assert f"# Compression factor ablation for {title}" in report
         assert "no shape from the paper is checked" in report
+        baseline = {"superres": "bicubic upsampling", "inpaint": "its image's mean colour"}[task]
+        assert baseline in report.split("## Results")[0]  # the verdict weighs the task's baseline
         assert f"### {title.split(' x')[0].capitalize()} measures" in report
         by_f = mlflow.MlflowClient().get_metric_history(result.run_id, f"by_f/{min(measures)}")
-        assert sorted(m.step for m in by_f) == [1, 4]
-        models[task] = json.loads(sweep.data.tags["latentlab.sweep.f4"])["ldm"]
+        assert sorted(m.step for m in by_f) == [1, top]
+        models[task] = json.loads(sweep.data.tags[f"latentlab.sweep.f{top}"])["ldm"]
+    pipeline = json.loads(_artifact_text(models["inpaint"], "pipeline/model_index.json"))
+    assert pipeline["_class_name"] == "StableDiffusionInpaintPipeline"
 
     # `latentlab sample` applies each model's task to the images it is given: 8 px -> 32 px (x4),
     # and masks filled where white, every other pixel kept.
@@ -136,12 +196,12 @@ def test_superres_and_inpaint_sweeps_train_evaluate_report_and_sample_each_task(
         np.asarray(Image.open(holes / "img1.png")) > 127,
     )
     assert (filled[~hole] == original[~hole]).all() and filled.shape == original.shape
-    # Each task's registered pyfunc model (the sweep pointed @f4 at its f=4 version), its task recorded.
+    # Each task's registered pyfunc model (the sweeps pointed @f4, @f8 at those versions), its task recorded.
     low = np.stack([np.asarray(Image.open(given / "low" / f"img{i}.png")) for i in range(2)])
     superres = mlflow.pyfunc.load_model("models:/ldm-superres@f4")
     assert superres.metadata.metadata["task"] == "superres"
     assert superres.predict(low, params={"steps": 2}).shape == (2, side, side, 3)
-    inpaint = mlflow.pyfunc.load_model("models:/ldm-inpaint@f4")
+    inpaint = mlflow.pyfunc.load_model("models:/ldm-inpaint@f8")
     full = np.stack([original, original])
     out = inpaint.predict({"image": full, "mask": np.stack([hole, hole])}, params={"steps": 2})
     assert out.shape == full.shape and (out[:, ~hole] == full[:, ~hole]).all()
