@@ -146,9 +146,13 @@ class LDMStage(Stage):
             conditioning.conditioner,
             condition_channels(params.ldm, channels),
         )
-        # FLOPs are linear in the batch: counting one sample costs 1/batch of the time (f=1: seconds)
-        one = None if concat is None else concat[:1]
-        flops = ldm_training.flops_per_step(module, z[:1], cond[:1], one) * params.ldm.batch_size
+        # FLOPs are linear in the batch: counting two samples costs 2/batch of the time (f=1: seconds).
+        # Two, not one: GroupNorm refuses a single value per group, which one sample gives at a 1x1
+        # level with a channel per group (a 2x2 latent, as f=8 on 16 px).
+        few = z[:2]
+        some = None if concat is None else concat[: len(few)]
+        counted = ldm_training.flops_per_step(module, few, cond[: len(few)], some)
+        flops = counted * params.ldm.batch_size // len(few)
         log_metrics(run_id, {"flops_per_step": flops, "unet_params": sum(p.numel() for p in module.unet.parameters())})
         checkpoints = workspace.checkpoint_dir("ldm", run_id)
         if resuming and artifacts.fetch_checkpoint(run_id, checkpoints):  # (a new run has none to fetch)
