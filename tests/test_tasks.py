@@ -138,13 +138,14 @@ def test_a_superres_scale_that_does_not_divide_the_image_is_refused():
 @pytest.mark.slow
 def test_superres_and_inpaint_sweeps_train_evaluate_report_and_sample_each_task(project, tiny, tiny_sweep):
     models, where = {}, ["--params", str(REPO / "params/smoke.yaml"), *(f"--set={s}" for s in tiny_sweep)]
-    # inpainting at f=8 as well: its 4 latent channels are what diffusers' inpainting pipeline takes
+    # inpainting at f=8 as well: its 4 latent channels are what diffusers' inpainting pipeline takes.
+    # (Its 2x2 latent reaches a 1x1 UNet level: 64 channels keep two per GroupNorm group there.)
     tasks = (
-        ("superres", 4, {"sr_psnr", "sr_ssim", "sr_psnr_bicubic"}),
-        ("inpaint", 8, {"mask_l1", "mask_l1_mean_fill"}),
+        ("superres", 4, {"sr_psnr", "sr_ssim", "sr_psnr_bicubic"}, []),
+        ("inpaint", 8, {"mask_l1", "mask_l1_mean_fill"}, ["ldm.widths=[64, 64]"]),
     )
-    for task, top, measures in tasks:
-        result = sweep_flow(tiny(f"ldm.task={task}", "ldm.conditioning=none", f"sweep.factors=[1, {top}]"))
+    for task, top, measures, extra in tasks:
+        result = sweep_flow(tiny(f"ldm.task={task}", "ldm.conditioning=none", f"sweep.factors=[1, {top}]", *extra))
         sweep = mlflow.get_run(result.run_id)
         assert sweep.data.tags["latentlab.task"] == task
         for factor in (1, top):
